@@ -1,0 +1,126 @@
+"""Command line: `reconciler run | migrate | check-config | print-config`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from . import errors, settings
+from . import log as logsetup
+from .consumer import Consumer
+from .db import Database
+from .errors import ConfigError, DatabaseError, SchemaError
+from .settings import SETTINGS, Config
+from .supervisor import RoleSpec, Supervisor
+
+log = logging.getLogger("reconciler")
+
+
+def role_specs(config: Config) -> list[RoleSpec]:
+    """The processes `reconciler run` keeps running for this configuration."""
+    return [RoleSpec("consumer", Consumer)]
+
+
+def _settings_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-c", "--config", metavar="FILE",
+                        help=f"INI file (default: ${settings.CONFIG_PATH_ENV} or {settings.DEFAULT_CONFIG_PATH} if present)")
+    group = parent.add_argument_group("setting overrides (win over the INI file and the environment)")
+    for setting in SETTINGS:
+        if setting.flags:
+            group.add_argument(*setting.flags, dest=setting.dest, metavar="VALUE", default=None,
+                               help=f"{setting.help} [{setting.section}] {setting.key}")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parent = _settings_parent()
+    parser = argparse.ArgumentParser(prog="reconciler", description=(
+        "Reconcile diode ingest-stream data into NetBox through the diode plugin, via a Postgres inbox."))
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", parents=[parent], help="run the supervisor and its processes",
+                              description="Run the supervisor: the stream consumer and the poll workers.")
+    run.set_defaults(handler=cmd_run)
+    migrate = commands.add_parser("migrate", parents=[parent], help="apply pending database migrations")
+    migrate.set_defaults(handler=cmd_migrate)
+    check = commands.add_parser("check-config", parents=[parent],
+                                help="validate the configuration; exit 0 if valid, 1 otherwise")
+    check.set_defaults(handler=cmd_check_config)
+    show = commands.add_parser("print-config", parents=[parent],
+                               help="print the effective configuration as INI (secrets masked)")
+    show.add_argument("--defaults", action="store_true", help="print every setting with its default, commented")
+    show.add_argument("--markdown", action="store_true", help="print the settings table used in README.md")
+    show.set_defaults(handler=cmd_print_config)
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    overrides = {s.name: getattr(args, s.dest) for s in SETTINGS
+                 if s.flags and getattr(args, s.dest, None) is not None}
+    return settings.load(args.config, os.environ, overrides)
+
+
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
+    logsetup.setup(config.log.level, config.log.format)
+    if config.postgres.migrate_on_start:
+        code = _migrate(config)
+        if code:
+            return code
+    supervisor = Supervisor(config, role_specs, reload_config=lambda: load_config(args))
+    code = supervisor.run()
+    log.info("exit %d: %s", code, errors.EXIT_CODES.get(code, "unknown"))
+    return code
+
+
+def _migrate(config: Config) -> int:
+    # The supervisor connects only here, before any fork, and closes the connection again.
+    database = Database(config.postgres.dsn, config.postgres.schema, "reconciler migrate")
+    try:
+        applied = database.migrate()
+    except SchemaError as exc:
+        log.error("%s", exc)
+        return errors.RET_CONFIG
+    except DatabaseError as exc:
+        log.error("cannot migrate the database: %s", exc)
+        return errors.RET_CONNECT
+    finally:
+        database.close()
+    log.info("schema %s is current (%d migrations applied now)", config.postgres.schema, len(applied))
+    return errors.RET_OK
+
+
+def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
+    logsetup.setup(config.log.level, config.log.format)
+    return _migrate(config)
+
+
+def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    where = config.path or "no file (defaults and environment)"
+    changed = sum(1 for source in config.sources.values() if source != "default")
+    print(f"configuration OK: {where}; {changed} of {len(SETTINGS)} settings differ from their defaults")
+    return errors.RET_OK
+
+
+def cmd_print_config(config: Config, args: argparse.Namespace) -> int:
+    if args.markdown:
+        sys.stdout.write(settings.render_markdown_table())
+    elif args.defaults:
+        sys.stdout.write(settings.render_ini())
+    else:
+        sys.stdout.write(settings.render_ini(config))
+    return errors.RET_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[Config, argparse.Namespace], int] = args.handler
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        print(f"reconciler: configuration error: {exc}", file=sys.stderr)
+        # check-config promises 0/1 to scripts; everything else uses the systemd exit code contract.
+        return 1 if handler is cmd_check_config else errors.RET_CONFIG
+    return handler(config, args)

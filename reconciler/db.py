@@ -1,0 +1,237 @@
+"""The one module that talks to Postgres.
+
+Statements live in sql/queries.sql and sql/migrations/ and are used by name. Driver errors are
+translated here, at the boundary, into the service's own hierarchy (errors.py), so callers decide
+by meaning: retry later (DatabaseError), retry now (ConflictError), or the data itself was
+refused (ContentRejected).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from io import BytesIO
+from typing import Any, Iterator
+
+import psycopg2
+import psycopg2.extras
+from psycopg2 import sql as pgsql
+
+from .errors import ConflictError, ContentRejected, DatabaseError, SchemaError
+
+log = logging.getLogger(__name__)
+
+_BLOCK_HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
+
+
+def parse_queries(text: str) -> dict[str, str]:
+    """Named blocks of a .sql file: `-- name --`, then optional `--` comment lines, then the SQL."""
+    parts = _BLOCK_HEADER.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        statement = "\n".join(line for line in body.strip().splitlines() if not line.startswith("--")).strip()
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice")
+        queries[name] = statement.rstrip(";")
+    return queries
+
+
+QUERIES = parse_queries(resources.files("reconciler.sql").joinpath("queries.sql").read_text("utf-8"))
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("reconciler.sql.migrations").iterdir():
+        match = re.fullmatch(r"(\d{4})_([a-z0-9_]+)\.sql", entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def latest_version() -> int:
+    return migrations()[-1].version
+
+
+# --- error translation ---
+
+_CONFLICT_CODES = {"23505", "40001", "40P01"}  # unique violation, serialization failure, deadlock
+_CONTENT_CLASSES = {"22", "23"}  # data exception, integrity constraint violation
+_CONTENT_CODES = {"54000"}  # program limit exceeded (e.g. an index row too large)
+
+
+def _first_lines(exc: psycopg2.Error) -> str:
+    text = (exc.pgerror or str(exc) or type(exc).__name__).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " | ".join(lines[:3])
+
+
+def translate(exc: psycopg2.Error) -> DatabaseError:
+    code = exc.pgcode
+    detail = _first_lines(exc)
+    if code in _CONFLICT_CODES:
+        return ConflictError(detail)
+    if code and (code[:2] in _CONTENT_CLASSES or code in _CONTENT_CODES):
+        return ContentRejected(detail)
+    return DatabaseError(detail)
+
+
+class Tx:
+    """One open transaction: run named statements on its cursor."""
+
+    def __init__(self, cursor) -> None:
+        self.cursor = cursor
+
+    def execute(self, name: str, params: dict[str, Any] | None = None) -> None:
+        self.cursor.execute(QUERIES[name], params)
+
+    def fetchall(self, name: str, params: dict[str, Any] | None = None) -> list[tuple]:
+        self.cursor.execute(QUERIES[name], params)
+        return self.cursor.fetchall()
+
+    def execute_values(self, name: str, rows: list[tuple]) -> None:
+        psycopg2.extras.execute_values(self.cursor, QUERIES[name], rows, page_size=500)
+
+    def copy(self, name: str, payload: bytes) -> None:
+        self.cursor.copy_expert(QUERIES[name], BytesIO(payload))
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Undo only the statements inside when Postgres refuses their content."""
+        self.execute("savepoint")
+        try:
+            yield
+        except psycopg2.Error as exc:
+            self.execute("rollback_to_savepoint")
+            self.execute("release_savepoint")
+            raise translate(exc) from exc
+        self.execute("release_savepoint")
+
+    def probe_copy(self, name: str, payload: bytes) -> None:
+        """COPY and always undo it: raises ContentRejected if Postgres would refuse the tuples."""
+        with self.savepoint():
+            self.copy(name, payload)
+            self.execute("rollback_to_savepoint")
+
+
+class Database:
+    """A lazily opened connection owned by one process (reopened after fork or after a failure)."""
+
+    def __init__(self, dsn: str, schema: str, application_name: str = "reconciler") -> None:
+        self.dsn, self.schema, self.application_name = dsn, schema, application_name
+        self._conn = None
+        self._pid: int | None = None
+
+    def connect(self):
+        if self._conn is not None and not self._conn.closed and self._pid == os.getpid():
+            return self._conn
+        # A connection inherited across fork belongs to the parent: never reuse or close it here.
+        self._conn, self._pid = None, None
+        try:
+            conn = psycopg2.connect(self.dsn, application_name=self.application_name,
+                                    options=f"-c search_path={self.schema}", connect_timeout=10,
+                                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+        except psycopg2.Error as exc:
+            raise DatabaseError(f"cannot connect to Postgres: {_first_lines(exc)}") from exc
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def close(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            self._conn.close()
+        self._conn, self._pid = None, None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """A transaction committed on success and rolled back on any error (translated)."""
+        conn = self.connect()
+        try:
+            with conn.cursor() as cursor:
+                yield Tx(cursor)
+            conn.commit()
+        except BaseException as exc:
+            self._rollback_quietly()
+            if isinstance(exc, psycopg2.Error):
+                raise translate(exc) from exc
+            raise
+
+    def _rollback_quietly(self) -> None:
+        try:
+            self._conn.rollback()
+        except psycopg2.Error:
+            pass  # the connection is gone; the server rolled back for us
+        if self._conn.closed:
+            self.close()
+
+    def fetchall(self, name: str, params: dict[str, Any] | None = None) -> list[tuple]:
+        with self.transaction() as tx:
+            return tx.fetchall(name, params)
+
+    # --- schema ---
+
+    def schema_version(self) -> int:
+        with self.transaction() as tx:
+            if not tx.fetchall("migrations_table_exists")[0][0]:
+                return 0
+            return max((row[0] for row in tx.fetchall("applied_migrations")), default=0)
+
+    def check_schema(self) -> None:
+        current, wanted = self.schema_version(), latest_version()
+        if current != wanted:
+            raise SchemaError(f"schema {self.schema!r} is at version {current}, this reconciler needs "
+                              f"{wanted}: run `reconciler migrate`")
+
+    def migrate(self) -> list[Migration]:
+        """Apply pending migrations, each in its own transaction; returns what was applied."""
+        conn = self.connect()
+        key = {"key": f"reconciler.migrate.{self.schema}"}
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(QUERIES["migrate_lock"], key)
+            conn.autocommit = False
+            try:
+                return self._apply_pending()
+            finally:
+                conn.autocommit = True
+                with conn.cursor() as cursor:
+                    cursor.execute(QUERIES["migrate_unlock"], key)
+                conn.autocommit = False
+        except psycopg2.Error as exc:
+            self._rollback_quietly()
+            raise translate(exc) from exc
+
+    def _apply_pending(self) -> list[Migration]:
+        with self.transaction() as tx:
+            tx.cursor.execute(pgsql.SQL(QUERIES["create_schema"]).format(schema=pgsql.Identifier(self.schema)))
+            tx.execute("create_migrations_table")
+            applied = {row[0]: row[2] for row in tx.fetchall("applied_migrations")}
+        done = []
+        for migration in migrations():
+            if migration.version in applied:
+                if applied[migration.version] != migration.checksum:
+                    raise SchemaError(f"migration {migration.version:04d}_{migration.name} was changed "
+                                      f"after it was applied; migrations must never be edited")
+                continue
+            with self.transaction() as tx:
+                tx.cursor.execute(migration.sql)
+                tx.execute("record_migration", {"version": migration.version, "name": migration.name,
+                                                "checksum": migration.checksum})
+            log.info("applied migration %04d_%s", migration.version, migration.name)
+            done.append(migration)
+        return done

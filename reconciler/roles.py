@@ -1,0 +1,135 @@
+"""The contract between the supervisor and the processes it forks.
+
+A role (consumer, poll worker, branch refresher) implements `boot()`, `run_once()` and
+`shutdown()`; `serve()` runs it in the child process with the same signal contract for all:
+
+- SIGTERM: finish the iteration in progress, shut down, exit 0. A second SIGTERM exits at once
+  (RET_KILLED). SIGINT and SIGHUP are the supervisor's business; children ignore them, since
+  Ctrl-C reaches the whole process group.
+- boot() failing exits RET_BOOT, so the supervisor can tell "cannot start" from "crashed".
+- Every iteration touches a shared heartbeat; a child whose heartbeat stops is killed as hung.
+- A child whose supervisor died exits instead of running on as an orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+import signal
+import sys
+import time
+from typing import Callable
+
+from . import errors
+from . import log as logsetup
+from .settings import Config
+
+logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Role(ABC):
+    """Base class of a process role. Subclasses implement boot, run_once and shutdown."""
+
+    name = "role"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop_requested = False
+        self._heartbeat = None
+
+    # --- implemented by roles ---
+
+    def boot(self) -> None:
+        """Connect and check dependencies. Raise to report a boot failure."""
+
+    @abstractmethod
+    def run_once(self) -> None:
+        """One iteration; must return within about a second so a stop is noticed."""
+
+    def shutdown(self) -> None:
+        """Release connections. Called once after the last iteration."""
+
+    # --- provided to roles ---
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
+
+    def request_stop(self) -> None:
+        self._stop_requested = True
+
+    def beat(self) -> None:
+        """Tell the supervisor this process is alive and making progress."""
+        if self._heartbeat is not None:
+            self._heartbeat.value = time.monotonic()
+
+    def pause(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, waking early on stop; False when the role should stop."""
+        deadline = time.monotonic() + seconds
+        while not self._stop_requested:
+            self.beat()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            time.sleep(min(remaining, 0.1))
+        return False
+
+
+def _install_child_signals(role: Role) -> None:
+    def on_term(signum, frame):
+        if role.stopping:
+            os._exit(errors.RET_KILLED)  # second SIGTERM: the caller wants us gone now
+        role.request_stop()
+
+    signal.set_wakeup_fd(-1)  # the supervisor's wake-up socket is not ours
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The supervisor blocked these across fork so none is lost before our handlers exist.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _boot(role: Role, booted) -> None:
+    try:
+        role.boot()
+    except Exception as exc:
+        logger.error("boot failed: %s", exc, exc_info=not isinstance(exc, errors.ReconcilerError))
+        _shutdown_quietly(role)
+        sys.exit(errors.RET_BOOT)
+    booted.set()
+    logger.info("booted")
+
+
+def _shutdown_quietly(role: Role) -> None:
+    try:
+        role.shutdown()
+    except Exception:
+        logger.exception("shutdown failed")
+
+
+def serve(factory: Callable[[Config], Role], config: Config, heartbeat, booted) -> None:
+    """Child-process entry point: run one role until it is told to stop."""
+    parent = os.getppid()
+    role = factory(config)
+    logsetup.set_role(role.name)
+    logsetup.setup(config.log.level, config.log.format)
+    role._heartbeat = heartbeat
+    _install_child_signals(role)
+    role.beat()
+    _boot(role, booted)
+    try:
+        while not role.stopping:
+            if os.getppid() != parent:
+                logger.error("supervisor %d is gone; stopping", parent)
+                break
+            role.run_once()
+            role.beat()
+    except Exception:
+        logger.exception("crashed")
+        _shutdown_quietly(role)
+        sys.exit(errors.RET_KILLED)
+    _shutdown_quietly(role)
+    logger.info("stopped")

@@ -1,0 +1,378 @@
+"""The settings registry: each setting is declared once, and the INI reader, the environment
+reader, the CLI flags, `print-config`, etc/reconciler.ini and the README table all derive from it.
+
+Layers, later wins: defaults -> INI file (-c/--config) -> RECONCILER_<SECTION>_<KEY> env -> CLI flags.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import socket
+import urllib.parse
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/reconciler/reconciler.ini"
+CONFIG_PATH_ENV = "RECONCILER_CONFIG"
+ENV_PREFIX = "RECONCILER_"
+
+
+# --- value parsers: each takes the raw string and returns the typed value or raises ValueError ---
+
+
+def parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__doc__ = f"integer >= {minimum}"
+    return parse
+
+
+def seconds_above_zero(raw: str) -> float:
+    value = float(raw.strip())
+    if value <= 0:
+        raise ValueError(f"must be > 0 seconds, got {raw.strip()}")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}; got {raw!r}")
+        return value
+
+    parse.__doc__ = " | ".join(choices)
+    return parse
+
+
+def url_with_scheme(*schemes: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if value == "" and "" in schemes:
+            return value
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in schemes or not parts.netloc:
+            allowed = ", ".join(s + "://" for s in schemes if s)
+            raise ValueError(f"expected a URL starting with {allowed}; got {value!r}")
+        return value
+
+    return parse
+
+
+def sql_identifier(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+        raise ValueError(f"expected a lower-case SQL identifier, got {raw!r}")
+    return value
+
+
+def non_empty(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def any_text(raw: str) -> str:
+    return raw.strip()
+
+
+def mask_url_password(value: str) -> str:
+    parts = urllib.parse.urlsplit(value)
+    if parts.password is None:
+        return value
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":****@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def mask_dsn_password(value: str) -> str:
+    if "://" in value:
+        return mask_url_password(value)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1****", value)
+
+
+def mask_all(value: str) -> str:
+    return "****" if value else ""
+
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+    flags: tuple[str, ...] = ()
+    mask: Callable[[str], str] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    @property
+    def env(self) -> str:
+        return f"{ENV_PREFIX}{self.section}_{self.key}".upper()
+
+    @property
+    def dest(self) -> str:
+        return f"{self.section}__{self.key}"
+
+    def render(self, value: Any) -> str:
+        """The INI spelling of a value (what `print-config` shows and the INI file holds)."""
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, float) and value.is_integer():
+            text = str(int(value))
+        else:
+            text = str(value)
+        return self.mask(text) if self.mask and text else text
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # [redis]
+    Setting("redis", "url", "redis://127.0.0.1:6379/1", url_with_scheme("redis", "rediss", "unix"),
+            "Redis holding the ingest stream. The db index in the path is the ingester's "
+            "REDIS_STREAM_DB (1 by default); user:password in the URL for ACL/AUTH.",
+            mask=mask_url_password),
+    Setting("redis", "stream", "diode.v1.ingest-stream", non_empty,
+            "Stream key the diode ingester XADDs IngestRequests to."),
+    Setting("redis", "group", "diode-reconciler", non_empty,
+            "Consumer group. Created at the start of the stream if missing, so entries already "
+            "in the stream are read, not skipped. Keep the Go reconciler's name to take over its group."),
+    Setting("redis", "read_count", 10, int_at_least(1),
+            "Stream entries per XREADGROUP; the entities of one read are written in one Postgres "
+            "transaction (one COPY).", flags=("--read-count",)),
+    Setting("redis", "block_ms", 500, int_at_least(1),
+            "How long one read waits for new entries (ms). Bounds how quickly the consumer notices a stop."),
+    Setting("redis", "reclaim_idle_seconds", 60.0, seconds_above_zero,
+            "Entries pending this long with another (dead) consumer are taken over with XAUTOCLAIM."),
+    Setting("redis", "max_request_bytes", 16 * 1024 * 1024, int_at_least(1024),
+            "Largest IngestRequest accepted, after brotli decompression; larger entries become dead letters."),
+    Setting("redis", "max_entities", 1000, int_at_least(1),
+            "Most entities one IngestRequest may carry (the diode.v1 schema's limit); more is a dead letter."),
+    # [postgres]
+    Setting("postgres", "dsn", "postgresql://postgres@127.0.0.1:5432/reconciler", non_empty,
+            "libpq connection string or URL of the inbox database.", mask=mask_dsn_password),
+    Setting("postgres", "schema", "reconciler", sql_identifier,
+            "Schema holding reconciler's tables, so it can share a database with the Go reconciler's public tables."),
+    Setting("postgres", "migrate_on_start", True, parse_bool,
+            "Apply pending migrations when `reconciler run` starts (safe with several replicas)."),
+    # [workers]
+    Setting("workers", "count", 2, int_at_least(0),
+            "Poll-worker processes. 0 runs the stream consumer alone.", flags=("-w", "--workers")),
+    Setting("workers", "batch_size", 100, int_at_least(1),
+            "Rows one poll worker claims and sends to the plugin per request.", flags=("--batch-size",)),
+    Setting("workers", "auto_apply", True, parse_bool,
+            "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN for review."),
+    # [netbox]
+    Setting("netbox", "url", "http://127.0.0.1:8000/api/plugins/diode", url_with_scheme("http", "https"),
+            "Base URL of the diode plugin API (endpoints are appended with a trailing slash)."),
+    Setting("netbox", "token_url", "", url_with_scheme("", "http", "https"),
+            "OAuth2 token endpoint for the client-credentials grant (empty: use the static token)."),
+    Setting("netbox", "client_id", "", any_text, "OAuth2 client id."),
+    Setting("netbox", "client_secret_file", "", any_text,
+            "File holding the OAuth2 client secret (e.g. a systemd credential); never logged."),
+    Setting("netbox", "token", "", any_text,
+            "Static bearer token for simple deployments, used when token_url is empty.", mask=mask_all),
+    # [supervisor]
+    Setting("supervisor", "drain_seconds", 30.0, seconds_above_zero,
+            "On stop, how long children may finish their batch before they are killed."),
+    Setting("supervisor", "max_boot_failures", 5, int_at_least(1),
+            "Consecutive boot failures of one child before the supervisor gives up (exit 3)."),
+    Setting("supervisor", "heartbeat_timeout_seconds", 120.0, seconds_above_zero,
+            "A child whose loop has not ticked for this long is considered hung and killed."),
+    # [log]
+    Setting("log", "level", "info", one_of("debug", "info", "warning", "error"),
+            "Log level.", flags=("--log-level",)),
+    Setting("log", "format", "text", one_of("text", "json"), "Log lines as text or one JSON object per line."),
+)
+
+BY_NAME = {s.name: s for s in SETTINGS}
+SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
+
+
+def _section_namespaces(values: Mapping[str, Any]) -> dict[str, SimpleNamespace]:
+    grouped: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for name, value in values.items():
+        section, key = name.split(".", 1)
+        grouped[section][key] = value
+    return {section: SimpleNamespace(**keys) for section, keys in grouped.items()}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated, frozen settings: `cfg.redis.url`. Built before any fork and handed to children."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    path: str | None = None
+    _sections: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._sections.update(_section_namespaces(self.values))
+
+    def __getattr__(self, section: str) -> SimpleNamespace:
+        if section.startswith("_"):  # copy/pickle probe dunders before __dict__ exists
+            raise AttributeError(section)
+        try:
+            return self._sections[section]
+        except KeyError:
+            raise AttributeError(section) from None
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with some values changed, e.g. replace(**{"workers.count": 0})."""
+        values = dict(self.values)
+        for name, value in overrides.items():
+            if name not in BY_NAME:
+                raise KeyError(name)
+            values[name] = value
+        return Config(values=values, sources=dict(self.sources), path=self.path)
+
+
+def _apply(setting: Setting, raw: str, where: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _read_ini(path: str) -> configparser.ConfigParser:
+    # Interpolation off: secrets and DSNs may legitimately contain '%'.
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"config file {path} is not valid INI: {exc.message}") from None
+    return parser
+
+
+def _ini_layer(path: str) -> dict[str, tuple[str, str]]:
+    parser = _read_ini(path)
+    found: dict[str, tuple[str, str]] = {}
+    for section in parser.sections():
+        for key, raw in parser.items(section, raw=True):
+            name = f"{section}.{key}"
+            if name not in BY_NAME:
+                known = ", ".join(s.key for s in SETTINGS if s.section == section)
+                hint = f" (known keys in [{section}]: {known})" if known else f" (no section [{section}])"
+                raise ConfigError(f"{path}: unknown setting [{section}] {key}{hint}")
+            found[name] = (raw, f"{path}: [{section}] {key}")
+    return found
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    by_env = {s.env: s for s in SETTINGS}
+    found: dict[str, tuple[str, str]] = {}
+    for var, raw in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_PATH_ENV:
+            continue
+        setting = by_env.get(var)
+        if setting is None:
+            raise ConfigError(f"unknown environment variable {var} (settings are RECONCILER_<SECTION>_<KEY>)")
+        found[setting.name] = (raw, f"environment {var}")
+    return found
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str]) -> tuple[str | None, bool]:
+    """The INI path to read and whether it must exist (only the built-in default may be absent)."""
+    if explicit:
+        return explicit, True
+    if environ.get(CONFIG_PATH_ENV):
+        return environ[CONFIG_PATH_ENV], True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None,
+         cli: Mapping[str, str] | None = None) -> Config:
+    """Resolve every setting through the layers and validate it; raises ConfigError naming the key."""
+    environ = os.environ if environ is None else environ
+    ini_path, required = config_path(path, environ)
+    layers: list[dict[str, tuple[str, str]]] = []
+    if ini_path and (required or os.path.exists(ini_path)):
+        layers.append(_ini_layer(ini_path))
+    else:
+        ini_path = None
+    layers.append(_env_layer(environ))
+    layers.append({name: (raw, f"command line {BY_NAME[name].flags[-1]}") for name, raw in (cli or {}).items()})
+    values = {s.name: s.default for s in SETTINGS}
+    sources = {s.name: "default" for s in SETTINGS}
+    for layer in layers:
+        for name, (raw, where) in layer.items():
+            values[name] = _apply(BY_NAME[name], raw, where)
+            sources[name] = where
+    config = Config(values=values, sources=sources, path=ini_path)
+    check_consistency(config)
+    return config
+
+
+def check_consistency(config: Config) -> None:
+    """Rules that span several settings."""
+    secret_file = config.netbox.client_secret_file
+    if secret_file and not os.access(secret_file, os.R_OK):
+        raise ConfigError(f"[netbox] client_secret_file: cannot read {secret_file}")
+    if config.netbox.token_url and not config.netbox.client_id:
+        raise ConfigError("[netbox] client_id: required when [netbox] token_url is set")
+
+
+def consumer_name(prefix: str = "diode-reconciler") -> str:
+    """One consumer name per host and process, so replicas and restarts never share a PEL."""
+    return f"{prefix}-{socket.gethostname()}-{os.getpid()}"
+
+
+# --- documentation derived from the registry ---
+
+
+def _wrap_comment(text: str, width: int = 96) -> Iterable[str]:
+    line = "#"
+    for word in text.split():
+        if len(line) + 1 + len(word) > width:
+            yield line
+            line = "#"
+        line += " " + word
+    yield line
+
+
+def render_ini(config: Config | None = None) -> str:
+    """An INI file with every setting, its help as a comment, and its value (default or effective)."""
+    out = ["# reconciler configuration. Every key is also RECONCILER_<SECTION>_<KEY> in the environment.",
+           "# Values shown are the defaults; uncomment and change what you need."]
+    for section in SECTIONS:
+        out += ["", f"[{section}]"]
+        for setting in (s for s in SETTINGS if s.section == section):
+            out += list(_wrap_comment(setting.help))
+            if config is None:
+                out.append(f"# {setting.key} = {setting.render(setting.default)}")
+            else:
+                out.append(f"{setting.key} = {setting.render(config.values[setting.name])}")
+    return "\n".join(out) + "\n"
+
+
+def render_markdown_table() -> str:
+    rows = ["| INI `[section] key` | environment | flag | default | meaning |",
+            "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        default = s.render(s.default) or "(empty)"
+        flags = ", ".join(f"`{f}`" for f in s.flags)
+        rows.append(f"| `[{s.section}] {s.key}` | `{s.env}` | {flags} | `{default}` | {s.help} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,17 @@
+"""diode.v1.State values as stored in ingestion_logs.state."""
+
+QUEUED = 1
+OPEN = 2
+APPLIED = 3
+FAILED = 4
+NO_CHANGES = 5
+IGNORED = 6
+ERRORED = 7
+APPLYING = 8
+PENDING_RETRY = 9
+
+NAMES = {QUEUED: "QUEUED", OPEN: "OPEN", APPLIED: "APPLIED", FAILED: "FAILED", NO_CHANGES: "NO_CHANGES",
+         IGNORED: "IGNORED", ERRORED: "ERRORED", APPLYING: "APPLYING", PENDING_RETRY: "PENDING_RETRY"}
+
+# Finished rows that a new observation of the same entity sends back to QUEUED (mark_duplicates).
+REQUEUE_ON_DUPLICATE = frozenset({APPLIED, FAILED, NO_CHANGES, ERRORED})

@@ -1,0 +1,253 @@
+"""The supervisor: forks one process per role, keeps them running, stops them cleanly.
+
+Signal handlers only record the signal; the main loop acts on it. The loop sleeps in
+multiprocessing.connection.wait() on every child's sentinel plus a socket that the signal
+wake-up fd writes to, so a child's death and a signal both wake it at once. Children are reaped
+only through multiprocessing (Process.exitcode / join), never with waitpid(-1), which would steal
+their exit status from multiprocessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import errors
+from .roles import STOP_SIGNALS, Role, serve
+from .settings import Config
+
+log = logging.getLogger(__name__)
+
+# Pinned: the roles are handed over as closures and live objects, and since Python 3.14 the
+# default start method on Linux is forkserver, which would pickle them.
+MP = multiprocessing.get_context("fork")
+
+CRASH_WINDOW = 60.0  # seconds in which crashes of one child are counted
+MAX_CRASHES = 5  # crashes within the window before the supervisor gives up
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """A process the supervisor keeps running: its name and how to build its role."""
+
+    name: str
+    factory: Callable[[Config], Role]
+
+
+@dataclass
+class Child:
+    spec: RoleSpec
+    process: multiprocessing.process.BaseProcess | None = None
+    heartbeat: object = None
+    booted: object = None
+    boot_failures: int = 0
+    crashes: deque = field(default_factory=deque)
+    start_at: float = 0.0  # monotonic time of the next (re)start
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.exitcode is None
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (perhaps the OOM killer)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+class Supervisor:
+    def __init__(self, config: Config, build_specs: Callable[[Config], list[RoleSpec]],
+                 reload_config: Callable[[], Config] | None = None) -> None:
+        self.config = config
+        self.build_specs = build_specs
+        self.reload_config = reload_config
+        self.children = [Child(spec) for spec in build_specs(config)]
+        self._signals: list[int] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._give_up: int | None = None
+
+    # --- signals ---
+
+    def _record_signal(self, signum, frame) -> None:
+        """Signal handler: only remember the signal; the loop acts on it."""
+        self._signals.append(signum)
+
+    def _install_signals(self) -> None:
+        for sock in (self._wake_r, self._wake_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._record_signal)
+
+    def _take_signals(self) -> list[int]:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+        taken, self._signals = self._signals, []
+        return taken
+
+    # --- spawning ---
+
+    def _spawn(self, child: Child) -> None:
+        child.heartbeat = MP.Value("d", time.monotonic(), lock=False)
+        child.booted = MP.Event()
+        child.process = MP.Process(target=serve, name=child.spec.name, daemon=True,
+                                   args=(child.spec.factory, self.config, child.heartbeat, child.booted))
+        # Blocked across fork so a signal cannot reach the child before its own handlers exist;
+        # the child unblocks once they are installed.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            child.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        log.info("started %s (pid %d)", child.spec.name, child.process.pid)
+
+    def _spawn_due(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.process is None and child.start_at <= now:
+                self._spawn(child)
+
+    # --- reaping and restart policy ---
+
+    def _reap(self) -> None:
+        for child in self.children:
+            if child.process is not None and child.process.exitcode is not None:
+                self._on_exit(child)
+
+    def _on_exit(self, child: Child) -> None:
+        process, booted = child.process, child.booted.is_set()
+        process.join()
+        child.process = None
+        log.warning("%s (pid %d) %s", child.spec.name, process.pid, describe_exit(process.exitcode))
+        delay = self._boot_failed(child) if not booted else self._crashed(child)
+        if self._give_up is None:
+            log.info("restarting %s in %.1f s", child.spec.name, delay)
+            child.start_at = time.monotonic() + delay
+
+    def _boot_failed(self, child: Child) -> float:
+        child.boot_failures += 1
+        limit = self.config.supervisor.max_boot_failures
+        if child.boot_failures >= limit:
+            log.error("%s failed to boot %d times in a row; giving up", child.spec.name, child.boot_failures)
+            self._give_up = errors.RET_BOOT
+        return min(2.0 ** (child.boot_failures - 1), 30.0)
+
+    def _crashed(self, child: Child) -> float:
+        child.boot_failures = 0
+        now = time.monotonic()
+        child.crashes.append(now)
+        while child.crashes and child.crashes[0] < now - CRASH_WINDOW:
+            child.crashes.popleft()
+        if len(child.crashes) > MAX_CRASHES:
+            log.error("%s crashed %d times within %.0f s; giving up", child.spec.name, len(child.crashes), CRASH_WINDOW)
+            self._give_up = errors.RET_CRASHLOOP
+        return min(0.5 * 2 ** (len(child.crashes) - 1), 10.0)
+
+    def _kill_hung(self) -> None:
+        timeout = self.config.supervisor.heartbeat_timeout_seconds
+        now = time.monotonic()
+        for child in self.children:
+            if child.running and now - child.heartbeat.value > timeout:
+                log.error("%s (pid %d) made no progress for %.0f s; killing it", child.spec.name,
+                          child.process.pid, now - child.heartbeat.value)
+                _signal(child.process, signal.SIGKILL)
+
+    # --- main loop ---
+
+    def _wait(self) -> None:
+        sentinels = [c.process.sentinel for c in self.children if c.process is not None]
+        pending = [c.start_at for c in self.children if c.process is None]
+        timeout = 1.0 if not pending else max(0.0, min(1.0, min(pending) - time.monotonic()))
+        multiprocessing.connection.wait([self._wake_r, *sentinels], timeout=timeout)
+
+    def run(self) -> int:
+        """Run until a stop signal (exit 0 after a clean drain) or until a child cannot be kept up."""
+        self._install_signals()
+        try:
+            return self._loop()
+        finally:
+            signal.set_wakeup_fd(-1)
+
+    def _loop(self) -> int:
+        self._spawn_due()
+        while True:
+            self._wait()
+            for signum in self._take_signals():
+                if signum == signal.SIGHUP:
+                    self._reload()
+                else:
+                    log.info("%s received; stopping", signal.Signals(signum).name)
+                    return self._stop()
+            self._reap()
+            if self._give_up is not None:
+                self._stop()
+                return self._give_up
+            self._kill_hung()
+            self._spawn_due()
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the configuration and restart every child with it."""
+        if self.reload_config is None:
+            log.warning("SIGHUP received but this supervisor has no configuration to reload")
+            return
+        try:
+            config = self.reload_config()
+        except errors.ConfigError as exc:
+            log.error("SIGHUP: new configuration rejected, keeping the running one: %s", exc)
+            return
+        log.info("SIGHUP: configuration reloaded; restarting children")
+        self._drain()
+        self.config = config
+        self.children = [Child(spec) for spec in self.build_specs(config)]
+        self._spawn_due()
+
+    # --- stopping ---
+
+    def _stop(self) -> int:
+        """Drain every child within drain_seconds; exit code 0 only if all stopped cleanly."""
+        clean = self._drain()
+        log.info("stopped %s", "cleanly" if clean else "after killing children")
+        return errors.RET_OK if clean else errors.RET_KILLED
+
+    def _drain(self) -> bool:
+        running = [c for c in self.children if c.running]
+        for child in running:
+            _signal(child.process, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.supervisor.drain_seconds
+        while any(c.running for c in running) and time.monotonic() < deadline:
+            multiprocessing.connection.wait([self._wake_r] + [c.process.sentinel for c in running if c.running],
+                                            timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            if any(s != signal.SIGHUP for s in self._take_signals()):
+                log.warning("second stop signal; killing children now")
+                break
+        clean = True
+        for child in running:
+            if child.running:
+                log.error("%s (pid %d) did not stop in time; killing it", child.spec.name, child.process.pid)
+                _signal(child.process, signal.SIGKILL)
+            child.process.join()
+            clean = clean and child.process.exitcode == 0
+            child.process = None
+        return clean
+
+
+def _signal(process, signum: int) -> None:
+    try:
+        os.kill(process.pid, signum)
+    except ProcessLookupError:
+        pass  # it exited between our check and the signal

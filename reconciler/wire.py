@@ -1,0 +1,270 @@
+"""Decoding of diode ingest-stream entries: fields -> IngestRequest -> one row per entity.
+
+Pure functions, no I/O. Every input gets an answer: a row for each good entity, and a rejection
+that names what was wrong for everything else (the consumer stores those as dead letters).
+
+The request is split at its top level by hand (a few lines of wire-format walking) and each
+entity is parsed on its own, so one malformed entity (invalid UTF-8, nesting deeper than
+protobuf-python's limit of 100) never costs the other entities of its request, and the bytes
+kept for an entity are exactly the bytes the client sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import brotli
+from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
+from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
+
+from .entityhash import entity_hash
+from .objecttypes import OBJECT_TYPES
+
+ENTITIES_FIELD = 2  # IngestRequest.entities
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_entities: int = 1000
+
+
+@dataclass(slots=True)
+class EntityRow:
+    """One entity that becomes (or is counted against) an ingestion_logs row."""
+
+    message: "Message"
+    index: int
+    object_type: str
+    entity: bytes  # the Entity exactly as sent (protobuf), timestamp included
+    entity_hash: bytes  # sha256 digest, see entityhash
+    source_ts: int | None  # Entity.timestamp in Unix ns; None when the client sent none
+
+
+@dataclass(slots=True)
+class Rejection:
+    """Input that cannot become a row. `fields` is what a dead letter keeps so it can be replayed."""
+
+    message: "Message"
+    index: int | None  # entity index; None when the whole stream entry was rejected
+    reason: str
+    fields: dict[bytes, bytes]
+
+
+@dataclass(slots=True)
+class Message:
+    """One stream entry after decoding."""
+
+    stream_id: bytes
+    fields: dict[bytes, bytes]
+    header: bytes = b""  # the serialized request without its entities
+    ingestion_ts: int = 0
+    request_id: str = ""
+    producer_app_name: str = ""
+    producer_app_version: str = ""
+    sdk_name: str = ""
+    sdk_version: str = ""
+    rows: list[EntityRow] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+    @property
+    def entity_count(self) -> int:
+        return len(self.rows) + sum(1 for r in self.rejections if r.index is not None)
+
+
+class Unreadable(Exception):
+    """The stream entry as a whole cannot be decoded; the message is the dead letter's reason."""
+
+
+def stream_id_parts(stream_id: bytes) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise Unreadable("request is not a diode.v1.IngestRequest: truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise Unreadable("request is not a diode.v1.IngestRequest: varint too long")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field_end(data: bytes, wire_type: int, pos: int, start: int) -> tuple[int, int]:
+    """(payload start, field end) of a field whose key ended at pos."""
+    if wire_type == 0:
+        return pos, _read_varint(data, pos)[1]
+    if wire_type == 1:
+        return pos, pos + 8
+    if wire_type == 5:
+        return pos, pos + 4
+    if wire_type == 2:
+        length, pos = _read_varint(data, pos)
+        return pos, pos + length
+    raise Unreadable(f"request is not a diode.v1.IngestRequest: wire type {wire_type} at byte {start}")
+
+
+def split_request(data: bytes) -> tuple[bytes, list[bytes]]:
+    """(the request without its entities, [the bytes of each entity]) from a serialized IngestRequest."""
+    header = bytearray()
+    entities: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _read_varint(data, pos)
+        if key >> 3 == 0:
+            raise Unreadable(f"request is not a diode.v1.IngestRequest: field number 0 at byte {start}")
+        payload, pos = _field_end(data, key & 7, pos, start)
+        if pos > len(data):
+            raise Unreadable(f"request is not a diode.v1.IngestRequest: truncated field at byte {start}")
+        if key == (ENTITIES_FIELD << 3 | 2):
+            entities.append(data[payload:pos])
+        else:
+            header += data[start:pos]
+    return bytes(header), entities
+
+
+def _decompress(data: bytes, limit: int) -> bytes:
+    decompressor = brotli.Decompressor()
+    try:
+        out = decompressor.process(data, output_buffer_limit=limit + 1)
+        while not decompressor.is_finished() and len(out) <= limit:
+            more = decompressor.process(b"", output_buffer_limit=limit + 1 - len(out))
+            if not more:
+                raise Unreadable("brotli decompression failed: the compressed request is truncated")
+            out += more
+    except brotli.error as exc:
+        raise Unreadable(f"brotli decompression failed: {exc}") from None
+    if len(out) > limit:
+        raise Unreadable(f"request is larger than max_request_bytes ({limit}) after decompression")
+    return out
+
+
+def _request_bytes(fields: dict[bytes, bytes], limits: Limits) -> bytes:
+    raw = fields.get(b"request")
+    if raw is None:
+        raise Unreadable("stream entry has no 'request' field")
+    if len(raw) > limits.max_request_bytes:
+        raise Unreadable(f"request is {len(raw)} bytes, larger than max_request_bytes ({limits.max_request_bytes})")
+    encoding = fields.get(b"encoding")
+    if encoding == b"br":
+        return _decompress(raw, limits.max_request_bytes)
+    if encoding not in (None, b""):
+        raise Unreadable(f"unknown encoding {encoding[:40]!r} (expected 'br' or none)")
+    return raw
+
+
+def _ingestion_ts(fields: dict[bytes, bytes]) -> int:
+    raw = fields.get(b"ingestion_ts")
+    if raw is None:
+        raise Unreadable("stream entry has no 'ingestion_ts' field")
+    try:
+        value = int(raw.decode("ascii"), 10)
+    except (UnicodeDecodeError, ValueError):
+        raise Unreadable(f"'ingestion_ts' is not a decimal integer: {raw[:40]!r}") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise Unreadable(f"'ingestion_ts' {value} does not fit a 64-bit integer")
+    return value
+
+
+def _read_header(message: Message) -> None:
+    try:
+        request = pb.IngestRequest.FromString(message.header)
+    except (DecodeError, UnicodeDecodeError) as exc:
+        raise Unreadable(f"request is not a diode.v1.IngestRequest: {exc}") from None
+    message.request_id = request.id
+    message.producer_app_name = request.producer_app_name
+    message.producer_app_version = request.producer_app_version
+    message.sdk_name = request.sdk_name
+    message.sdk_version = request.sdk_version
+
+
+def _source_ts(entity: pb.Entity) -> int | None:
+    if not entity.HasField("timestamp"):
+        return None
+    ts = entity.timestamp
+    value = ts.seconds * 1_000_000_000 + ts.nanos
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"timestamp {ts.seconds}s is outside what a row can hold (years 1678-2262)")
+    return value
+
+
+def _untyped_reason(index: int, entity: pb.Entity) -> str:
+    unknown = sorted({f.field_number for f in UnknownFieldSet(entity)})
+    if unknown:
+        numbers = ", ".join(str(n) for n in unknown)
+        return (f"entity {index} has an entity type this reconciler's diode.v1 schema does not know "
+                f"(Entity field {numbers}); a newer SDK produced it")
+    return f"entity {index} has no entity type set"
+
+
+def _entity(message: Message, index: int, data: bytes) -> EntityRow | str:
+    """The row for one entity, or the reason it cannot be one."""
+    try:
+        entity = pb.Entity.FromString(data)
+    except (DecodeError, UnicodeDecodeError) as exc:
+        return f"entity {index} is not a valid diode.v1.Entity: {exc}"
+    member = entity.WhichOneof("entity")
+    if member is None:
+        return _untyped_reason(index, entity)
+    try:
+        source_ts = _source_ts(entity)
+    except ValueError as exc:
+        return f"entity {index}: {exc}"
+    return EntityRow(message, index, OBJECT_TYPES[member], data, entity_hash(data), source_ts)
+
+
+def _one_entity_fields(message: Message, data: bytes) -> dict[bytes, bytes]:
+    """A stream entry holding only this entity (plus the request's own fields): replayable alone."""
+    request = message.header + _varint(ENTITIES_FIELD << 3 | 2) + _varint(len(data)) + data
+    return {b"request": request, b"ingestion_ts": message.fields.get(b"ingestion_ts", b"0")}
+
+
+def entity_fields(row: EntityRow) -> dict[bytes, bytes]:
+    """The replayable stream entry of one entity that Postgres later refused."""
+    return _one_entity_fields(row.message, row.entity)
+
+
+def _decode_entities(message: Message, entities: list[bytes]) -> None:
+    for index, data in enumerate(entities):
+        outcome = _entity(message, index, data)
+        if isinstance(outcome, EntityRow):
+            message.rows.append(outcome)
+        else:
+            message.rejections.append(Rejection(message, index, outcome, _one_entity_fields(message, data)))
+
+
+def decode_entry(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits = Limits()) -> Message:
+    """Decode one stream entry into rows and rejections; never raises for bad input."""
+    message = Message(stream_id=stream_id, fields=fields)
+    try:
+        message.ingestion_ts = _ingestion_ts(fields)
+        message.header, entities = split_request(_request_bytes(fields, limits))
+        _read_header(message)
+        if not entities:
+            raise Unreadable("request carries no entities")
+        if len(entities) > limits.max_entities:
+            raise Unreadable(f"request carries {len(entities)} entities; at most {limits.max_entities} are accepted")
+    except Unreadable as exc:
+        message.rejections.append(Rejection(message, None, str(exc), fields))
+        return message
+    _decode_entities(message, entities)
+    return message
