@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECEIPT_PRUNE_INTERVAL = 60.0
+RECEIPT_RETENTION = 3600.0  # see prune_receipts in sql/queries.sql
 SUMMARY_INTERVAL = 60.0
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
@@ -66,7 +67,7 @@ class Consumer(Role):
         settings = self.config.redis
         self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, "reconciler consumer")
         self.db.check_schema()
-        self.redis = redis.Redis.from_url(settings.url, socket_connect_timeout=5,
+        self.redis = redis.Redis.from_url(settings.url, socket_connect_timeout=5, client_name="reconciler-consumer",
                                           socket_timeout=settings.block_ms / 1000 + 10, health_check_interval=30)
         try:
             self.redis.ping()
@@ -161,7 +162,8 @@ class Consumer(Role):
                 log.debug("write conflict, retrying: %s", exc)
 
     def _acknowledge(self, ids: list) -> None:
-        with self.redis.pipeline(transaction=False) as pipe:
+        # MULTI/EXEC: an entry is deleted only together with its ACK, never instead of it.
+        with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.stream, self.group, *ids)
             pipe.xdel(self.stream, *ids)
             pipe.execute()
@@ -216,7 +218,8 @@ class Consumer(Role):
             boundary = self._oldest_unacknowledged()
             if boundary is not None:
                 with self.db.transaction() as tx:
-                    tx.execute("prune_receipts", {"stream": self.stream, "ms": boundary[0], "seq": boundary[1]})
+                    tx.execute("prune_receipts", {"stream": self.stream, "ms": boundary[0], "seq": boundary[1],
+                                                  "keep_seconds": RECEIPT_RETENTION})
         except (ReconcilerError, redis.RedisError, OSError) as exc:
             log.debug("receipt pruning skipped: %s", exc)
 

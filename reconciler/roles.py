@@ -79,9 +79,15 @@ class Role(ABC):
 
 
 def _install_child_signals(role: Role) -> None:
+    first_term = []
+
     def on_term(signum, frame):
-        if role.stopping:
-            os._exit(errors.RET_KILLED)  # second SIGTERM: the caller wants us gone now
+        # A stop signalled to the whole process group (kill -TERM -pgid, timeout(1)) reaches a child
+        # twice: directly and forwarded by the supervisor. Only a later, separate SIGTERM means "now".
+        if first_term and time.monotonic() - first_term[0] > 1.0:
+            os._exit(errors.RET_KILLED)
+        if not first_term:
+            first_term.append(time.monotonic())
         role.request_stop()
 
     signal.set_wakeup_fd(-1)  # the supervisor's wake-up socket is not ours

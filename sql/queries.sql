@@ -72,8 +72,13 @@ WHERE l.id = d.id;
 INSERT INTO dead_letters (stream, stream_id, entity_index, reason, field_names, field_values) VALUES %s;
 
 -- prune_receipts --
--- Receipts of entries before the group's oldest pending entry: those can never be redelivered.
-DELETE FROM stream_receipts WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s, %(seq)s);
+-- Receipts of entries before the group's oldest pending entry can never be needed by a Redis
+-- redelivery. They are kept a while longer anyway: a replica that took an entry over during a
+-- Postgres outage may still hold it in memory, retrying, after the original owner committed,
+-- acknowledged and would have pruned it.
+DELETE FROM stream_receipts
+WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s, %(seq)s)
+  AND committed_at < now() - %(keep_seconds)s * interval '1 second';
 
 -- savepoint --
 SAVEPOINT copy_attempt;

@@ -1,0 +1,102 @@
+"""Helpers shared by the tests: waiting, stream pushes, and running bin/reconciler as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "bin" / "reconciler"
+STREAM = "diode.v1.ingest-stream"
+GROUP = "diode-reconciler"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,
+               what: str | Callable[[], str] = "condition"):
+    """Poll until predicate() is truthy; fail the test naming `what` (text, or a callable) after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
+        time.sleep(interval)
+
+
+def query(dsn: str, sql: str, params=None) -> list[tuple]:
+    with psycopg2.connect(dsn, options="-c search_path=reconciler") as conn, conn.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall() if cursor.description else []
+    conn.close()
+    return rows
+
+
+def scalar(dsn: str, sql: str, params=None):
+    return query(dsn, sql, params)[0][0]
+
+
+def push(redis_client, entries) -> list[bytes]:
+    """XADD stream entries; returns their ids."""
+    with redis_client.pipeline(transaction=False) as pipe:
+        for fields in entries:
+            pipe.xadd(STREAM, fields)
+        return pipe.execute()
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+class Reconciler:
+    """`bin/reconciler run` in its own session, stderr captured to a file the test can read."""
+
+    def __init__(self, env: dict[str, str], args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, str(BIN), *args], env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 20.0, count: int = 1) -> None:
+        wait_until(lambda: self.log.count(text) >= count, timeout, what=lambda: f"{text!r} in the log:\n{self.log}")
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def kill_all(self) -> None:
+        """SIGKILL the supervisor and every child (its whole session)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(10)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.kill_all()
+        self._log.close()
+
+
+@contextmanager
+def reconciler(env: dict[str, str], tmp_path: Path, *args: str) -> Iterator[Reconciler]:
+    run = Reconciler(env, ["run", *args], tmp_path / f"reconciler-{time.monotonic_ns()}.log")
+    try:
+        yield run
+    finally:
+        run.close()

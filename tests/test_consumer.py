@@ -1,0 +1,188 @@
+"""The consumer on real Redis and Postgres: normal flow, garbage, takeovers and faults."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import brotli
+import pytest
+import redis
+
+from reconciler import sample
+from reconciler.consumer import Consumer
+
+from .support import GROUP, STREAM, push, query, reconciler, scalar, wait_until
+
+
+@pytest.fixture
+def consumer(config):
+    role = Consumer(config)
+    yield role
+    role.shutdown()
+
+
+def drain(role: Consumer, redis_client, timeout: float = 30.0) -> None:
+    """Run the consumer's loop until the stream is empty and nothing is pending."""
+    deadline = time.monotonic() + timeout
+    while redis_client.xlen(STREAM) or redis_client.xpending(STREAM, GROUP)["pending"]:
+        assert time.monotonic() < deadline, "the consumer did not drain the stream"
+        role.run_once()
+
+
+def consumed(redis_client) -> bool:
+    return redis_client.xlen(STREAM) == 0 and redis_client.xpending(STREAM, GROUP)["pending"] == 0
+
+
+SHAPE = sample.Shape(sites=2, devices_per_site=6)
+
+
+def test_consumes_sdk_requests_plain_and_brotli(consumer, redis_client, dsn):
+    entries = list(sample.entries(SHAPE, raw_share=0.5))
+    assert {b"encoding" in fields for fields in entries} == {True, False}
+    push(redis_client, entries)
+    consumer.boot()
+    drain(consumer, redis_client)
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = 1") == SHAPE.entity_count()
+    assert scalar(dsn, "SELECT count(*) FROM stream_receipts") == len(entries)
+    assert redis_client.xlen(STREAM) == 0  # XDEL after commit: the stream does not grow forever
+
+
+def test_a_new_group_reads_entries_that_were_there_before_it(consumer, redis_client, dsn):
+    push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
+    assert not redis_client.exists(STREAM + ":none") and redis_client.xlen(STREAM) > 0
+    consumer.boot()  # creates the group now
+    drain(consumer, redis_client)
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(devices_per_site=1).entity_count()
+
+
+def test_resending_the_inventory_dedups_and_requeues(consumer, redis_client, dsn):
+    shape = sample.Shape(devices_per_site=2)
+    push(redis_client, sample.entries(shape, cycle=0))
+    consumer.boot()
+    drain(consumer, redis_client)
+    query(dsn, "UPDATE ingestion_logs SET state = 3")  # as if applied
+    push(redis_client, sample.entries(shape, cycle=1, changed=0.2))  # new timestamps, some descriptions changed
+    drain(consumer, redis_client)
+    changed = scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = 1 AND requeued_from_state IS NULL")
+    requeued = scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE requeued_from_state = 3")
+    assert changed > 0 and requeued > 0
+    assert changed + requeued == shape.entity_count()
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == shape.entity_count() + changed
+
+
+def test_garbage_becomes_dead_letters_and_consuming_continues(consumer, redis_client, dsn):
+    good = list(sample.entries(sample.Shape(devices_per_site=1)))
+    garbage = [
+        {b"request": b"\x00\x01\x02 not protobuf", b"ingestion_ts": b"1"},
+        {b"request": b"abc", b"encoding": b"br", b"ingestion_ts": b"1"},
+        {b"ingestion_ts": b"1"},
+        {b"request": good[0][b"request"], b"encoding": b"br", b"ingestion_ts": b"soon"},
+        {b"request": brotli.compress(b"{\"entities\": []}"), b"encoding": b"br", b"ingestion_ts": b"1"},
+    ]
+    push(redis_client, garbage[:3] + good + garbage[3:])
+    consumer.boot()
+    drain(consumer, redis_client)
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(devices_per_site=1).entity_count()
+    letters = query(dsn, "SELECT reason, field_names, field_values FROM dead_letters ORDER BY id")
+    assert len(letters) == len(garbage)
+    assert [dict(zip(map(bytes, n), map(bytes, v))) for _, n, v in letters] == garbage
+    assert all(reason for reason, _, _ in letters)
+
+
+def test_pending_entries_of_a_dead_consumer_are_taken_over(consumer, redis_client, dsn):
+    consumer.boot()
+    push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
+    # A consumer that read the entries and died before committing them.
+    redis_client.xreadgroup(GROUP, "diode-reconciler-deadhost-1", {STREAM: ">"}, count=100)
+    assert redis_client.xpending(STREAM, GROUP)["pending"] > 0
+    wait_until(lambda: (consumer.run_once(), consumed(redis_client))[1], timeout=15, what="takeover")
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(devices_per_site=1).entity_count()
+    consumer._next_claim = 0
+    wait_until(lambda: (consumer.run_once(), len(redis_client.xinfo_consumers(STREAM, GROUP)) == 1)[1],
+               timeout=15, what="the dead consumer to be forgotten")
+
+
+def test_dropped_redis_connections_lose_nothing(consumer, redis_client, dsn):
+    consumer.boot()
+    entries = list(sample.entries(sample.Shape(sites=2, devices_per_site=4)))
+    for chunk in range(0, len(entries), 3):
+        push(redis_client, entries[chunk:chunk + 3])
+        for client in redis_client.client_list():
+            if client["name"] == "reconciler-consumer":
+                redis_client.client_kill_filter(_id=client["id"])
+        consumer.run_once()
+    drain(consumer, redis_client)
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(sites=2, devices_per_site=4).entity_count()
+    assert scalar(dsn, "SELECT sum(duplicate_count) FROM ingestion_logs") == 0
+
+
+# --- faults with the real `reconciler run` process ---
+
+
+@pytest.fixture
+def acl_user(redis_client):
+    name = f"reconciler-test-{uuid.uuid4().hex[:8]}"
+    redis_client.acl_setuser(name, enabled=True, passwords=["+secret"], keys=["*"], channels=["*"],
+                             categories=["+@all"])
+    yield name
+    redis_client.acl_deluser(name)
+
+
+def test_kill_between_commit_and_ack_creates_no_duplicate(env, tmp_path, redis_client, redis_url, acl_user, dsn):
+    shape = sample.Shape(devices_per_site=3)
+    entries = list(sample.entries(shape))
+    env = {**env, "RECONCILER_REDIS_URL": redis_url.replace("redis://", f"redis://{acl_user}:secret@")}
+    redis_client.acl_setuser(acl_user, enabled=True, commands=["-xack"])  # commit will succeed, the ACK will not
+
+    with reconciler(env, tmp_path) as run:
+        run.wait_for_log("booted")
+        push(redis_client, entries)
+        run.wait_for_log("cannot acknowledge the batch in Redis")
+        committed = scalar(dsn, "SELECT count(*) FROM stream_receipts")
+        run.kill_all()  # kill -9, after commit and before any ACK
+    assert committed >= 1 and redis_client.xpending(STREAM, GROUP)["pending"] == committed
+
+    redis_client.acl_setuser(acl_user, enabled=True, commands=["+xack"])
+    with reconciler(env, tmp_path) as run:
+        wait_until(lambda: consumed(redis_client), what="the redelivery to be acknowledged")
+        run.wait_for_log("redelivered entries were already committed")
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == 0
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == shape.entity_count()
+    assert scalar(dsn, "SELECT sum(duplicate_count) FROM ingestion_logs") == 0
+
+
+def _postgres_version() -> str:
+    return sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+
+
+def test_postgres_restart_mid_ingest_loses_and_duplicates_nothing(env, tmp_path, redis_client, dsn):
+    shape = sample.Shape(sites=6, devices_per_site=10)
+    entries = list(sample.entries(shape))
+    with reconciler(env, tmp_path) as run:
+        run.wait_for_log("booted")
+
+        def produce():
+            for chunk in range(0, len(entries), 4):
+                push(redis_client, entries[chunk:chunk + 4])
+                time.sleep(0.02)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        wait_until(lambda: scalar(dsn, "SELECT count(*) FROM stream_receipts") > len(entries) // 4, what="ingest")
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", _postgres_version(), "main", "restart",
+                        "-m", "fast"], check=True, timeout=60)
+        producer.join()
+        wait_until(lambda: consumed(redis_client), timeout=90, what="the consumer to catch up after the restart")
+        run.wait_for_log("cannot write the batch to Postgres, will retry")
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == 0
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == shape.entity_count()
+    assert scalar(dsn, "SELECT count(DISTINCT entity_hash) FROM ingestion_logs") == shape.entity_count()
+    assert scalar(dsn, "SELECT sum(duplicate_count) FROM ingestion_logs") == 0
+    assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0

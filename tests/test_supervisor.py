@@ -1,0 +1,108 @@
+"""`bin/reconciler run` as operators run it: restarts, clean stops, and giving up instead of spinning."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from reconciler import errors, sample
+
+from .support import STREAM, children_of, push, reconciler, scalar, wait_until
+
+
+def consumer_pid(run) -> int:
+    return wait_until(lambda: children_of(run.process.pid)[:1], what="the consumer process")[0]
+
+
+def test_sigterm_drains_and_exits_zero(env, tmp_path):
+    with reconciler(env, tmp_path) as run:
+        run.wait_for_log("booted")
+        started = time.monotonic()
+        run.signal(signal.SIGTERM)
+        assert run.wait(timeout=10) == errors.RET_OK
+        assert time.monotonic() - started < 5
+        assert "stopped cleanly" in run.log
+
+
+def test_sigterm_to_the_whole_process_group_is_still_a_clean_stop(env, tmp_path):
+    """timeout(1) and `kill -TERM -<pgid>` signal every child as well as the supervisor."""
+    with reconciler(env, tmp_path) as run:
+        run.wait_for_log("booted")
+        os.killpg(run.process.pid, signal.SIGTERM)
+        assert run.wait(timeout=10) == errors.RET_OK
+
+
+def test_killed_child_is_restarted_and_keeps_consuming(env, tmp_path, redis_client, dsn):
+    with reconciler(env, tmp_path) as run:
+        run.wait_for_log("booted")
+        first = consumer_pid(run)
+        os.kill(first, signal.SIGKILL)
+        run.wait_for_log("was killed by SIGKILL (perhaps the OOM killer)")
+        run.wait_for_log("booted", count=2)
+        assert consumer_pid(run) != first
+        push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
+        wait_until(lambda: redis_client.xlen(STREAM) == 0, what="the restarted consumer to consume")
+        assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(devices_per_site=1).entity_count()
+        run.signal(signal.SIGTERM)
+        assert run.wait(timeout=10) == errors.RET_OK
+
+
+def test_child_failing_at_boot_makes_the_supervisor_give_up_without_spinning(env, tmp_path):
+    env = {**env, "RECONCILER_POSTGRES_DSN": "postgresql://postgres@127.0.0.1:1/nothing",
+           "RECONCILER_POSTGRES_MIGRATE_ON_START": "false", "RECONCILER_SUPERVISOR_MAX_BOOT_FAILURES": "3"}
+    started = time.monotonic()
+    with reconciler(env, tmp_path) as run:
+        assert run.wait(timeout=30) == errors.RET_BOOT
+    assert run.log.count("boot failed: cannot connect to Postgres") == 3
+    assert "failed to boot 3 times in a row; giving up" in run.log
+    assert time.monotonic() - started >= 3  # backed off 1 s, then 2 s: not a hot loop
+
+
+def test_unreachable_postgres_at_start_exits_with_the_connect_code(env, tmp_path):
+    env = {**env, "RECONCILER_POSTGRES_DSN": "postgresql://postgres@127.0.0.1:1/nothing"}
+    with reconciler(env, tmp_path) as run:
+        assert run.wait(timeout=30) == errors.RET_CONNECT
+    assert "cannot migrate the database: cannot connect to Postgres" in run.log
+
+
+def test_child_crashing_again_and_again_makes_the_supervisor_give_up(env, tmp_path):
+    with reconciler(env, tmp_path) as run:
+        for crash in range(6):
+            run.wait_for_log("booted", count=crash + 1, timeout=30)
+            os.kill(consumer_pid(run), signal.SIGKILL)
+            run.wait_for_log("was killed by SIGKILL", count=crash + 1)
+        assert run.wait(timeout=30) == errors.RET_CRASHLOOP
+    assert "crashed 6 times within 60 s; giving up" in run.log
+
+
+def test_hung_child_is_killed_and_replaced(env, tmp_path):
+    env = {**env, "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "2"}
+    with reconciler(env, tmp_path) as run:
+        run.wait_for_log("booted")
+        hung = consumer_pid(run)
+        os.kill(hung, signal.SIGSTOP)
+        run.wait_for_log("made no progress for", timeout=15)
+        run.wait_for_log("booted", count=2)
+        assert consumer_pid(run) != hung
+        run.signal(signal.SIGTERM)
+        assert run.wait(timeout=10) == errors.RET_OK
+
+
+def test_children_do_not_outlive_a_killed_supervisor(env, tmp_path):
+    with reconciler(env, tmp_path) as run:
+        run.wait_for_log("booted")
+        child = consumer_pid(run)
+        os.kill(run.process.pid, signal.SIGKILL)
+        run.process.wait(10)
+        wait_until(lambda: not os.path.exists(f"/proc/{child}") or _is_zombie(child), timeout=10,
+                   what="the orphaned consumer to exit")
+        run.wait_for_log("is gone; stopping")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
