@@ -48,12 +48,18 @@ def _hashing_entity_class():
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("diode.v1.Entity"))
 
 
+# Parses an Entity like diode.v1.Entity, validating every field except the Diode-only `metadata`
+# ones, which it keeps as unknown fields. The consumer parses each entity once, with this class.
 HashingEntity = _hashing_entity_class()
 
 
+def digest(entity) -> bytes:
+    """sha256 (32 bytes) of a HashingEntity's payload without timestamp and metadata. Mutates it."""
+    entity.ClearField("timestamp")
+    entity.DiscardUnknownFields()
+    return hashlib.sha256(entity.SerializeToString(deterministic=True)).digest()
+
+
 def entity_hash(entity_bytes: bytes) -> bytes:
-    """sha256 digest (32 bytes) of the entity's payload with timestamp and all metadata removed."""
-    stripped = HashingEntity.FromString(entity_bytes)
-    stripped.ClearField("timestamp")
-    stripped.DiscardUnknownFields()
-    return hashlib.sha256(stripped.SerializeToString(deterministic=True)).digest()
+    """The dedup key of a serialized diode.v1.Entity."""
+    return digest(HashingEntity.FromString(entity_bytes))

@@ -39,10 +39,18 @@ ON CONFLICT DO NOTHING
 RETURNING ms, seq;
 
 -- lock_heads --
--- The current row of each entity hash, locked in id order (the order every writer uses).
+-- The current row of each entity hash (%(hashes)s: the 32-byte digests concatenated), locked in
+-- id order, the order every writer uses. The OFFSET 0 fence makes it one probe of the head index
+-- per hash: unfenced, the planner hashes the whole table once it expects a thousand hashes.
+-- is_head is checked again once the row is locked, in case a concurrent writer replaced it.
 SELECT id, entity_hash, state
 FROM ingestion_logs
-WHERE is_head AND entity_hash = ANY(%(hashes)s::bytea[])
+WHERE id IN (SELECT found.id
+             FROM generate_series(0, length(%(hashes)s::bytea) / 32 - 1) AS n,
+                  LATERAL (SELECT id FROM ingestion_logs
+                           WHERE is_head AND entity_hash = substring(%(hashes)s::bytea FROM n * 32 + 1 FOR 32)
+                           OFFSET 0) AS found)
+  AND is_head
 ORDER BY id
 FOR UPDATE;
 

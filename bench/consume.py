@@ -1,0 +1,301 @@
+"""Benchmark of the inbox: Redis stream -> consumer -> committed rows, on this machine.
+
+    .venv/bin/python bench/consume.py [--entities 200000] [--latency-seconds 20] [--churn-rows 1000000]
+
+Four measurements in one run, printed as figures and ratios:
+ 1. drain: the stream is pre-filled with SDK-built IngestRequests (100 entities each, 90% brotli),
+    then ONE real consumer process (the production role, dedup on) drains it; entities/s from the
+    consumer's boot to the last entry acknowledged.
+ 2. raw COPY: the same rows, pre-encoded, COPYed into the same table in the same batch sizes with
+    one commit per batch: the ceiling the consumer is compared with (ratio = 1 / 2).
+ 3. latency: a producer XADDs 20 requests/s (2,000 entities/s) with ingestion_ts = time of XADD;
+    a LISTEN on a bench-only trigger records when each entry's receipt commits; p50/p99.
+ 4. claim cost: 1,000,000 rows pass through QUEUED -> claimed -> finished; the claim statement's
+    time is compared between the first and the last 100,000 rows, with the table's autovacuum
+    settings (migration 0001) and with Postgres defaults.
+It creates and drops its own database and uses Redis db 11 (flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import select
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reconciler import inbox, sample, settings, wire  # noqa: E402
+from reconciler.consumer import Consumer  # noqa: E402
+from reconciler.db import Database  # noqa: E402
+from reconciler.roles import serve  # noqa: E402
+
+STREAM, GROUP = "diode.v1.ingest-stream", "diode-reconciler"
+MP = multiprocessing.get_context("fork")
+
+# The claim and finish a poll worker runs (one statement each, as perf-limits.md §5 measured).
+CLAIM = """
+WITH picked AS (SELECT id FROM ingestion_logs WHERE state = 1 ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED)
+UPDATE ingestion_logs AS l SET state = 8, lease_owner = 'bench', lease_expires_at = now() + interval '5 minutes',
+       attempts = l.attempts + 1, updated_at = now()
+FROM picked WHERE l.id = picked.id RETURNING l.id, l.entity"""
+FINISH = """
+UPDATE ingestion_logs AS l SET state = 3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+FROM unnest(%s::bigint[]) AS u (id) WHERE l.id = u.id"""
+NOTIFY_TRIGGER = """
+CREATE FUNCTION bench_notify_receipts() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('receipts', (SELECT string_agg(ms || '-' || seq, ',') FROM new_rows));
+  RETURN NULL;
+END $$;
+CREATE TRIGGER bench_notify AFTER INSERT ON stream_receipts REFERENCING NEW TABLE AS new_rows
+FOR EACH STATEMENT EXECUTE FUNCTION bench_notify_receipts();"""
+
+
+def admin(dsn: str, statement: str) -> None:
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    conn.cursor().execute(statement)
+    conn.close()
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.db_name = f"bench_consume_{os.getpid()}"
+        self.dsn = args.admin_dsn.rsplit("/", 1)[0] + "/" + self.db_name
+        self.redis_url = f"{args.redis_url}/{args.redis_db}"
+        self.redis = redis.Redis.from_url(self.redis_url)
+        self.config = settings.load(path=None, environ={
+            "RECONCILER_POSTGRES_DSN": self.dsn, "RECONCILER_REDIS_URL": self.redis_url,
+            "RECONCILER_REDIS_READ_COUNT": str(args.read_count), "RECONCILER_WORKERS_COUNT": "0"})
+
+    # --- setup ---
+
+    def __enter__(self):
+        admin(self.args.admin_dsn, f"CREATE DATABASE {self.db_name}")
+        database = Database(self.dsn, "reconciler")
+        database.migrate()
+        database.close()
+        self.redis.flushdb()
+        return self
+
+    def __exit__(self, *exc):
+        self.redis.flushdb()
+        admin(self.args.admin_dsn, f"DROP DATABASE IF EXISTS {self.db_name} WITH (FORCE)")
+
+    def sql(self, statement: str, params=None):
+        conn = psycopg2.connect(self.dsn, options="-c search_path=reconciler")
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(statement, params)
+            rows = cursor.fetchall() if cursor.description else None
+        conn.close()
+        return rows
+
+    def reset_tables(self) -> None:
+        self.sql("TRUNCATE ingestion_logs, stream_receipts, dead_letters CASCADE")
+        self.redis.flushdb()
+
+    # --- the consumer under test: the production role in a forked process ---
+
+    def start_consumer(self):
+        heartbeat, booted = MP.Value("d", 0.0, lock=False), MP.Event()
+        process = MP.Process(target=serve, args=(Consumer, self.config, heartbeat, booted), daemon=True)
+        process.start()
+        if not booted.wait(30):
+            raise SystemExit("the consumer did not boot")
+        return process
+
+    @staticmethod
+    def stop_consumer(process) -> None:
+        os.kill(process.pid, signal.SIGTERM)
+        process.join(30)
+
+    def stream_done(self) -> bool:
+        return self.redis.xlen(STREAM) == 0 and self.redis.xpending(STREAM, GROUP)["pending"] == 0
+
+    # --- 1 + 2: drain and raw COPY ---
+
+    def entries(self) -> list[dict[bytes, bytes]]:
+        per_site = sample.Shape(sites=1, devices_per_site=90).entity_count()
+        shape = sample.Shape(sites=-(-self.args.entities // per_site), devices_per_site=90)
+        return list(sample.entries(shape, per_request=100))
+
+    def drain(self, entries) -> dict:
+        started = time.perf_counter()
+        with self.redis.pipeline(transaction=False) as pipe:
+            for fields in entries:
+                pipe.xadd(STREAM, fields)
+            pipe.execute()
+        xadd_seconds = time.perf_counter() - started
+        process = self.start_consumer()
+        started = time.perf_counter()
+        while not self.stream_done():
+            time.sleep(0.005)
+        seconds = time.perf_counter() - started
+        self.stop_consumer(process)
+        rows = self.sql("SELECT count(*) FROM ingestion_logs")[0][0]
+        return {"rows": rows, "seconds": seconds, "rate": rows / seconds, "xadd_rate": rows / xadd_seconds}
+
+    def raw_copy(self, entries) -> dict:
+        """The same rows COPYed in the consumer's batch sizes, one commit per batch, nothing else."""
+        self.reset_tables()
+        batch = self.args.read_count
+        payloads = []
+        for i in range(0, len(entries), batch):
+            messages = [wire.decode_entry(f"{i + n}-0".encode(), fields) for n, fields in enumerate(entries[i:i + batch])]
+            payloads.append(inbox._encode([[row, 0] for m in messages for row in m.rows]))
+        self.sql("CHECKPOINT")
+        database = Database(self.dsn, "reconciler")
+        started = time.perf_counter()
+        for payload in payloads:
+            with database.transaction() as tx:
+                tx.copy("copy_ingestion_logs", payload)
+        seconds = time.perf_counter() - started
+        database.close()
+        rows = self.sql("SELECT count(*) FROM ingestion_logs")[0][0]
+        return {"rows": rows, "seconds": seconds, "rate": rows / seconds}
+
+    # --- 3: latency at a steady rate ---
+
+    def latency(self) -> dict:
+        self.reset_tables()
+        self.sql(NOTIFY_TRIGGER)
+        committed: dict[str, int] = {}
+        stop = threading.Event()
+        listener = threading.Thread(target=self._listen, args=(committed, stop))
+        listener.start()
+        process = self.start_consumer()
+        requests = list(sample.requests(sample.network(sample.Shape(sites=2, devices_per_site=90)), 100))
+        sent: dict[str, int] = {}
+        interval, count = 1.0 / 20, int(self.args.latency_seconds * 20)
+        next_at = time.perf_counter()
+        for n in range(count):
+            next_at += interval
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+            ts = time.time_ns()
+            fields = sample.stream_fields(requests[n % len(requests)], ingestion_ts=ts)
+            sent[self.redis.xadd(STREAM, fields).decode()] = ts
+        deadline = time.monotonic() + 30
+        while len(committed) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        listener.join()
+        self.stop_consumer(process)
+        self.sql("DROP TRIGGER bench_notify ON stream_receipts; DROP FUNCTION bench_notify_receipts()")
+        latencies = sorted((committed[i] - ts) / 1e6 for i, ts in sent.items() if i in committed)
+        quantiles = statistics.quantiles(latencies, n=100)
+        return {"entries": len(sent), "committed": len(latencies), "p50": quantiles[49], "p95": quantiles[94],
+                "p99": quantiles[98], "max": latencies[-1]}
+
+    def _listen(self, committed: dict, stop: threading.Event) -> None:
+        conn = psycopg2.connect(self.dsn)
+        conn.autocommit = True
+        conn.cursor().execute("LISTEN receipts")
+        while not stop.is_set():
+            if select.select([conn], [], [], 0.1)[0]:
+                conn.poll()
+                now = time.time_ns()
+                for note in conn.notifies:
+                    for stream_id in note.payload.split(","):
+                        committed[stream_id] = now
+                conn.notifies.clear()
+        conn.close()
+
+    # --- 4: claim cost while 1M rows churn ---
+
+    def churn(self, tuned: bool) -> dict:
+        self.reset_tables()
+        if not tuned:
+            self.sql("ALTER TABLE ingestion_logs RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold, "
+                     "autovacuum_vacuum_insert_scale_factor, autovacuum_analyze_scale_factor, "
+                     "autovacuum_vacuum_cost_delay)")
+        self.sql("VACUUM ANALYZE ingestion_logs")
+        entities = [e.SerializeToString() for e in sample.network(sample.Shape(sites=10, devices_per_site=90))][:50_000]
+        database = Database(self.dsn, "reconciler")
+        buckets: list[list[float]] = []
+        done = 0
+        while done < self.args.churn_rows:
+            with database.transaction() as tx:
+                tx.copy("copy_ingestion_logs", self._churn_payload(entities))
+            while True:
+                with database.transaction() as tx:
+                    started = time.perf_counter()
+                    tx.cursor.execute(CLAIM)
+                    ids = [row[0] for row in tx.cursor.fetchall()]
+                    claim_ms = (time.perf_counter() - started) * 1000
+                if not ids:
+                    break
+                with database.transaction() as tx:
+                    tx.cursor.execute(FINISH, (ids,))
+                bucket = done // 100_000
+                while len(buckets) <= bucket:
+                    buckets.append([])
+                buckets[bucket].append(claim_ms)
+                done += len(ids)
+        database.close()
+        stats = self.sql("SELECT n_dead_tup, autovacuum_count FROM pg_stat_user_tables WHERE relname = 'ingestion_logs'")[0]
+        if not tuned:  # put the migration's settings back for later phases
+            self.sql("ALTER TABLE ingestion_logs SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000, "
+                     "autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_analyze_scale_factor = 0.02, "
+                     "autovacuum_vacuum_cost_delay = 0)")
+        first, last = statistics.median(buckets[0]), statistics.median(buckets[-1])
+        return {"rows": done, "first_ms": first, "last_ms": last, "ratio": last / first,
+                "dead_tuples": stats[0], "autovacuums": stats[1]}
+
+    @staticmethod
+    def _churn_payload(entities: list[bytes]) -> bytes:
+        """Rows with fresh random hashes: every round's rows are new heads, as new entities would be."""
+        message = wire.Message(stream_id=b"0-0", fields={}, request_id="r", producer_app_name="bench",
+                               producer_app_version="1", sdk_name="s", sdk_version="1")
+        rows = [[wire.EntityRow(message, n, "dcim.interface", data, os.urandom(32), None), 0]
+                for n, data in enumerate(entities)]
+        return inbox._encode(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--entities", type=int, default=200_000)
+    parser.add_argument("--read-count", type=int, default=settings.BY_NAME["redis.read_count"].default)
+    parser.add_argument("--latency-seconds", type=float, default=20.0)
+    parser.add_argument("--churn-rows", type=int, default=1_000_000)
+    parser.add_argument("--skip", action="append", default=[], choices=["drain", "latency", "churn"])
+    parser.add_argument("--admin-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
+    parser.add_argument("--redis-db", type=int, default=11)
+    args = parser.parse_args()
+    with Bench(args) as bench:
+        if "drain" not in args.skip:
+            entries = bench.entries()
+            drain = bench.drain(entries)
+            copy = bench.raw_copy(entries)
+            print(f"drain, 1 consumer, read_count {args.read_count}: {drain['rows']:,} entities in {drain['seconds']:.2f} s "
+                  f"= {drain['rate']:,.0f} entities/s   (XADD pipelined: {drain['xadd_rate']:,.0f} entities/s)")
+            print(f"raw COPY of the same rows, same batches: {copy['rate']:,.0f} rows/s")
+            print(f"consumer / raw COPY = {drain['rate'] / copy['rate']:.2f};  consumer / target 30,000 = "
+                  f"{drain['rate'] / 30000:.2f};  consumer / Go reconciler 17,000 = {drain['rate'] / 17000:.2f}")
+        if "latency" not in args.skip:
+            lat = bench.latency()
+            print(f"latency XADD -> commit at 2,000 entities/s ({lat['committed']}/{lat['entries']} entries): "
+                  f"p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms")
+        if "churn" not in args.skip:
+            for tuned in (True, False):
+                c = bench.churn(tuned)
+                label = "migration 0001 autovacuum" if tuned else "Postgres default autovacuum"
+                print(f"claim of 100 rows, {label}: first 100k rows {c['first_ms']:.2f} ms, after {c['rows']:,} rows "
+                      f"{c['last_ms']:.2f} ms (ratio {c['ratio']:.2f}; {c['autovacuums']} autovacuums, "
+                      f"{c['dead_tuples']:,} dead tuples at the end)")
+
+
+if __name__ == "__main__":
+    main()
