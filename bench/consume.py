@@ -61,11 +61,24 @@ CREATE TRIGGER bench_notify AFTER INSERT ON stream_receipts REFERENCING NEW TABL
 FOR EACH STATEMENT EXECUTE FUNCTION bench_notify_receipts();"""
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def admin(dsn: str, statement: str) -> None:
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     conn.cursor().execute(statement)
     conn.close()
+
+
+def percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99), "max": ordered[-1]}
 
 
 class Bench:
@@ -139,13 +152,17 @@ class Bench:
             pipe.execute()
         xadd_seconds = time.perf_counter() - started
         process = self.start_consumer()
+        backend = self.sql("SELECT pid FROM pg_stat_activity WHERE application_name = 'reconciler consumer'")[0][0]
+        cpu_before = cpu_seconds(process.pid), cpu_seconds(backend)
         started = time.perf_counter()
         while not self.stream_done():
             time.sleep(0.005)
         seconds = time.perf_counter() - started
+        consumer_cpu, backend_cpu = cpu_seconds(process.pid) - cpu_before[0], cpu_seconds(backend) - cpu_before[1]
         self.stop_consumer(process)
         rows = self.sql("SELECT count(*) FROM ingestion_logs")[0][0]
-        return {"rows": rows, "seconds": seconds, "rate": rows / seconds, "xadd_rate": rows / xadd_seconds}
+        return {"rows": rows, "seconds": seconds, "rate": rows / seconds, "xadd_rate": rows / xadd_seconds,
+                "consumer_us": consumer_cpu / rows * 1e6, "backend_us": backend_cpu / rows * 1e6}
 
     def raw_copy(self, entries) -> dict:
         """The same rows COPYed in the consumer's batch sizes, one commit per batch, nothing else."""
@@ -176,15 +193,16 @@ class Bench:
         listener = threading.Thread(target=self._listen, args=(committed, stop))
         listener.start()
         process = self.start_consumer()
-        requests = list(sample.requests(sample.network(sample.Shape(sites=2, devices_per_site=90)), 100))
+        count = int(self.args.latency_seconds * 20)
+        network = sample.network(sample.Shape(sites=-(-count * 100 // 10_000), devices_per_site=180))
+        prepared = [sample.stream_fields(r) for r in sample.requests(network, 100)][:count]
         sent: dict[str, int] = {}
-        interval, count = 1.0 / 20, int(self.args.latency_seconds * 20)
         next_at = time.perf_counter()
-        for n in range(count):
-            next_at += interval
+        for fields in prepared:  # like the ingester: the request is ready, ingestion_ts is taken at XADD
+            next_at += 1.0 / 20
             time.sleep(max(0.0, next_at - time.perf_counter()))
             ts = time.time_ns()
-            fields = sample.stream_fields(requests[n % len(requests)], ingestion_ts=ts)
+            fields[b"ingestion_ts"] = str(ts).encode()
             sent[self.redis.xadd(STREAM, fields).decode()] = ts
         deadline = time.monotonic() + 30
         while len(committed) < len(sent) and time.monotonic() < deadline:
@@ -193,10 +211,26 @@ class Bench:
         listener.join()
         self.stop_consumer(process)
         self.sql("DROP TRIGGER bench_notify ON stream_receipts; DROP FUNCTION bench_notify_receipts()")
-        latencies = sorted((committed[i] - ts) / 1e6 for i, ts in sent.items() if i in committed)
-        quantiles = statistics.quantiles(latencies, n=100)
-        return {"entries": len(sent), "committed": len(latencies), "p50": quantiles[49], "p95": quantiles[94],
-                "p99": quantiles[98], "max": latencies[-1]}
+        latencies = [(committed[i] - ts) / 1e6 for i, ts in sent.items() if i in committed]
+        return {"entries": len(sent), "committed": len(latencies), **percentiles(latencies)}
+
+    def bare_commits(self) -> dict:
+        """The disk's own tail: one-row INSERT + COMMIT at the same 20/s, nothing else."""
+        conn = psycopg2.connect(self.dsn, options="-c search_path=reconciler")
+        cursor = conn.cursor()
+        cursor.execute("CREATE TABLE bench_probe (x int)")  # a real, WAL-logged table: commits wait for fsync
+        conn.commit()
+        latencies = []
+        for _ in range(int(self.args.latency_seconds * 20)):
+            cursor.execute("INSERT INTO bench_probe VALUES (1)")
+            started = time.perf_counter()
+            conn.commit()
+            latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.05)
+        cursor.execute("DROP TABLE bench_probe")
+        conn.commit()
+        conn.close()
+        return percentiles(latencies)
 
     def _listen(self, committed: dict, stop: threading.Event) -> None:
         conn = psycopg2.connect(self.dsn)
@@ -214,13 +248,40 @@ class Bench:
 
     # --- 4: claim cost while 1M rows churn ---
 
-    def churn(self, tuned: bool) -> dict:
+    def churn(self, vacuum: str) -> dict:
+        """1,000,000 rows through QUEUED -> claimed -> finished; claim time early vs late.
+
+        vacuum: "none" (this server as configured: autovacuum off, nothing vacuums), "reconciler"
+        (a consumer process runs meanwhile and vacuums the table itself, as it does when autovacuum
+        is off), "autovacuum" (server autovacuum switched on for the run, with migration 0001's
+        table settings; the server setting is restored afterwards).
+        """
         self.reset_tables()
-        if not tuned:
-            self.sql("ALTER TABLE ingestion_logs RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold, "
-                     "autovacuum_vacuum_insert_scale_factor, autovacuum_analyze_scale_factor, "
-                     "autovacuum_vacuum_cost_delay)")
         self.sql("VACUUM ANALYZE ingestion_logs")
+        before = self._vacuum_count()
+        consumer = self.start_consumer() if vacuum == "reconciler" else None
+        if vacuum == "autovacuum":
+            self.sql("ALTER SYSTEM SET autovacuum = on")
+            self.sql("SELECT pg_reload_conf()")
+        try:
+            buckets = self._churn_rows()
+        finally:
+            if vacuum == "autovacuum":
+                self.sql("ALTER SYSTEM RESET autovacuum")
+                self.sql("SELECT pg_reload_conf()")
+            if consumer is not None:
+                self.stop_consumer(consumer)
+        first, last = statistics.median(buckets[0]), statistics.median(buckets[-1])
+        dead = self.sql("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'ingestion_logs'")[0][0]
+        return {"rows": self.args.churn_rows, "first_ms": first, "last_ms": last, "ratio": last / first,
+                "vacuums": self._vacuum_count() - before, "dead_tuples": dead}
+
+    def _vacuum_count(self) -> int:
+        return self.sql("SELECT vacuum_count + autovacuum_count FROM pg_stat_user_tables "
+                        "WHERE relname = 'ingestion_logs'")[0][0]
+
+    def _churn_rows(self) -> list[list[float]]:
+        """Claim times (ms) per 100,000 rows processed."""
         entities = [e.SerializeToString() for e in sample.network(sample.Shape(sites=10, devices_per_site=90))][:50_000]
         database = Database(self.dsn, "reconciler")
         buckets: list[list[float]] = []
@@ -228,30 +289,25 @@ class Bench:
         while done < self.args.churn_rows:
             with database.transaction() as tx:
                 tx.copy("copy_ingestion_logs", self._churn_payload(entities))
-            while True:
-                with database.transaction() as tx:
-                    started = time.perf_counter()
-                    tx.cursor.execute(CLAIM)
-                    ids = [row[0] for row in tx.cursor.fetchall()]
-                    claim_ms = (time.perf_counter() - started) * 1000
-                if not ids:
-                    break
+            while ids := self._claim(database, buckets, done):
                 with database.transaction() as tx:
                     tx.cursor.execute(FINISH, (ids,))
-                bucket = done // 100_000
-                while len(buckets) <= bucket:
-                    buckets.append([])
-                buckets[bucket].append(claim_ms)
                 done += len(ids)
         database.close()
-        stats = self.sql("SELECT n_dead_tup, autovacuum_count FROM pg_stat_user_tables WHERE relname = 'ingestion_logs'")[0]
-        if not tuned:  # put the migration's settings back for later phases
-            self.sql("ALTER TABLE ingestion_logs SET (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000, "
-                     "autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_analyze_scale_factor = 0.02, "
-                     "autovacuum_vacuum_cost_delay = 0)")
-        first, last = statistics.median(buckets[0]), statistics.median(buckets[-1])
-        return {"rows": done, "first_ms": first, "last_ms": last, "ratio": last / first,
-                "dead_tuples": stats[0], "autovacuums": stats[1]}
+        return buckets
+
+    @staticmethod
+    def _claim(database: Database, buckets: list[list[float]], done: int) -> list[int]:
+        with database.transaction() as tx:
+            started = time.perf_counter()
+            tx.cursor.execute(CLAIM)
+            ids = [row[0] for row in tx.cursor.fetchall()]
+            elapsed_ms = (time.perf_counter() - started) * 1000
+        if ids:
+            while len(buckets) <= done // 100_000:
+                buckets.append([])
+            buckets[done // 100_000].append(elapsed_ms)
+        return ids
 
     @staticmethod
     def _churn_payload(entities: list[bytes]) -> bytes:
@@ -267,6 +323,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entities", type=int, default=200_000)
     parser.add_argument("--read-count", type=int, default=settings.BY_NAME["redis.read_count"].default)
+    parser.add_argument("--repeat", type=int, default=3, help="drains to run; the median is reported")
     parser.add_argument("--latency-seconds", type=float, default=20.0)
     parser.add_argument("--churn-rows", type=int, default=1_000_000)
     parser.add_argument("--skip", action="append", default=[], choices=["drain", "latency", "churn"])
@@ -274,26 +331,36 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379")
     parser.add_argument("--redis-db", type=int, default=11)
     args = parser.parse_args()
+    drains = []
     with Bench(args) as bench:
         if "drain" not in args.skip:
             entries = bench.entries()
-            drain = bench.drain(entries)
-            copy = bench.raw_copy(entries)
-            print(f"drain, 1 consumer, read_count {args.read_count}: {drain['rows']:,} entities in {drain['seconds']:.2f} s "
-                  f"= {drain['rate']:,.0f} entities/s   (XADD pipelined: {drain['xadd_rate']:,.0f} entities/s)")
-            print(f"raw COPY of the same rows, same batches: {copy['rate']:,.0f} rows/s")
-            print(f"consumer / raw COPY = {drain['rate'] / copy['rate']:.2f};  consumer / target 30,000 = "
-                  f"{drain['rate'] / 30000:.2f};  consumer / Go reconciler 17,000 = {drain['rate'] / 17000:.2f}")
+            for attempt in range(args.repeat):
+                bench.reset_tables()
+                drain = bench.drain(entries)
+                copy = bench.raw_copy(entries)
+                print(f"drain {attempt + 1}: 1 consumer, read_count {args.read_count}: {drain['rows']:,} entities in "
+                      f"{drain['seconds']:.2f} s = {drain['rate']:,.0f} entities/s (consumer CPU {drain['consumer_us']:.1f} "
+                      f"us/entity, its Postgres backend {drain['backend_us']:.1f} us/entity); raw COPY of the same rows "
+                      f"{copy['rate']:,.0f} rows/s; ratio {drain['rate'] / copy['rate']:.2f}")
+                drains.append((drain, copy))
+            drain, copy = sorted(drains, key=lambda pair: pair[0]["rate"])[len(drains) // 2]
+            print(f"median drain: {drain['rate']:,.0f} entities/s; consumer / raw COPY = {drain['rate'] / copy['rate']:.2f}; "
+                  f"/ target 30,000 = {drain['rate'] / 30000:.2f}; / Go reconciler 17,000 = {drain['rate'] / 17000:.2f}")
         if "latency" not in args.skip:
-            lat = bench.latency()
+            lat, bare = bench.latency(), bench.bare_commits()
             print(f"latency XADD -> commit at 2,000 entities/s ({lat['committed']}/{lat['entries']} entries): "
                   f"p50 {lat['p50']:.1f} ms, p95 {lat['p95']:.1f} ms, p99 {lat['p99']:.1f} ms, max {lat['max']:.1f} ms")
+            print(f"  the disk's own tail, 1-row commits at 20/s: p50 {bare['p50']:.1f} ms, p95 {bare['p95']:.1f} ms, "
+                  f"p99 {bare['p99']:.1f} ms, max {bare['max']:.1f} ms")
         if "churn" not in args.skip:
-            for tuned in (True, False):
-                c = bench.churn(tuned)
-                label = "migration 0001 autovacuum" if tuned else "Postgres default autovacuum"
-                print(f"claim of 100 rows, {label}: first 100k rows {c['first_ms']:.2f} ms, after {c['rows']:,} rows "
-                      f"{c['last_ms']:.2f} ms (ratio {c['ratio']:.2f}; {c['autovacuums']} autovacuums, "
+            autovacuum = bench.sql("SHOW autovacuum")[0][0]
+            for vacuum, label in (("none", f"nothing vacuums (server autovacuum = {autovacuum})"),
+                                  ("reconciler", "reconciler's own VACUUM (autovacuum off)"),
+                                  ("autovacuum", "server autovacuum on, migration 0001 table settings")):
+                c = bench.churn(vacuum)
+                print(f"claim of 100 rows, {label}: first 100k rows {c['first_ms']:.2f} ms, last 100k of "
+                      f"{c['rows']:,} rows {c['last_ms']:.2f} ms (ratio {c['ratio']:.2f}; {c['vacuums']} vacuums; "
                       f"{c['dead_tuples']:,} dead tuples at the end)")
 
 

@@ -19,6 +19,7 @@ import redis
 from . import inbox, wire
 from .db import Database
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
+from .queuevacuum import QueueVacuum
 from .roles import Role
 from .settings import consumer_name
 
@@ -60,6 +61,7 @@ class Consumer(Role):
         self._next_prune = 0.0
         self._totals = inbox.Outcome()
         self._next_summary = time.monotonic() + SUMMARY_INTERVAL
+        self.vacuum = QueueVacuum(config.postgres.dsn, config.postgres.schema)
 
     # --- lifecycle ---
 
@@ -67,6 +69,7 @@ class Consumer(Role):
         settings = self.config.redis
         self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, "reconciler consumer")
         self.db.check_schema()
+        self.vacuum.decide(self.db)
         self.redis = redis.Redis.from_url(settings.url, socket_connect_timeout=5, client_name="reconciler-consumer",
                                           socket_timeout=settings.block_ms / 1000 + 10, health_check_interval=30)
         try:
@@ -203,6 +206,10 @@ class Consumer(Role):
         if now >= self._next_prune:
             self._next_prune = now + RECEIPT_PRUNE_INTERVAL
             self._prune_receipts()
+        try:
+            self.vacuum.tick(self.db)
+        except DatabaseError as exc:
+            log.debug("vacuum check skipped: %s", exc)
         if now >= self._next_summary:
             self._next_summary = now + SUMMARY_INTERVAL
             t = self._totals

@@ -108,7 +108,7 @@ class Tx:
         psycopg2.extras.execute_values(self.cursor, QUERIES[name], rows, page_size=500)
 
     def copy(self, name: str, payload: bytes) -> None:
-        self.cursor.copy_expert(QUERIES[name], BytesIO(payload))
+        self.cursor.copy_expert(QUERIES[name], BytesIO(payload), size=len(payload) or 1)  # one chunk
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -181,6 +181,20 @@ class Database:
     def fetchall(self, name: str, params: dict[str, Any] | None = None) -> list[tuple]:
         with self.transaction() as tx:
             return tx.fetchall(name, params)
+
+    def vacuum_queue_table(self) -> None:
+        """VACUUM ingestion_logs (it cannot run inside a transaction block)."""
+        conn = self.connect()
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(QUERIES["vacuum_queue_table"])
+        except psycopg2.Error as exc:
+            self._rollback_quietly()
+            raise translate(exc) from exc
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
 
     # --- schema ---
 

@@ -88,6 +88,17 @@ DELETE FROM stream_receipts
 WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s, %(seq)s)
   AND committed_at < now() - %(keep_seconds)s * interval '1 second';
 
+-- autovacuum_enabled --
+SELECT current_setting('autovacuum')::boolean;
+
+-- queue_table_needs_vacuum --
+-- The threshold migration 0001 gives autovacuum for this table: 1,000 rows + 1% of the table.
+SELECT EXISTS (SELECT FROM pg_stat_user_tables
+               WHERE relid = 'ingestion_logs'::regclass AND n_dead_tup > 1000 + 0.01 * n_live_tup);
+
+-- vacuum_queue_table --
+VACUUM (ANALYZE) ingestion_logs;
+
 -- savepoint --
 SAVEPOINT copy_attempt;
 

@@ -186,3 +186,23 @@ def test_postgres_restart_mid_ingest_loses_and_duplicates_nothing(env, tmp_path,
     assert scalar(dsn, "SELECT count(DISTINCT entity_hash) FROM ingestion_logs") == shape.entity_count()
     assert scalar(dsn, "SELECT sum(duplicate_count) FROM ingestion_logs") == 0
     assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
+
+
+def test_queue_table_is_vacuumed_by_reconciler_when_autovacuum_is_off(consumer, dsn):
+    consumer.boot()
+    server_off = scalar(dsn, "SHOW autovacuum") == "off"
+    assert consumer.vacuum.needed == server_off
+    consumer.vacuum.needed = True  # what decide() chose on this machine; forced where autovacuum runs
+    query(dsn, "INSERT INTO ingestion_logs (object_type, request_id, ingestion_ts, producer_app_name, "
+               "producer_app_version, sdk_name, sdk_version, entity, entity_hash) "
+               "SELECT 'dcim.site', 'r', 0, 'p', 'v', 's', 'v', '\\x00', sha256(i::text::bytea) "
+               "FROM generate_series(1, 5000) i")
+    query(dsn, "UPDATE ingestion_logs SET state = 3")  # 5,000 dead row versions, like claims leave
+    before = scalar(dsn, "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'ingestion_logs'")
+
+    def vacuumed():
+        consumer.vacuum._next_check = 0
+        consumer.vacuum.tick(consumer.db)
+        return scalar(dsn, "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'ingestion_logs'") > before
+
+    wait_until(vacuumed, timeout=20, interval=0.5, what="reconciler's VACUUM of ingestion_logs")
