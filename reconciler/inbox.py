@@ -81,7 +81,7 @@ def _lock_heads(tx: Tx, rows: list[wire.EntityRow]) -> dict[bytes, Head]:
     """{hash: head} for the hashes in these rows that already have a row, locked until commit."""
     if not rows:
         return {}
-    hashes = b"".join({row.entity_hash for row in rows})
+    hashes = b"".join(sorted({row.entity_hash for row in rows}))  # sorted: neighbouring probes share index pages
     return {bytes(entity_hash): Head(head_id, state)
             for head_id, entity_hash, state in tx.fetchall("lock_heads", {"hashes": hashes})}
 

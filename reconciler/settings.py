@@ -157,7 +157,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis", "group", "diode-reconciler", non_empty,
             "Consumer group. Created at the start of the stream if missing, so entries already "
             "in the stream are read, not skipped. Keep the Go reconciler's name to take over its group."),
-    Setting("redis", "read_count", 10, int_at_least(1),
+    Setting("redis", "read_count", 25, int_at_least(1),
             "Stream entries per XREADGROUP; the entities of one read are written in one Postgres "
             "transaction (one COPY).", flags=("--read-count",)),
     Setting("redis", "block_ms", 500, int_at_least(1),
