@@ -6,22 +6,31 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 from typing import Callable
 
 from . import errors, settings
 from . import log as logsetup
 from .consumer import Consumer
+from .refresher import Refresher
 from .db import Database
 from .errors import ConfigError, DatabaseError, SchemaError
 from .settings import SETTINGS, Config
+from .shared import Shared
 from .supervisor import RoleSpec, Supervisor
+from .worker import Worker
 
 log = logging.getLogger("reconciler")
 
 
-def role_specs(config: Config) -> list[RoleSpec]:
-    """The processes `reconciler run` keeps running for this configuration."""
-    return [RoleSpec("consumer", Consumer)]
+def role_specs(config: Config, shared: Shared) -> list[RoleSpec]:
+    """The processes `reconciler run` keeps running: the consumer, and with workers the refresher."""
+    specs = [RoleSpec("consumer", partial(Consumer, cache=shared.cache))]
+    if config.workers.count > 0:
+        specs.append(RoleSpec("refresher", partial(Refresher, cache=shared.cache, limiter=shared.limiter)))
+        specs += [RoleSpec(f"worker {n}", partial(Worker, index=n, cache=shared.cache, limiter=shared.limiter))
+                  for n in range(1, config.workers.count + 1)]
+    return specs
 
 
 def _settings_parent() -> argparse.ArgumentParser:
@@ -65,6 +74,11 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     logsetup.setup(config.log.level, config.log.format)
+    try:
+        settings.check_runnable(config)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return errors.RET_CONFIG
     if config.postgres.migrate_on_start:
         code = _migrate(config)
         if code:
@@ -98,6 +112,11 @@ def cmd_migrate(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    try:
+        settings.check_runnable(config)
+    except ConfigError as exc:
+        print(f"reconciler: configuration error: {exc}", file=sys.stderr)
+        return 1
     where = config.path or "no file (defaults and environment)"
     changed = sum(1 for source in config.sources.values() if source != "default")
     print(f"configuration OK: {where}; {changed} of {len(SETTINGS)} settings differ from their defaults")

@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 
 import redis
 
-from . import inbox, wire
+from . import inbox, shared, wire
 from .db import Database
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
@@ -48,8 +48,9 @@ class Backoff:
 class Consumer(Role):
     name = "consumer"
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, cache=None) -> None:
         super().__init__(config)
+        self.cache = cache  # the refresher's cache, for today's default branch (None: no workers run)
         settings = config.redis
         self.stream, self.group = settings.stream, settings.group
         self.consumer = consumer_name()
@@ -156,10 +157,18 @@ class Consumer(Role):
         self._retry("acknowledge the batch in Redis", lambda: self._acknowledge(ids))
         self._report(outcome)
 
+    def _branch(self) -> str | None:
+        """Today's default branch as rows record it, or None while the refresher does not know it."""
+        if self.cache is None:
+            return None
+        view = shared.read(self.cache)  # a gone Manager raises: the supervisor restarts everything
+        return view.branch_scope if view.branch_known else None
+
     def _write(self, messages: list[wire.Message]) -> inbox.Outcome:
+        branch = self._branch()
         while True:
             try:
-                return inbox.write(self.db, self.stream, messages)
+                return inbox.write(self.db, self.stream, messages, branch)
             except ConflictError as exc:
                 # A concurrent consumer committed the same entity or entry first; re-plan at once.
                 log.debug("write conflict, retrying: %s", exc)

@@ -40,15 +40,19 @@ class _Plan:
     increments: Counter = field(default_factory=Counter)  # head id -> observations
 
 
-def write(db: Database, stream: str, messages: list[wire.Message]) -> Outcome:
-    """Commit the rows and dead letters of these stream entries; safe to call again after a crash."""
+def write(db: Database, stream: str, messages: list[wire.Message], branch: str | None = None) -> Outcome:
+    """Commit the rows and dead letters of these stream entries; safe to call again after a crash.
+
+    `branch` is today's default branch as rows record it ("<name> (<id>)", "" for main), or None
+    while it is not known: then every existing row of an entity absorbs new observations.
+    """
     with db.transaction() as tx:
         fresh = _claim_receipts(tx, stream, messages)
         outcome = Outcome(messages=len(messages), redelivered=len(messages) - len(fresh))
         rows = [row for message in fresh for row in message.rows]
         outcome.dead_letters = [rejection for message in fresh for rejection in message.rejections]
         outcome.entities = sum(message.entity_count for message in fresh)
-        heads = _lock_heads(tx, rows)
+        heads = _lock_heads(tx, rows, branch)
         plan, refused = _insert_new_rows(tx, rows, heads)
         outcome.dead_letters += refused
         _mark_duplicates(tx, plan.increments)
@@ -75,15 +79,28 @@ class Head(NamedTuple):
 
     id: int
     state: int
+    planned_branch: str | None
+
+    def other_branch(self, branch: str | None) -> bool:
+        """Finished in another branch than today's: says nothing about today's branch."""
+        return (branch is not None and self.planned_branch is not None and self.planned_branch != branch
+                and self.state in REQUEUE_ON_DUPLICATE)
 
 
-def _lock_heads(tx: Tx, rows: list[wire.EntityRow]) -> dict[bytes, Head]:
-    """{hash: head} for the hashes in these rows that already have a row, locked until commit."""
+def _lock_heads(tx: Tx, rows: list[wire.EntityRow], branch: str | None) -> dict[bytes, Head]:
+    """{hash: head} for the hashes that already have a row in today's branch, locked until commit.
+
+    Heads finished in another branch are demoted here, so these entities become new rows.
+    """
     if not rows:
         return {}
     hashes = b"".join(sorted({row.entity_hash for row in rows}))  # sorted: neighbouring probes share index pages
-    return {bytes(entity_hash): Head(head_id, state)
-            for head_id, entity_hash, state in tx.fetchall("lock_heads", {"hashes": hashes})}
+    heads = {bytes(entity_hash): Head(head_id, state, planned)
+             for head_id, entity_hash, state, planned in tx.fetchall("lock_heads", {"hashes": hashes})}
+    stale = sorted(head.id for head in heads.values() if head.other_branch(branch))
+    if stale:
+        tx.execute("demote_heads", {"ids": stale})
+    return {entity_hash: head for entity_hash, head in heads.items() if not head.other_branch(branch)}
 
 
 def _plan(rows: list[wire.EntityRow], heads: dict[bytes, Head], refused: set[int]) -> _Plan:

@@ -7,6 +7,8 @@ so an SDK that adds a member fails loudly instead of producing rows of unknown t
 
 from __future__ import annotations
 
+import re
+
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 _APP_MODELS = {
@@ -42,5 +44,13 @@ def _object_type(member) -> str:
 # oneof member name (e.g. "ip_address") -> NetBox object type (e.g. "ipam.ipaddress")
 OBJECT_TYPES: dict[str, str] = {member.name: _object_type(member) for member in ENTITY_ONEOF.fields}
 
-# oneof member name -> its field number in Entity (needed to rebuild the hashing wrapper)
-FIELD_NUMBERS: dict[str, int] = {member.name: member.number for member in ENTITY_ONEOF.fields}
+def _words(message_name: str) -> str:
+    """CamelCase message name to words: IPAddress -> IP Address, VMInterface -> VM Interface."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", message_name)
+
+
+# NetBox object type -> how people name it (for deviation names): "dcim.devicetype" -> "Device Type"
+DISPLAY_NAMES: dict[str, str] = {_object_type(m): _words(m.message_type.name) for m in ENTITY_ONEOF.fields}
+
+# NetBox object type -> the oneof member (the entity key the plugin reads): "ipam.ipaddress" -> "ip_address"
+MEMBERS: dict[str, str] = {object_type: member for member, object_type in OBJECT_TYPES.items()}

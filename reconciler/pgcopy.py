@@ -43,3 +43,37 @@ def tuple_start(field_count: int) -> bytes:
 def stream(tuples: list[bytes]) -> bytes:
     """A complete COPY ... FROM STDIN (FORMAT binary) payload from encoded tuples."""
     return HEADER + b"".join(tuples) + TRAILER
+
+
+def nullable_text(value: str | None) -> bytes:
+    return NULL if value is None else text(value)
+
+
+def nullable_integer(value: int | None) -> bytes:
+    return NULL if value is None else integer(value)
+
+
+_JSONB_VERSION = b"\x01"
+
+
+def jsonb(value: str | None) -> bytes:
+    """A JSON document (already serialized) as jsonb: a version byte, then the text."""
+    if value is None:
+        return NULL
+    data = _JSONB_VERSION + value.encode("utf-8")
+    return _LENGTH.pack(len(data)) + data
+
+
+_TEXT_OID = 25
+_ARRAY_HEADER = struct.Struct(">iiiii")  # dimensions, has-nulls flag, element type, length, lower bound
+
+
+def text_array(values: list[str] | None) -> bytes:
+    """A one-dimensional text[] (NULL for None)."""
+    if values is None:
+        return NULL
+    if not values:
+        data = struct.pack(">iii", 0, 0, _TEXT_OID)
+    else:
+        data = _ARRAY_HEADER.pack(1, 0, _TEXT_OID, len(values), 1) + b"".join(text(v) for v in values)
+    return _LENGTH.pack(len(data)) + data

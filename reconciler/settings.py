@@ -182,6 +182,16 @@ SETTINGS: tuple[Setting, ...] = (
             "Rows one poll worker claims and sends to the plugin per request.", flags=("--batch-size",)),
     Setting("workers", "auto_apply", True, parse_bool,
             "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN for review."),
+    Setting("workers", "lease_seconds", 600.0, seconds_above_zero,
+            "How long a claim is held; rows of a worker that died return to QUEUED after it. Must exceed "
+            "[netbox] timeout_seconds x max_attempts."),
+    Setting("workers", "max_attempts", 8, int_at_least(1),
+            "Claims of one row (plugin unreachable, 5xx, 429, timeouts) before it becomes ERRORED."),
+    Setting("workers", "retry_base_seconds", 30.0, seconds_above_zero,
+            "First delay of a row in PENDING_RETRY; doubles with each attempt, with jitter."),
+    Setting("workers", "retry_max_seconds", 3600.0, seconds_above_zero, "Longest delay of a row in PENDING_RETRY."),
+    Setting("workers", "backpressure_threshold", 1000, int,
+            "Workers pause while the consumer group's lag plus pending entries exceed this (<= 0: never pause)."),
     # [netbox]
     Setting("netbox", "url", "http://127.0.0.1:8000/api/plugins/diode", url_with_scheme("http", "https"),
             "Base URL of the diode plugin API (endpoints are appended with a trailing slash)."),
@@ -190,8 +200,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("netbox", "client_id", "", any_text, "OAuth2 client id."),
     Setting("netbox", "client_secret_file", "", any_text,
             "File holding the OAuth2 client secret (e.g. a systemd credential); never logged."),
+    Setting("netbox", "client_secret", "", any_text,
+            "OAuth2 client secret when no file is used; prefer the environment to the INI file.", mask=mask_all),
     Setting("netbox", "token", "", any_text,
             "Static bearer token for simple deployments, used when token_url is empty.", mask=mask_all),
+    Setting("netbox", "api", "auto", one_of("auto", "bulk", "single"),
+            "auto: bulk endpoints, falling back to generate-diff/ + apply-change-set/ per entity when they answer "
+            "404 (plugin < 1.12); bulk or single: always that."),
+    Setting("netbox", "timeout_seconds", 60.0, seconds_above_zero,
+            "Read timeout of one request to the plugin (a batch of 100 fresh entities takes ~5 s on NetBox)."),
+    Setting("netbox", "max_attempts", 4, int_at_least(1),
+            "Attempts per request on connection errors, timeouts, 429 and 5xx (backoff, Retry-After honoured)."),
+    Setting("netbox", "rate_limit_per_second", 20.0, float,
+            "Requests per second to the plugin, shared by all workers (<= 0: unlimited)."),
+    Setting("netbox", "rate_limit_burst", 4, int_at_least(1), "Requests that may go at once within the rate limit."),
+    Setting("netbox", "verify_tls", True, parse_bool, "Verify the plugin's TLS certificate (https URLs)."),
+    Setting("netbox", "branch_refresh_seconds", 300.0, seconds_above_zero,
+            "How often the refresher asks the plugin for its default branch."),
     # [supervisor]
     Setting("supervisor", "drain_seconds", 30.0, seconds_above_zero,
             "On stop, how long children may finish their batch before they are killed."),
@@ -333,6 +358,19 @@ def check_consistency(config: Config) -> None:
         raise ConfigError(f"[netbox] client_secret_file: cannot read {secret_file}")
     if config.netbox.token_url and not config.netbox.client_id:
         raise ConfigError("[netbox] client_id: required when [netbox] token_url is set")
+
+
+def check_runnable(config: Config) -> None:
+    """What `run` needs beyond well-formed values: credentials for the plugin when workers run."""
+    netbox = config.netbox
+    if config.workers.count > 0 and not (netbox.token or netbox.token_url):
+        raise ConfigError("[netbox] token or [netbox] token_url is required when [workers] count > 0")
+    if netbox.token_url and not (netbox.client_secret or netbox.client_secret_file):
+        raise ConfigError("[netbox] client_secret_file (or client_secret) is required with [netbox] token_url")
+    worst_call = netbox.timeout_seconds * netbox.max_attempts
+    if config.workers.lease_seconds <= worst_call:
+        raise ConfigError(f"[workers] lease_seconds ({config.workers.lease_seconds:g}) must exceed [netbox] "
+                          f"timeout_seconds x max_attempts ({worst_call:g}), or live claims would be taken over")
 
 
 def consumer_name(prefix: str = "diode-reconciler") -> str:

@@ -23,6 +23,7 @@ from typing import Callable
 from . import errors
 from .roles import STOP_SIGNALS, Role, serve
 from .settings import Config
+from .shared import Shared
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,16 @@ def describe_exit(code: int | None) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: Config, build_specs: Callable[[Config], list[RoleSpec]],
+    """Keeps one process per role running, plus the Manager of the shared cache (see shared.py)."""
+
+    def __init__(self, config: Config, build_specs: Callable[[Config, Shared], list[RoleSpec]],
                  reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.build_specs = build_specs
         self.reload_config = reload_config
-        self.children = [Child(spec) for spec in build_specs(config)]
+        self.shared: Shared | None = None
+        self.children: list[Child] = []
+        self._manager_deaths: deque = deque()
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._give_up: int | None = None
@@ -99,6 +104,43 @@ class Supervisor:
             pass
         taken, self._signals = self._signals, []
         return taken
+
+    # --- the shared cache and the children that use it ---
+
+    def _start_generation(self) -> None:
+        """Start the Manager, then every child (they inherit the Manager's proxies)."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.shared = Shared.for_config(self.config)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        self.children = [Child(spec) for spec in self.build_specs(self.config, self.shared)]
+        self._spawn_due()
+
+    def _stop_generation(self) -> bool:
+        """Drain every child, then shut the Manager down: last, so no child loses it mid-batch."""
+        clean = self._drain()
+        if self.shared is not None:
+            self.shared.shutdown()
+            self.shared = None
+        return clean
+
+    def _check_manager(self) -> None:
+        """A dead Manager invalidates every child's proxies: restart all of them with a new one."""
+        if self.shared is None or self.shared.alive:
+            return
+        now = time.monotonic()
+        self._manager_deaths.append(now)
+        while self._manager_deaths and self._manager_deaths[0] < now - CRASH_WINDOW:
+            self._manager_deaths.popleft()
+        log.error("the shared cache's Manager died; restarting every process")
+        self.shared = None
+        self._stop_generation()
+        if len(self._manager_deaths) > MAX_CRASHES:
+            log.error("the Manager died %d times within %.0f s; giving up", len(self._manager_deaths), CRASH_WINDOW)
+            self._give_up = errors.RET_CRASHLOOP
+            return
+        self._start_generation()
 
     # --- spawning ---
 
@@ -171,6 +213,8 @@ class Supervisor:
 
     def _wait(self) -> None:
         sentinels = [c.process.sentinel for c in self.children if c.process is not None]
+        if self.shared is not None:
+            sentinels.append(self.shared.sentinel)
         pending = [c.start_at for c in self.children if c.process is None]
         timeout = 1.0 if not pending else max(0.0, min(1.0, min(pending) - time.monotonic()))
         multiprocessing.connection.wait([self._wake_r, *sentinels], timeout=timeout)
@@ -179,12 +223,14 @@ class Supervisor:
         """Run until a stop signal (exit 0 after a clean drain) or until a child cannot be kept up."""
         self._install_signals()
         try:
+            self._start_generation()
             return self._loop()
         finally:
             signal.set_wakeup_fd(-1)
+            if self.shared is not None:
+                self.shared.shutdown()
 
     def _loop(self) -> int:
-        self._spawn_due()
         while True:
             self._wait()
             for signum in self._take_signals():
@@ -194,6 +240,7 @@ class Supervisor:
                     log.info("%s received; stopping", signal.Signals(signum).name)
                     return self._stop()
             self._reap()
+            self._check_manager()
             if self._give_up is not None:
                 self._stop()
                 return self._give_up
@@ -211,16 +258,15 @@ class Supervisor:
             log.error("SIGHUP: new configuration rejected, keeping the running one: %s", exc)
             return
         log.info("SIGHUP: configuration reloaded; restarting children")
-        self._drain()
+        self._stop_generation()
         self.config = config
-        self.children = [Child(spec) for spec in self.build_specs(config)]
-        self._spawn_due()
+        self._start_generation()
 
     # --- stopping ---
 
     def _stop(self) -> int:
         """Drain every child within drain_seconds; exit code 0 only if all stopped cleanly."""
-        clean = self._drain()
+        clean = self._stop_generation()
         log.info("stopped %s", "cleanly" if clean else "after killing children")
         return errors.RET_OK if clean else errors.RET_KILLED
 

@@ -39,11 +39,12 @@ ON CONFLICT DO NOTHING
 RETURNING ms, seq;
 
 -- lock_heads --
--- The current row of each entity hash (%(hashes)s: the 32-byte digests concatenated), locked in
+-- The current row of each entity hash (%(hashes)s: the 32-byte digests concatenated), with the
+-- branch it was planned in, locked in
 -- id order, the order every writer uses. The OFFSET 0 fence makes it one probe of the head index
 -- per hash: unfenced, the planner hashes the whole table once it expects a thousand hashes.
 -- is_head is checked again once the row is locked, in case a concurrent writer replaced it.
-SELECT id, entity_hash, state
+SELECT id, entity_hash, state, planned_branch
 FROM ingestion_logs
 WHERE id IN (SELECT found.id
              FROM generate_series(0, length(%(hashes)s::bytea) / 32 - 1) AS n,
@@ -53,6 +54,11 @@ WHERE id IN (SELECT found.id
   AND is_head
 ORDER BY id
 FOR UPDATE;
+
+-- demote_heads --
+-- Rows planned in another branch than today's default stop being the current row of their hash:
+-- a new observation becomes a new row, planned in today's branch.
+UPDATE ingestion_logs SET is_head = false, updated_at = now() WHERE id = ANY(%(ids)s::bigint[]);
 
 -- copy_ingestion_logs --
 -- New QUEUED rows (binary COPY; pgcopy encodes the tuples in exactly this column order).
@@ -87,6 +93,112 @@ INSERT INTO dead_letters (stream, stream_id, entity_index, reason, field_names, 
 DELETE FROM stream_receipts
 WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s, %(seq)s)
   AND committed_at < now() - %(keep_seconds)s * interval '1 second';
+
+-- release_expired_leases --
+-- Rows whose claim outlived its lease (the worker died or hung) go back to QUEUED for another
+-- worker. Live claims have unexpired leases and are not touched, nor rows another transaction holds.
+WITH expired AS (
+    SELECT id, lease_owner FROM ingestion_logs
+    WHERE lease_owner IS NOT NULL AND lease_expires_at < now()
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE ingestion_logs AS l
+SET state = 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+FROM expired
+WHERE l.id = expired.id
+RETURNING l.id, expired.lease_owner;
+
+-- claim_batch --
+-- Up to %(limit)s rows for one worker: PENDING_RETRY rows that are due first, then the oldest
+-- QUEUED ones. Committed at once, so no lock is held while the plugin works on them; the lease
+-- (owner, expiry) marks them in flight. attempts counts claims, for the retry budget.
+WITH due AS (
+    SELECT id, 0 AS rank FROM ingestion_logs
+    WHERE state = 9 AND next_attempt_at <= now()
+    ORDER BY next_attempt_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), queued AS (
+    SELECT id, 1 AS rank FROM ingestion_logs
+    WHERE state = 1
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id FROM (SELECT * FROM due UNION ALL SELECT * FROM queued) AS candidates
+    ORDER BY rank, id
+    LIMIT %(limit)s
+)
+UPDATE ingestion_logs AS l
+SET state = %(state)s, lease_owner = %(owner)s, lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
+    attempts = l.attempts + 1, updated_at = now()
+FROM picked
+WHERE l.id = picked.id
+RETURNING l.id, l.object_type, l.entity, l.requeued_from_state, l.attempts;
+
+-- release_claims --
+-- A worker that stops before it could ask the plugin gives its rows back (the claim did not count).
+UPDATE ingestion_logs
+SET state = 1, lease_owner = NULL, lease_expires_at = NULL, attempts = greatest(attempts - 1, 0), updated_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
+
+-- finish_rows --
+-- The outcome of a batch. Only rows this worker still holds are written (a row whose lease expired
+-- and that another worker took over is left to it); the ids written are returned, and only their
+-- change sets are stored. PENDING_RETRY and ERRORED keep requeued_from_state (a later attempt still
+-- follows the drift rules); final states clear it. A drift prior stops being the head: its clone is.
+WITH mine AS (
+    SELECT id FROM ingestion_logs
+    WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE ingestion_logs AS l
+SET state = u.state,
+    error = u.error,
+    next_attempt_at = u.next_attempt_at,
+    requeued_from_state = CASE WHEN u.state IN (7, 9) THEN l.requeued_from_state END,
+    is_head = l.is_head AND NOT u.superseded,
+    planned_branch = CASE WHEN u.state IN (7, 9) THEN l.planned_branch ELSE %(branch)s END,
+    lease_owner = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[], %(next_attempt_at)s::timestamptz[],
+            %(superseded)s::boolean[]) AS u (id, state, error, next_attempt_at, superseded)
+WHERE l.id = u.id AND l.id IN (SELECT id FROM mine)
+RETURNING l.id;
+
+-- clone_for_drift --
+-- New rows for re-observed APPLIED rows whose plan has changes (drift): a copy of the prior row in
+-- its new state, the new head of its entity hash.
+INSERT INTO ingestion_logs (object_type, request_id, ingestion_ts, source_ts, producer_app_name, producer_app_version,
+                            sdk_name, sdk_version, entity, entity_hash, source_metadata, state, error, planned_branch,
+                            drift_of)
+SELECT p.object_type, p.request_id, %(now_ns)s, p.source_ts, p.producer_app_name, p.producer_app_version,
+       p.sdk_name, p.sdk_version, p.entity, p.entity_hash, p.source_metadata, u.state, u.error, %(branch)s, p.id
+FROM ingestion_logs AS p
+JOIN unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[]) AS u (id, state, error) ON p.id = u.id
+ORDER BY p.id
+RETURNING id, drift_of;
+
+-- allocate_change_set_ids --
+SELECT nextval(pg_get_serial_sequence('change_sets', 'id')) FROM generate_series(1, %(count)s);
+
+-- copy_change_sets --
+COPY change_sets (id, external_id, ingestion_log_id, branch_id, deviation_name) FROM STDIN WITH (FORMAT binary);
+
+-- copy_changes --
+COPY changes (external_id, change_set_id, change_type, object_type, object_primary_value, object_id, ref_id,
+              object_version, before, after, new_refs, sequence_number)
+FROM STDIN WITH (FORMAT binary);
+
+-- keep_latest_change_sets --
+-- At most %(keep)s change sets per row, the newest (in the same transaction as the new ones).
+DELETE FROM change_sets
+WHERE id IN (SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY ingestion_log_id ORDER BY id DESC) AS rank
+                             FROM change_sets WHERE ingestion_log_id = ANY(%(ids)s::bigint[])) AS ranked
+             WHERE rank > %(keep)s);
 
 -- autovacuum_enabled --
 SELECT current_setting('autovacuum')::boolean;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 
 import psycopg2
 import pytest
@@ -61,22 +62,28 @@ def template_db(servers):
     _admin(admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@contextmanager
+def _fresh_database(admin_dsn: str, create: str):
+    name = f"reconciler_t_{uuid.uuid4().hex[:12]}"
+    _admin(admin_dsn, f"CREATE DATABASE {name} {create}")
+    try:
+        yield _with_database(admin_dsn, name)
+    finally:
+        _admin(admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 def dsn(servers, template_db):
     """A fresh, migrated database for this test."""
-    name = f"reconciler_t_{uuid.uuid4().hex[:12]}"
-    _admin(servers.pg_admin_dsn, f"CREATE DATABASE {name} TEMPLATE {template_db}")
-    yield _with_database(servers.pg_admin_dsn, name)
-    _admin(servers.pg_admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with _fresh_database(servers.pg_admin_dsn, f"TEMPLATE {template_db}") as url:
+        yield url
 
 
 @pytest.fixture
 def empty_dsn(servers):
     """A fresh database with no schema at all (for migration tests)."""
-    name = f"reconciler_e_{uuid.uuid4().hex[:12]}"
-    _admin(servers.pg_admin_dsn, f"CREATE DATABASE {name}")
-    yield _with_database(servers.pg_admin_dsn, name)
-    _admin(servers.pg_admin_dsn, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with _fresh_database(servers.pg_admin_dsn, "") as url:
+        yield url
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def test_every_setting_has_an_env_name_of_its_section_and_key():
     ("[workers]\ncount = many\n", "[workers] count: invalid literal"),
     ("[workers]\ncount = -1\n", "[workers] count: must be >= 0"),
     ("[workers]\nauto_apply = maybe\n", "[workers] auto_apply: expected true or false"),
-    ("[workers]\ncuont = 2\n", "unknown setting [workers] cuont (known keys in [workers]: count, batch_size, auto_apply)"),
+    ("[workers]\ncuont = 2\n", "unknown setting [workers] cuont (known keys in [workers]: count, batch_size, auto_apply, "),
     ("[worker]\ncount = 2\n", "unknown setting [worker] count (no section [worker])"),
     ("[redis]\nurl = http://x\n", "[redis] url: expected a URL starting with redis://"),
     ("[postgres]\nschema = Robert'); DROP\n", "[postgres] schema: expected a lower-case SQL identifier"),
@@ -68,6 +68,12 @@ def test_bad_env_and_unknown_env_are_named():
         settings.load(None, {"RECONCILER_WORKER_COUNT": "2"})
 
 
+def test_lease_must_outlast_the_longest_plugin_call():
+    config = settings.load(None, {"RECONCILER_WORKERS_LEASE_SECONDS": "100", "RECONCILER_NETBOX_TOKEN": "t"})
+    with pytest.raises(ConfigError, match=r"lease_seconds \(100\) must exceed .* \(240\)"):
+        settings.check_runnable(config)
+
+
 def test_cross_setting_rules(tmp_path):
     with pytest.raises(ConfigError, match="client_id: required when"):
         settings.load(None, {"RECONCILER_NETBOX_TOKEN_URL": "https://auth/token"})
@@ -83,9 +89,13 @@ def test_explicit_config_file_must_exist(tmp_path):
 
 
 def test_check_config_exits_zero_or_one(tmp_path, capsys):
-    good = write_ini(tmp_path, "[workers]\ncount = 4\n")
+    good = write_ini(tmp_path, "[workers]\ncount = 4\n[netbox]\ntoken = t0ken\n")
     assert cli.main(["check-config", "-c", good]) == 0
     assert "configuration OK" in capsys.readouterr().out
+    no_token = write_ini(tmp_path, "[workers]\ncount = 4\n")
+    assert cli.main(["check-config", "-c", no_token]) == 1
+    assert "[netbox] token or [netbox] token_url is required" in capsys.readouterr().err
+    assert cli.main(["check-config", "-c", no_token, "-w", "0"]) == 0  # the consumer alone needs no plugin
     bad = write_ini(tmp_path, "[workers]\ncount = four\n")
     assert cli.main(["check-config", "-c", bad]) == 1
     assert "[workers] count" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -11,8 +12,13 @@ from reconciler import errors, sample
 from .support import STREAM, children_of, push, reconciler, scalar, wait_until
 
 
-def consumer_pid(run) -> int:
-    return wait_until(lambda: children_of(run.process.pid)[:1], what="the consumer process")[0]
+def role_pid(run, role: str = "consumer") -> int:
+    """The pid of the live process of a role, as the supervisor logged it when it started the process."""
+    def latest():
+        found = re.findall(rf"started {role} \(pid (\d+)\)", run.log)
+        return found and int(found[-1]) in children_of(run.process.pid) and int(found[-1])
+    return wait_until(latest, what=f"a running {role} process")
+
 
 
 def test_sigterm_drains_and_exits_zero(env, tmp_path):
@@ -36,11 +42,11 @@ def test_sigterm_to_the_whole_process_group_is_still_a_clean_stop(env, tmp_path)
 def test_killed_child_is_restarted_and_keeps_consuming(env, tmp_path, redis_client, dsn):
     with reconciler(env, tmp_path) as run:
         run.wait_for_log("booted")
-        first = consumer_pid(run)
+        first = role_pid(run)
         os.kill(first, signal.SIGKILL)
         run.wait_for_log("was killed by SIGKILL (perhaps the OOM killer)")
         run.wait_for_log("booted", count=2)
-        assert consumer_pid(run) != first
+        assert role_pid(run) != first
         push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
         wait_until(lambda: redis_client.xlen(STREAM) == 0, what="the restarted consumer to consume")
         assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(devices_per_site=1).entity_count()
@@ -70,7 +76,7 @@ def test_child_crashing_again_and_again_makes_the_supervisor_give_up(env, tmp_pa
     with reconciler(env, tmp_path) as run:
         for crash in range(6):
             run.wait_for_log("booted", count=crash + 1, timeout=30)
-            os.kill(consumer_pid(run), signal.SIGKILL)
+            os.kill(role_pid(run), signal.SIGKILL)
             run.wait_for_log("was killed by SIGKILL", count=crash + 1)
         assert run.wait(timeout=30) == errors.RET_CRASHLOOP
     assert "crashed 6 times within 60 s; giving up" in run.log
@@ -80,11 +86,11 @@ def test_hung_child_is_killed_and_replaced(env, tmp_path):
     env = {**env, "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "2"}
     with reconciler(env, tmp_path) as run:
         run.wait_for_log("booted")
-        hung = consumer_pid(run)
+        hung = role_pid(run)
         os.kill(hung, signal.SIGSTOP)
         run.wait_for_log("made no progress for", timeout=15)
         run.wait_for_log("booted", count=2)
-        assert consumer_pid(run) != hung
+        assert role_pid(run) != hung
         run.signal(signal.SIGTERM)
         assert run.wait(timeout=10) == errors.RET_OK
 
@@ -92,7 +98,7 @@ def test_hung_child_is_killed_and_replaced(env, tmp_path):
 def test_children_do_not_outlive_a_killed_supervisor(env, tmp_path):
     with reconciler(env, tmp_path) as run:
         run.wait_for_log("booted")
-        child = consumer_pid(run)
+        child = role_pid(run)
         os.kill(run.process.pid, signal.SIGKILL)
         run.process.wait(10)
         wait_until(lambda: not os.path.exists(f"/proc/{child}") or _is_zombie(child), timeout=10,

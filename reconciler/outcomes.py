@@ -1,0 +1,207 @@
+"""What the plugin's answer means for each claimed row (pure functions, no I/O).
+
+The rules are the reference's (diode-reconciler.md §7.3), with retries added:
+
+| answer                        | plan-only                   | auto-apply                        |
+|-------------------------------|-----------------------------|-----------------------------------|
+| plan error / no result        | FAILED + placeholder set    | FAILED + placeholder set          |
+| no changes (or only noops)    | NO_CHANGES                  | NO_CHANGES                        |
+| changes                       | OPEN + change set           | APPLIED + change set              |
+| changes, apply error          | -                           | FAILED + change set (audit)       |
+| plugin unreachable, 5xx, 429, | PENDING_RETRY with backoff, ERRORED once attempts are spent;     |
+| timeout, apply deadlock       | nothing is said about the entity, so it is not FAILED            |
+
+A row re-observed after it was APPLIED (requeued_from_state = 3) is a drift check: a clean plan,
+or a plan error, puts it back to APPLIED; a plan with changes is drift, recorded as a new row (the
+clone gets the state and the change set; the prior stays APPLIED and stops being the head).
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
+from netboxlabs.diode.sdk.ingester import PRIMARY_VALUE_MAP
+
+from . import states
+from .objecttypes import DISPLAY_NAMES, MEMBERS
+from .plugin import Result
+
+TRANSIENT_APPLY_ERRORS = {"db_deadlock_after_retries", "db_error"}  # the plugin's stable codes for DB trouble
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A row as claimed by a worker."""
+
+    id: int
+    object_type: str
+    entity: bytes
+    requeued_from_state: int | None
+    attempts: int
+
+    @property
+    def drift_check(self) -> bool:
+        return self.requeued_from_state == states.APPLIED
+
+
+@dataclass
+class ChangeSet:
+    """A change set as stored: the plugin's, or a placeholder recording a failure."""
+
+    external_id: str
+    branch_id: str | None
+    deviation_name: str
+    changes: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Decision:
+    row_id: int
+    state: int
+    error: dict | None = None
+    change_set: ChangeSet | None = None
+    drift_state: int | None = None  # drift: the prior becomes APPLIED; a clone gets this state, error, set
+    next_attempt_at: datetime.datetime | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    base_seconds: float
+    max_seconds: float
+
+    def delay(self, attempts: int) -> float:
+        return min(self.max_seconds, self.base_seconds * 2 ** min(attempts - 1, 30)) * random.uniform(0.5, 1.0)
+
+
+# --- errors as stored in ingestion_logs.error ---
+
+
+def _flatten(errors: Any, path: str = "") -> list[str]:
+    """Plugin error trees ({type: {field: [msg]}}, possibly nested lists) as 'type.field: msg' lines."""
+    if isinstance(errors, dict):
+        return [line for key, value in errors.items() for line in _flatten(value, f"{path}.{key}" if path else key)]
+    if isinstance(errors, list):
+        return [line for value in errors for line in _flatten(value, path)]
+    return [f"{path}: {errors}" if path else str(errors)]
+
+
+def error(message: str, code: str, details: Any = None) -> dict:
+    return {"message": message, "code": code, "details": details}
+
+
+def plugin_error(kind: str, errors: Any) -> dict:
+    lines = _flatten(errors)
+    summary = "; ".join(lines[:3]) + (f" (+{len(lines) - 3} more)" if len(lines) > 3 else "")
+    code = "ERR_OPS_APPLY_CHANGE_SET" if kind == "apply" else "ERR_OPS_GENERATE_DIFF"
+    return error(f"{kind} failed: {summary}", code, errors)
+
+
+# --- deviation names (diode-reconciler.md §7.2) ---
+
+
+def _primary_change(object_type: str, changes: list[dict]) -> dict | None:
+    own = [c for c in changes if c.get("object_type") == object_type]
+    if not own:
+        return None
+    primary = own[-1]
+    if primary.get("ref_id"):
+        same = [c for c in changes if c.get("ref_id") == primary["ref_id"]]
+        primary = same[0]
+    return primary
+
+
+def deviation_name(object_type: str, changes: list[dict]) -> str:
+    kind = DISPLAY_NAMES.get(object_type, object_type)
+    primary = _primary_change(object_type, changes)
+    if primary is None:
+        return f"{kind} unchanged"
+    value = primary.get("object_primary_value")
+    verb = "discovered" if primary.get("change_type") == "create" else "modified"
+    return " ".join(part for part in (kind, value, verb) if part)[:255]
+
+
+def _primary_value(object_type: str, entity: dict | None) -> str | None:
+    member = MEMBERS.get(object_type)
+    if member is None or not entity:
+        return None
+    message = pb.Entity.DESCRIPTOR.fields_by_name[member].message_type.name
+    value = (entity.get(member) or {}).get(PRIMARY_VALUE_MAP.get(message, "name"))
+    return str(value) if value not in (None, "") else None
+
+
+def placeholder(row: Claimed, entity: dict | None, branch_id: str | None) -> ChangeSet:
+    """The change set recording a plan failure, so the failure has a set to attach to (audit, UI)."""
+    value = _primary_value(row.object_type, entity)
+    kind = DISPLAY_NAMES.get(row.object_type)
+    name = f"{kind} {value} reported" if kind and value else f"Unresolved {row.object_type} reported"
+    return ChangeSet(str(uuid.uuid4()), branch_id, name[:255])
+
+
+# --- decisions ---
+
+
+def _stored_change_set(row: Claimed, change_set: dict) -> ChangeSet:
+    branch = change_set.get("branch")
+    branch_id = f"{branch.get('name')} ({branch.get('id')})" if isinstance(branch, dict) else None
+    changes = change_set.get("changes") or []
+    return ChangeSet(str(change_set.get("id") or uuid.uuid4()), branch_id,
+                     deviation_name(row.object_type, changes), changes)
+
+
+def _has_changes(change_set: dict | None) -> bool:
+    """A plan counts as changes unless it is empty or only noops (referenced objects that exist)."""
+    changes = (change_set or {}).get("changes") or []
+    return any(change.get("change_type") != "noop" for change in changes)
+
+
+def _transient_apply(apply_errors: Any) -> bool:
+    return bool(apply_errors) and set(_flatten(apply_errors)) <= {f"__all__: {code}" for code in TRANSIENT_APPLY_ERRORS}
+
+
+def plan_failed(row: Claimed, failure: dict, entity: dict | None, branch_id: str | None) -> Decision:
+    if row.drift_check:  # an applied object whose re-check failed stays applied
+        return Decision(row.id, states.APPLIED)
+    return Decision(row.id, states.FAILED, failure, placeholder(row, entity, branch_id))
+
+
+def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None, branch_id: str | None,
+           retry: RetryPolicy, now: datetime.datetime) -> Decision:
+    """The outcome of one row from the plugin's result for it (None: the plugin returned none)."""
+    if result is None:
+        return plan_failed(row, error(f"no result returned for ingestion log {row.id}", "ERR_OPS_GENERATE_DIFF"),
+                           entity, branch_id)
+    if result.plan_errors:
+        return plan_failed(row, plugin_error("plan", result.plan_errors), entity, branch_id)
+    if result.change_set is None:
+        return plan_failed(row, error(f"no change set returned for ingestion log {row.id}", "ERR_OPS_GENERATE_DIFF"),
+                           entity, branch_id)
+    if not _has_changes(result.change_set):
+        return Decision(row.id, states.APPLIED if row.drift_check else states.NO_CHANGES)
+    if apply and _transient_apply(result.apply_errors):
+        return unavailable(row, f"apply failed in NetBox's database: {_flatten(result.apply_errors)[0]}", retry, now)
+    change_set = _stored_change_set(row, result.change_set)
+    if not apply:
+        state, failure = states.OPEN, None
+    elif result.apply_errors:
+        state, failure = states.FAILED, plugin_error("apply", result.apply_errors)
+    else:
+        state, failure = states.APPLIED, None
+    if row.drift_check:
+        return Decision(row.id, states.APPLIED, change_set=change_set, drift_state=state, error=failure)
+    return Decision(row.id, state, failure, change_set)
+
+
+def unavailable(row: Claimed, reason: str, retry: RetryPolicy, now: datetime.datetime) -> Decision:
+    """Nothing was learned about the entity: retry later, or give up once the attempts are spent."""
+    failure = error(reason, "ERR_PLUGIN_UNAVAILABLE")
+    if row.attempts >= retry.max_attempts:
+        failure["message"] = f"gave up after {row.attempts} attempts: {reason}"
+        return Decision(row.id, states.ERRORED, failure)
+    return Decision(row.id, states.PENDING_RETRY, failure,
+                    next_attempt_at=now + datetime.timedelta(seconds=retry.delay(row.attempts)))

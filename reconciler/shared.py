@@ -1,0 +1,78 @@
+"""State the supervisor creates before forking and its children share.
+
+- the refresher's cache, a multiprocessing.Manager dict: the plugin's default branch and whether
+  the consumer is behind (backpressure). Workers read it once per batch (one IPC round trip).
+- the plugin request-rate limiter (shared memory, see ratelimit.py).
+
+The Manager runs as the supervisor's child, ignores SIGINT/SIGTERM (a stop signalled to the whole
+process group must not take it down before the workers), and is shut down last. A worker that
+finds the Manager gone exits (RET_KILLED) to be restarted, instead of retrying on a broken proxy.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
+
+from .ratelimit import SharedRateLimiter
+
+MP = multiprocessing.get_context("fork")
+
+# Errors a proxy raises when the Manager process is gone.
+PROXY_ERRORS = (BrokenPipeError, EOFError, ConnectionError, FileNotFoundError)
+
+
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@dataclass(frozen=True)
+class View:
+    """One consistent read of the cache."""
+
+    branch_known: bool  # False until the refresher got a first answer: until then, nothing is claimed
+    branch: dict | None  # {"id": schema id, "name": ...} or None (no default branch)
+    behind: bool  # the consumer is behind: workers pause
+
+    @property
+    def branch_id(self) -> str | None:
+        return self.branch["id"] if self.branch else None
+
+    @property
+    def branch_scope(self) -> str:
+        """How change sets record the branch: "<name> (<id>)", or "" for main."""
+        return f"{self.branch['name']} ({self.branch['id']})" if self.branch else ""
+
+
+class Shared:
+    """The Manager and its cache, and the rate limiter."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.manager = SyncManager(ctx=MP)
+        self.manager.start(_ignore_stop_signals)
+        self.cache = self.manager.dict(branch_known=False, branch=None, behind=False)
+        self.limiter = SharedRateLimiter(rate, burst, MP)
+
+    @classmethod
+    def for_config(cls, config) -> "Shared":
+        return cls(config.netbox.rate_limit_per_second, config.netbox.rate_limit_burst)
+
+    @property
+    def sentinel(self) -> int:
+        return self.manager._process.sentinel
+
+    @property
+    def alive(self) -> bool:
+        return self.manager._process.is_alive()
+
+    def shutdown(self) -> None:
+        self.manager.shutdown()
+
+
+def read(cache) -> View:
+    """The cache as one View (raises one of PROXY_ERRORS when the Manager is gone)."""
+    state = cache.copy()
+    return View(state["branch_known"], state["branch"], state["behind"])

@@ -1,0 +1,204 @@
+"""The poll-worker role: claims QUEUED rows and has the diode plugin plan (and apply) them.
+
+Per iteration: read the shared cache (branch, backpressure); claim up to `batch_size` rows under
+a lease and commit; call the plugin with no transaction open (bulk-plan-apply/ when auto_apply,
+bulk-plan/ otherwise, never both); decide every row's outcome (outcomes.py); write them in one
+transaction (outbox.py). Every `LEASE_SWEEP_INTERVAL` it also returns rows whose lease expired
+(a dead worker's, here or on another replica) to QUEUED.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import time
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
+
+from . import outbox, outcomes, shared, states
+from .db import Database
+from .errors import BootError, DatabaseError, ReconcilerError
+from .outcomes import Claimed, Decision, RetryPolicy
+from .plugin import Item, PluginClient, Unavailable
+from .roles import Role
+from .settings import check_runnable
+
+log = logging.getLogger(__name__)
+
+LEASE_SWEEP_INTERVAL = 10.0
+IDLE_PAUSE = 1.0  # empty queue, cold branch cache, backpressure
+PARTIAL_BATCH_PAUSE = 0.1  # a batch smaller than batch_size: the queue is nearly empty
+SUMMARY_INTERVAL = 60.0
+
+
+class ProxyGone(ReconcilerError):
+    """The shared cache's Manager is gone: the worker exits to be restarted with a new one."""
+
+
+class Worker(Role):
+    def __init__(self, config, index: int, cache, limiter) -> None:
+        super().__init__(config)
+        self.name = f"worker {index}"
+        self.index, self.cache, self.limiter = index, cache, limiter
+        self.apply = config.workers.auto_apply
+        self.retry = RetryPolicy(config.workers.max_attempts, config.workers.retry_base_seconds,
+                                 config.workers.retry_max_seconds)
+        self.db: Database | None = None
+        self.plugin: PluginClient | None = None
+        self.owner = ""
+        self._next_sweep = 0.0
+        self._waiting_for_branch = False
+        self._counts: dict[int, int] = {}
+        self._next_summary = time.monotonic() + SUMMARY_INTERVAL
+
+    def boot(self) -> None:
+        check_runnable(self.config)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:worker-{self.index}"
+        self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, f"reconciler worker {self.index}")
+        self.db.check_schema()
+        self.plugin = PluginClient(self.config.netbox, self.limiter, sleep=self.pause)
+        try:
+            shared.read(self.cache)
+        except shared.PROXY_ERRORS as exc:
+            raise BootError(f"the shared cache is unreachable: {exc!r}") from exc
+        log.info("%s mode, batches of %d, lease %s", "auto-apply" if self.apply else "plan-only",
+                 self.config.workers.batch_size, self.owner)
+
+    def shutdown(self) -> None:
+        if self.db is not None:
+            self.db.close()
+
+    def run_once(self) -> None:
+        view = self._view()
+        if view.behind or not self._branch_known(view):
+            self.pause(IDLE_PAUSE)
+            return
+        try:
+            self._sweep_expired_leases()
+            rows = self._claim()
+        except DatabaseError as exc:
+            log.warning("cannot claim rows, will retry: %s", exc)
+            self.pause(IDLE_PAUSE)
+            return
+        if not rows:
+            self.pause(IDLE_PAUSE)
+        else:
+            self._process(rows, view)
+            if len(rows) < self.config.workers.batch_size:
+                self.pause(PARTIAL_BATCH_PAUSE)
+        self._summarise()
+
+    # --- shared cache ---
+
+    def _view(self) -> shared.View:
+        try:
+            return shared.read(self.cache)
+        except shared.PROXY_ERRORS as exc:
+            raise ProxyGone(f"the shared cache's Manager is gone ({exc!r}); exiting to be restarted") from exc
+
+    def _branch_known(self, view: shared.View) -> bool:
+        if not view.branch_known:
+            if not self._waiting_for_branch:
+                log.warning("default branch not yet known; claiming nothing until it is")
+            self._waiting_for_branch = True
+            return False
+        self._waiting_for_branch = False
+        return True
+
+    # --- claims ---
+
+    def _sweep_expired_leases(self) -> None:
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + LEASE_SWEEP_INTERVAL
+        with self.db.transaction() as tx:
+            released = tx.fetchall("release_expired_leases")
+        if released:
+            owners = sorted({owner for _, owner in released})
+            log.warning("%d rows outlived their lease (held by %s); back to QUEUED", len(released), ", ".join(owners))
+
+    def _claim(self) -> list[Claimed]:
+        in_flight = states.APPLYING if self.apply else states.OPEN
+        with self.db.transaction() as tx:
+            rows = tx.fetchall("claim_batch", {
+                "limit": self.config.workers.batch_size, "state": in_flight, "owner": self.owner,
+                "lease_seconds": self.config.workers.lease_seconds})
+        return [Claimed(row_id, object_type, bytes(entity), requeued, attempts)
+                for row_id, object_type, entity, requeued, attempts in sorted(rows)]
+
+    # --- one batch ---
+
+    def _process(self, rows: list[Claimed], view: shared.View) -> None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        entities, decisions = self._entities(rows)
+        items = [Item(str(row.id), row.object_type, entities[row.id]) for row in rows if row.id in entities]
+        if items:
+            answered = self._ask_plugin(items, rows, view, now)
+            if answered is None:
+                return  # stopping: the rows were given back
+            decisions += answered
+        self._persist(decisions, view)
+
+    def _entities(self, rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:
+        """Each row's entity as protojson with proto field names; a row whose bytes do not parse fails."""
+        entities, failed = {}, []
+        for row in rows:
+            try:
+                entities[row.id] = json_format.MessageToDict(pb.Entity.FromString(row.entity),
+                                                             preserving_proto_field_name=True)
+            except (DecodeError, UnicodeDecodeError) as exc:
+                failure = outcomes.error(f"the stored entity is not a valid diode.v1.Entity: {exc}", "ERR_INTERNAL")
+                failed.append(outcomes.plan_failed(row, failure, None, None))
+        return entities, failed
+
+    def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: shared.View,
+                    now: datetime.datetime) -> list[Decision] | None:
+        by_id = {row.id: row for row in rows}
+        asked = [by_id[int(item.id)] for item in items]
+        try:
+            call = self.plugin.plan_apply if self.apply else self.plugin.plan
+            results = call(items, view.branch_id)
+        except Unavailable as exc:
+            if self.stopping:
+                outbox.release(self.db, self.owner, [row.id for row in asked])
+                log.info("stopping: gave %d claimed rows back", len(asked))
+                return None
+            log.warning("plugin unavailable for a batch of %d: %s", len(asked), exc)
+            return [outcomes.unavailable(row, str(exc), self.retry, now) for row in asked]
+        entities = {int(item.id): item.entity for item in items}
+        return [outcomes.decide(row, results.get(str(row.id)), self.apply, entities[row.id], view.branch_id,
+                                self.retry, now) for row in asked]
+
+    def _persist(self, decisions: list[Decision], view: shared.View) -> None:
+        while True:
+            try:
+                written = outbox.persist(self.db, self.owner, view.branch_scope, decisions)
+                break
+            except DatabaseError as exc:
+                # The plugin's work is done; keep trying to record it (our lease protects the rows).
+                log.warning("cannot record a batch's outcome, will retry: %s", exc)
+                if not self.pause(2.0):
+                    log.error("stopping before the outcome of %d rows was recorded; their lease will expire "
+                              "and they will be planned again", len(decisions))
+                    return
+        lost = [d.row_id for d in decisions if d.row_id not in written]
+        if lost:
+            log.warning("%d rows were taken over by another worker after our lease expired; their outcome "
+                        "is theirs to record: %s", len(lost), lost[:10])
+        for decision in decisions:
+            if decision.row_id in written:
+                state = decision.drift_state if decision.drift_state is not None else decision.state
+                self._counts[state] = self._counts.get(state, 0) + 1
+
+    def _summarise(self) -> None:
+        if time.monotonic() < self._next_summary:
+            return
+        self._next_summary = time.monotonic() + SUMMARY_INTERVAL
+        if self._counts:
+            log.info("last %.0f s: %s", SUMMARY_INTERVAL,
+                     ", ".join(f"{n} {states.NAMES[s]}" for s, n in sorted(self._counts.items())))
+        self._counts = {}
