@@ -11,7 +11,9 @@ finds the Manager gone exits (RET_KILLED) to be restarted, instead of retrying o
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import signal
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
@@ -24,9 +26,21 @@ MP = multiprocessing.get_context("fork")
 PROXY_ERRORS = (BrokenPipeError, EOFError, ConnectionError, FileNotFoundError)
 
 
-def _ignore_stop_signals() -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _manager_init(supervisor: int) -> None:
+    """In the Manager process: ignore stop signals, and die with the supervisor.
+
+    Stop signals sent to the whole process group must not take the Manager down before the workers
+    have drained (they are shut down last, explicitly). But a SIGKILLed supervisor cannot shut it
+    down at all, so the kernel is asked to kill it when its parent dies.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != supervisor:  # the supervisor died before prctl took effect
+        os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,7 @@ class Shared:
 
     def __init__(self, rate: float, burst: int) -> None:
         self.manager = SyncManager(ctx=MP)
-        self.manager.start(_ignore_stop_signals)
+        self.manager.start(_manager_init, (os.getpid(),))
         self.cache = self.manager.dict(branch_known=False, branch=None, behind=False)
         self.limiter = SharedRateLimiter(rate, burst, MP)
 

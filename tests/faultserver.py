@@ -108,10 +108,10 @@ class FaultServer:
         with self._lock:
             self.seen.append(Seen(handler.command, path, dict(handler.headers), body))
         step = self._next_step(path)
+        delay = step.delay
         if step.answer is not None:
             step = step.answer(body)
-        if step.delay:
-            time.sleep(step.delay)
+        time.sleep(delay + step.delay)
         data = step.body if isinstance(step.body, bytes) else json.dumps(step.body).encode()
         try:
             handler.send_response(step.status)

@@ -98,15 +98,16 @@ def test_hung_child_is_killed_and_replaced(env, tmp_path):
 def test_children_do_not_outlive_a_killed_supervisor(env, tmp_path):
     with reconciler(env, tmp_path) as run:
         run.wait_for_log("booted")
-        child = role_pid(run)
+        children = children_of(run.process.pid)  # the consumer and the shared cache's Manager
+        assert len(children) == 2
         os.kill(run.process.pid, signal.SIGKILL)
         run.process.wait(10)
-        wait_until(lambda: not os.path.exists(f"/proc/{child}") or _is_zombie(child), timeout=10,
-                   what="the orphaned consumer to exit")
+        wait_until(lambda: all(_is_gone(child) for child in children), timeout=10, what="the orphans to exit")
         run.wait_for_log("is gone; stopping")
 
 
-def _is_zombie(pid: int) -> bool:
+def _is_gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie waiting for init to reap it."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"

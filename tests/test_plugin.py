@@ -1,0 +1,286 @@
+"""The plugin client against a scripted loopback server: retries, auth, fallbacks, odd bodies."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+from reconciler.plugin import Item, PluginClient, Unavailable, retry_after
+from reconciler.ratelimit import SharedRateLimiter
+
+from .faultserver import FaultServer, Step, converge, plan_for
+
+ITEMS = [Item("11", "dcim.site", {"site": {"name": "a"}}), Item("12", "dcim.site", {"site": {"name": "b"}})]
+
+
+@pytest.fixture
+def server():
+    fault = FaultServer()
+    yield fault
+    fault.close()
+
+
+def netbox(url: str, **overrides) -> SimpleNamespace:
+    values = dict(url=url, timeout_seconds=2.0, max_attempts=4, api="auto", verify_tls=True, token="static-token",
+                  token_url="", client_id="", client_secret="", client_secret_file="")
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def client(url: str, **overrides) -> PluginClient:
+    return PluginClient(netbox(url, **overrides), SharedRateLimiter(0, 1))
+
+
+def test_bulk_plan_apply_sends_protojson_entities_and_matches_results_by_id(server):
+    def shuffled(body):
+        step = converge(body)
+        step.body["results"].reverse()  # order is not how results are matched
+        return step
+    server.script("bulk-plan-apply/", Step(answer=shuffled))
+    results = client(server.url).plan_apply(ITEMS, "br4nch01")
+    assert results["11"].change_set["id"] == "cs-11" and results["12"].change_set["id"] == "cs-12"
+    [call] = server.calls("bulk-plan-apply/")
+    assert call.body == {"entities": [{"id": "11", "object_type": "dcim.site", "entity": {"site": {"name": "a"}}},
+                                      {"id": "12", "object_type": "dcim.site", "entity": {"site": {"name": "b"}}}]}
+    assert call.headers["Authorization"] == "Bearer static-token"
+    assert call.headers["X-NetBox-Branch"] == "br4nch01"
+    assert call.headers["Content-Type"] == "application/json"
+
+
+def test_no_branch_header_without_a_branch(server):
+    server.script("bulk-plan/", Step(answer=lambda body: converge(body)))
+    client(server.url).plan(ITEMS, None)
+    assert "X-NetBox-Branch" not in server.calls("bulk-plan/")[0].headers
+
+
+def test_207_mix_is_parsed_like_200(server):
+    server.script("bulk-plan-apply/", Step(207, {"results": [
+        {"id": "11", "change_set": plan_for("11"), "errors": None},
+        {"id": "12", "change_set": None, "errors": {"plan": {"dcim.site": {"status": [["'bogus' is not valid"]]}}}},
+        {"id": "13", "change_set": plan_for("13"), "errors": {"apply": {"dcim.site": {"name": ["too long"]}}}},
+        "not an object", {"no": "id"},
+    ]}))
+    results = client(server.url).plan_apply(ITEMS, None)
+    assert results["11"].plan_errors is None and results["11"].apply_errors is None
+    assert results["12"].plan_errors == {"dcim.site": {"status": [["'bogus' is not valid"]]}}
+    assert results["13"].apply_errors == {"dcim.site": {"name": ["too long"]}}
+    assert set(results) == {"11", "12", "13"}
+
+
+def test_bulk_plan_errors_are_not_unwrapped(server):
+    server.script("bulk-plan/", Step(200, {"results": [{"id": "11", "errors": {"ipam.prefix": {"__all__": ["bad"]}}}]}))
+    assert client(server.url).plan(ITEMS, None)["11"].plan_errors == {"ipam.prefix": {"__all__": ["bad"]}}
+
+
+def test_5xx_then_success_is_retried(server):
+    server.script("bulk-plan-apply/", Step(500, {"errors": {"request": {"__all__": ["internal error"]}}}),
+                  Step(503, b"<html>busy</html>"), Step(answer=converge))
+    results = client(server.url).plan_apply(ITEMS, None)
+    assert set(results) == {"11", "12"} and len(server.calls("bulk-plan-apply/")) == 3
+
+
+def test_5xx_every_time_is_unavailable_after_max_attempts(server):
+    server.default("bulk-plan-apply/", Step(502, b"bad gateway"))
+    with pytest.raises(Unavailable, match="failed after 3 attempts: HTTP 502"):
+        client(server.url, max_attempts=3).plan_apply(ITEMS, None)
+    assert len(server.calls("bulk-plan-apply/")) == 3
+
+
+def test_timeouts_are_retried_then_unavailable(server):
+    server.default("bulk-plan/", Step(answer=converge, delay=1.5))
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="failed after 2 attempts: ReadTimeoutError"):
+        client(server.url, timeout_seconds=0.3, max_attempts=2).plan(ITEMS, None)
+    assert time.monotonic() - started < 3
+
+
+def test_429_honours_retry_after(server):
+    server.script("bulk-plan-apply/", Step(429, {"detail": "slow down"}, headers={"Retry-After": "1"}),
+                  Step(answer=converge))
+    started = time.monotonic()
+    client(server.url).plan_apply(ITEMS, None)
+    assert time.monotonic() - started >= 1.0
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0 and retry_after("120") == 60.0 and retry_after(None) is None
+
+
+def test_connection_refused_is_unavailable(server):
+    url = server.url
+    server.close()
+    with pytest.raises(Unavailable, match="failed after 2 attempts: (NewConnectionError|MaxRetryError)"):
+        client(url, max_attempts=2).plan(ITEMS, None)
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", json.dumps({"results": "nope"}).encode()],
+                         ids=["broken", "empty", "array", "results-not-a-list"])
+def test_malformed_bodies_are_unavailable_not_a_verdict(server, body):
+    server.default("bulk-plan-apply/", Step(200, body))
+    with pytest.raises(Unavailable):
+        client(server.url).plan_apply(ITEMS, None)
+
+
+def test_400_envelope_refusal_is_a_plan_error_for_every_entity(server):
+    server.script("bulk-plan/", Step(400, {"errors": {"request": {"entities": ["a non-empty list is required"]}}}))
+    results = client(server.url).plan(ITEMS, None)
+    assert all(r.plan_errors == {"request": {"errors": {"request": {"entities": ["a non-empty list is required"]}}}}
+               for r in results.values())
+
+
+def test_invalid_branch_plain_text_400_is_unavailable(server):
+    server.script("bulk-plan/", Step(400, b"Invalid branch identifier"))
+    with pytest.raises(Unavailable, match="Invalid branch identifier"):
+        client(server.url).plan(ITEMS, "gone1234")
+
+
+def test_404_on_bulk_falls_back_to_one_call_per_entity(server):
+    server.default("generate-diff/", Step(answer=lambda body: Step(200, {
+        "id": "x", "errors": None, "change_set": plan_for(body["entity"]["site"]["name"])})))
+    server.default("apply-change-set/", Step(answer=lambda body: Step(200, {"id": body["id"], "errors": None})))
+    plugin = client(server.url)
+    results = plugin.plan_apply(ITEMS, "br1")
+    assert results["11"].change_set["id"] == "cs-a" and results["12"].apply_errors is None
+    assert len(server.calls("generate-diff/")) == 2 and len(server.calls("apply-change-set/")) == 2
+    assert all(c.headers["X-NetBox-Branch"] == "br1" for c in server.calls("apply-change-set/"))
+    plugin.plan_apply(ITEMS, None)  # the fallback is remembered: no second 404 on the bulk endpoint
+    assert len(server.calls("bulk-plan-apply/")) == 1
+
+
+def test_fallback_reports_plan_and_apply_errors_and_skips_empty_plans(server):
+    answers = iter([Step(400, {"id": "p", "errors": {"dcim.site": {"slug": ["invalid"]}}}),
+                    Step(200, {"id": "q", "errors": None, "change_set": {"id": "q", "changes": [], "branch": None}})])
+    server.default("generate-diff/", Step(answer=lambda body: next(answers)))
+    results = client(server.url, api="single").plan_apply(ITEMS, None)
+    assert results["11"].plan_errors == {"dcim.site": {"slug": ["invalid"]}}
+    assert results["12"].change_set["changes"] == []
+    assert server.calls("apply-change-set/") == [] and server.calls("bulk-plan-apply/") == []
+
+
+def test_default_branch(server):
+    server.script("default-branch/", Step(200, {"branch": {"id": "td5smq0f", "name": "staging"}}),
+                  Step(200, {"branch": None}), Step(404, b"<html>Not Found</html>"))
+    plugin = client(server.url)
+    assert plugin.default_branch() == {"id": "td5smq0f", "name": "staging"}
+    assert plugin.default_branch() is None
+    assert plugin.default_branch() is None  # plugin older than 1.5
+
+
+def test_static_token_rejected_is_unavailable(server):
+    server.default("bulk-plan/", Step(403, {"detail": "Invalid token"}))
+    with pytest.raises(Unavailable, match="refused our token"):
+        client(server.url).plan(ITEMS, None)
+    assert len(server.calls("bulk-plan/")) == 1
+
+
+# --- OAuth2 client credentials ---
+
+
+class TokenServer:
+    """Issues numbered tokens (client credentials grant) and records the requests."""
+
+    def __init__(self, lifetime: int = 3600) -> None:
+        self.requests: list[bytes] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                outer.requests.append(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.dumps({"access_token": f"tok-{len(outer.requests)}", "expires_in": lifetime,
+                                   "token_type": "Bearer"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def tokens():
+    token_server = TokenServer()
+    yield token_server
+    token_server.close()
+
+
+def oauth_client(server, tokens, tmp_path, **overrides) -> PluginClient:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    return client(server.url, token="", token_url=tokens.url, client_id="diode-to-netbox",
+                  client_secret_file=str(secret), **overrides)
+
+
+def test_oauth_token_is_fetched_once_and_reused(server, tokens, tmp_path):
+    server.default("bulk-plan/", Step(answer=converge))
+    plugin = oauth_client(server, tokens, tmp_path)
+    plugin.plan(ITEMS, None)
+    plugin.plan(ITEMS, None)
+    assert len(tokens.requests) == 1
+    form = dict(pair.split("=") for pair in tokens.requests[0].decode().split("&"))
+    assert form == {"grant_type": "client_credentials", "client_id": "diode-to-netbox", "client_secret": "s3cret",
+                    "scope": "netbox%3Aread+netbox%3Awrite"}
+    assert all(c.headers["Authorization"] == "Bearer tok-1" for c in server.calls("bulk-plan/"))
+
+
+def test_oauth_token_is_renewed_once_on_invalid_token(server, tokens, tmp_path):
+    server.script("bulk-plan/", Step(403, {"detail": "Invalid token"}), Step(answer=converge))
+    oauth_client(server, tokens, tmp_path).plan(ITEMS, None)
+    assert [c.headers["Authorization"] for c in server.calls("bulk-plan/")] == ["Bearer tok-1", "Bearer tok-2"]
+
+
+def test_missing_scope_is_not_retried_with_a_new_token(server, tokens, tmp_path):
+    server.default("bulk-plan-apply/", Step(403, {"detail": "You do not have permission to perform this action."}))
+    with pytest.raises(Unavailable, match="You do not have permission"):
+        oauth_client(server, tokens, tmp_path).plan_apply(ITEMS, None)
+    assert len(tokens.requests) == 1 and len(server.calls("bulk-plan-apply/")) == 1
+
+
+def test_oauth_token_is_renewed_before_it_expires(server, tmp_path):
+    short = TokenServer(lifetime=1)
+    try:
+        server.default("bulk-plan/", Step(answer=converge))
+        plugin = oauth_client(server, short, tmp_path)
+        plugin.plan(ITEMS, None)
+        time.sleep(1.1)
+        plugin.plan(ITEMS, None)
+        assert len(short.requests) == 2
+    finally:
+        short.close()
+
+
+# --- the shared rate limit ---
+
+
+def _hammer(limiter: SharedRateLimiter, count: int, stamps) -> None:
+    for _ in range(count):
+        limiter.acquire()
+        stamps.append(time.monotonic())
+
+
+def test_rate_limit_is_shared_by_processes():
+    context = multiprocessing.get_context("fork")
+    limiter = SharedRateLimiter(rate=20, burst=2, context=context)
+    with context.Manager() as manager:
+        stamps = manager.list()
+        workers = [context.Process(target=_hammer, args=(limiter, 10, stamps)) for _ in range(3)]
+        started = time.monotonic()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        elapsed = time.monotonic() - started
+        # 30 requests at 20/s with a burst of 2: at least (30 - 2) / 20 = 1.4 s, whatever the process count.
+        assert len(stamps) == 30 and elapsed >= 1.35
