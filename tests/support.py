@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,14 @@ class Reconciler:
         if self.process.poll() is None:
             self.kill_all()
         self._log.close()
+
+
+def role_pid(run, role: str = "consumer") -> int:
+    """The pid of the live process of a role, as the supervisor logged it when it started the process."""
+    def latest():
+        found = re.findall(rf"started {role} \(pid (\d+)\)", run.log)
+        return found and int(found[-1]) in children_of(run.process.pid) and int(found[-1])
+    return wait_until(latest, what=f"a running {role} process")
 
 
 @contextmanager

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 
 from reconciler import errors, sample
 
-from .support import STREAM, children_of, push, reconciler, scalar, wait_until
-
-
-def role_pid(run, role: str = "consumer") -> int:
-    """The pid of the live process of a role, as the supervisor logged it when it started the process."""
-    def latest():
-        found = re.findall(rf"started {role} \(pid (\d+)\)", run.log)
-        return found and int(found[-1]) in children_of(run.process.pid) and int(found[-1])
-    return wait_until(latest, what=f"a running {role} process")
-
+from .support import STREAM, children_of, push, reconciler, role_pid, scalar, wait_until
 
 
 def test_sigterm_drains_and_exits_zero(env, tmp_path):

@@ -1,0 +1,123 @@
+"""The refresher (default branch, backpressure) and a worker killed mid-batch under `reconciler run`."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from reconciler import sample, settings
+from reconciler.refresher import Refresher
+from reconciler.shared import Shared, read
+
+from .faultserver import FaultServer, Step, converge
+from .support import GROUP, STREAM, push, query, reconciler, role_pid, scalar, wait_until
+
+
+@pytest.fixture
+def plugin():
+    server = FaultServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def shared():
+    state = Shared(rate=0, burst=1)
+    yield state
+    state.shutdown()
+
+
+@pytest.fixture
+def refresher(env, plugin, shared):
+    config = settings.load(path="/dev/null", environ={
+        **env, "RECONCILER_NETBOX_URL": plugin.url, "RECONCILER_NETBOX_TOKEN": "t", "RECONCILER_WORKERS_COUNT": "1",
+        "RECONCILER_NETBOX_MAX_ATTEMPTS": "1", "RECONCILER_WORKERS_BACKPRESSURE_THRESHOLD": "5"})
+    role = Refresher(config, shared.cache, shared.limiter)
+    role.boot()
+    yield role
+    role.shutdown()
+
+
+def test_branch_is_published_and_404_means_no_branch(refresher, plugin, shared):
+    plugin.script("default-branch/", Step(200, {"branch": {"id": "td5smq0f", "name": "staging"}}))
+    assert read(shared.cache).branch_known is False
+    refresher.run_once()
+    view = read(shared.cache)
+    assert (view.branch_known, view.branch_id, view.branch_scope) == (True, "td5smq0f", "staging (td5smq0f)")
+    plugin.script("default-branch/", Step(404, b"<html>Not Found</html>"))
+    refresher._next_branch = 0
+    refresher.run_once()
+    assert read(shared.cache).branch is None and read(shared.cache).branch_known
+
+
+def test_errors_keep_the_last_known_branch(refresher, plugin, shared, caplog):
+    plugin.script("default-branch/", Step(200, {"branch": {"id": "b1", "name": "one"}}))
+    plugin.default("default-branch/", Step(500, b"boom"))
+    refresher.run_once()
+    for _ in range(3):
+        refresher._next_branch = 0
+        refresher.run_once()
+    assert read(shared.cache).branch_id == "b1"
+    assert caplog.text.count("serving the last known value") == 1
+
+
+def test_first_answer_is_retried_quickly_not_after_the_interval(refresher, plugin, shared):
+    plugin.script("default-branch/", Step(403, {"detail": "Invalid token"}), Step(200, {"branch": None}))
+    refresher.run_once()
+    assert read(shared.cache).branch_known is False
+    wait_until(lambda: (refresher.run_once(), read(shared.cache).branch_known)[1], timeout=5,
+               what="the retried first branch fetch")
+
+
+def test_backpressure_follows_lag_plus_pending_and_logs_each_change_once(refresher, redis_client, shared, caplog):
+    caplog.set_level("INFO")
+    redis_client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    push(redis_client, [{b"request": b"x", b"ingestion_ts": b"1"}] * 4)
+    refresher.run_once()
+    assert read(shared.cache).behind is False
+    push(redis_client, [{b"request": b"x", b"ingestion_ts": b"1"}] * 4)  # 8 waiting > threshold 5
+    refresher._next_backpressure = 0
+    refresher.run_once()
+    assert read(shared.cache).behind is True
+    entries = redis_client.xreadgroup(GROUP, "c", {STREAM: ">"})[0][1]  # 8 pending now, still behind
+    refresher._next_backpressure = 0
+    refresher.run_once()
+    assert read(shared.cache).behind is True
+    ids = [entry_id for entry_id, _ in entries]
+    redis_client.xack(STREAM, GROUP, *ids)
+    redis_client.xdel(STREAM, *ids)
+    refresher._next_backpressure = 0
+    refresher.run_once()
+    assert read(shared.cache).behind is False
+    assert caplog.text.count("workers pause") == 1 and caplog.text.count("workers resume") == 1
+
+
+def test_worker_killed_mid_batch_its_rows_are_taken_over_after_the_lease(env, tmp_path, redis_client, dsn, plugin):
+    plugin.default("default-branch/", Step(200, {"branch": None}))
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    env = {**env, "RECONCILER_WORKERS_COUNT": "1", "RECONCILER_NETBOX_URL": plugin.url, "RECONCILER_NETBOX_TOKEN": "t",
+           "RECONCILER_NETBOX_TIMEOUT_SECONDS": "1", "RECONCILER_NETBOX_MAX_ATTEMPTS": "2",
+           "RECONCILER_WORKERS_LEASE_SECONDS": "3"}
+    shape = sample.Shape(devices_per_site=1, vlans_per_site=5, prefixes_per_site=5, vms_per_site=5)
+    with reconciler(env, tmp_path) as run:
+        victim = role_pid(run, "worker 1")
+
+        def kill_the_worker(body):
+            os.kill(victim, signal.SIGKILL)  # dies while its batch is in the plugin: claimed, never finished
+            return converge(body)
+
+        plugin.script("bulk-plan-apply/", Step(answer=kill_the_worker))
+        push(redis_client, sample.entries(shape))
+        run.wait_for_log("worker 1 (pid %d) was killed by SIGKILL" % victim)
+        run.wait_for_log("outlived their lease", timeout=30)
+        wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = 3") == shape.entity_count(),
+                   timeout=30, what="every row applied")
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == 0
+    first = {e["id"] for e in plugin.calls("bulk-plan-apply/")[0].body["entities"]}
+    assert query(dsn, "SELECT count(*), count(DISTINCT ingestion_log_id) FROM change_sets") == \
+        [(shape.entity_count(), shape.entity_count())]  # one change set per row: applied once
+    attempts = dict(query(dsn, "SELECT id::text, attempts FROM ingestion_logs"))
+    assert {attempts[i] for i in first} == {2}  # the killed batch was claimed twice

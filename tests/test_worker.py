@@ -1,0 +1,278 @@
+"""The poll worker on a real Postgres, with the scripted loopback plugin."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg2
+import pytest
+from netboxlabs.diode.sdk import ingester as sdk
+from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
+
+from reconciler import inbox, sample, settings, states, wire
+from reconciler.db import Database
+from reconciler.shared import Shared
+from reconciler.worker import ProxyGone, Worker
+
+from .faultserver import FaultServer, Step, converge, plan_for
+from .support import query, scalar, wait_until
+
+STREAM = "diode.v1.ingest-stream"
+_entries = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def plugin():
+    server = FaultServer()
+    server.default("default-branch/", Step(200, {"branch": None}))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def shared():
+    state = Shared(rate=0, burst=1)
+    state.cache.update(branch_known=True, branch=None, behind=False)
+    yield state
+    if state.alive:
+        state.shutdown()
+
+
+def make_config(env, plugin, **extra):
+    environ = {**env, "RECONCILER_NETBOX_URL": plugin.url, "RECONCILER_NETBOX_TOKEN": "t0ken",
+               "RECONCILER_NETBOX_TIMEOUT_SECONDS": "5", "RECONCILER_NETBOX_MAX_ATTEMPTS": "2",
+               "RECONCILER_WORKERS_RETRY_BASE_SECONDS": "60", "RECONCILER_WORKERS_COUNT": "1"}
+    environ.update({f"RECONCILER_{k.upper()}": str(v) for k, v in extra.items()})
+    return settings.load(path="/dev/null", environ=environ)
+
+
+@pytest.fixture
+def worker(env, plugin, shared):
+    role = Worker(make_config(env, plugin), 1, shared.cache, shared.limiter)
+    role.boot()
+    yield role
+    role.shutdown()
+
+
+def enqueue(dsn, *entities: pb.Entity) -> None:
+    request = pb.IngestRequest(entities=list(entities), id="r", producer_app_name="p", producer_app_version="1",
+                               sdk_name="s", sdk_version="1.0.0")
+    message = wire.decode_entry(f"{next(_entries)}-0".encode(), sample.stream_fields(request))
+    database = Database(dsn, "reconciler")
+    inbox.write(database, STREAM, [message])
+    database.close()
+
+
+def sites(*names: str) -> list[pb.Entity]:
+    return [sdk.Entity(site=sdk.Site(name=n, slug=n)) for n in names]
+
+
+def row_states(dsn) -> list[tuple]:
+    return query(dsn, "SELECT state, requeued_from_state, lease_owner FROM ingestion_logs ORDER BY id")
+
+
+# --- outcomes through the real SQL ---
+
+
+def test_auto_apply_applies_and_stores_change_sets(worker, plugin, dsn, shared):
+    shared.cache.update(branch={"id": "td5smq0f", "name": "staging"})
+    plugin.script("bulk-plan-apply/", Step(answer=converge))
+    enqueue(dsn, *sites("a", "b", "c"))
+    worker.run_once()
+    assert row_states(dsn) == [(states.APPLIED, None, None)] * 3
+    assert scalar(dsn, "SELECT count(*) FROM change_sets") == 3
+    change = query(dsn, "SELECT c.change_type, c.object_type, c.after, c.new_refs, c.sequence_number, s.deviation_name "
+                        "FROM changes c JOIN change_sets s ON s.id = c.change_set_id ORDER BY c.id LIMIT 1")[0]
+    assert change == ("create", "dcim.site", {"name": "obj-1"}, [], 0, "Site obj-1 discovered")
+    assert {p for (p,) in query(dsn, "SELECT planned_branch FROM ingestion_logs")} == {"staging (td5smq0f)"}
+    [call] = plugin.calls("bulk-plan-apply/")
+    assert call.headers["X-NetBox-Branch"] == "td5smq0f"
+    assert call.body["entities"][0]["entity"]["site"] == {"name": "a", "slug": "a"}
+    assert "timestamp" in call.body["entities"][0]["entity"]
+
+
+def test_plan_only_leaves_changes_open_and_records_failures(env, plugin, shared, dsn):
+    role = Worker(make_config(env, plugin, workers_auto_apply="false"), 1, shared.cache, shared.limiter)
+    role.boot()
+    plugin.script("bulk-plan/", Step(200, {"results": [
+        {"id": "1", "change_set": plan_for("1"), "errors": None},
+        {"id": "2", "change_set": {"id": "x", "changes": [], "branch": None}, "errors": None},
+        {"id": "3", "change_set": None, "errors": {"dcim.site": {"slug": ["invalid"]}}}]}))
+    enqueue(dsn, *sites("a", "b", "c"))
+    role.run_once()
+    role.shutdown()
+    assert [s for s, _, _ in row_states(dsn)] == [states.OPEN, states.NO_CHANGES, states.FAILED]
+    assert plugin.calls("bulk-plan-apply/") == []
+    sets = query(dsn, "SELECT ingestion_log_id, deviation_name FROM change_sets ORDER BY ingestion_log_id")
+    assert sets == [(1, "Site obj-1 discovered"), (3, "Site c reported")]
+    error = scalar(dsn, "SELECT error FROM ingestion_logs WHERE id = 3")
+    assert error["code"] == "ERR_OPS_GENERATE_DIFF" and error["details"] == {"dcim.site": {"slug": ["invalid"]}}
+
+
+def test_no_transaction_is_open_during_the_plugin_call(worker, plugin, dsn):
+    seen = {}
+
+    def check_while_planning(body):
+        conn = psycopg2.connect(dsn, options="-c search_path=reconciler")
+        with conn.cursor() as cursor:  # would fail if the worker still held the claimed rows' locks
+            cursor.execute("SELECT state, lease_owner FROM ingestion_logs FOR UPDATE NOWAIT")
+            seen["rows"] = cursor.fetchall()
+        conn.close()
+        return converge(body)
+
+    plugin.script("bulk-plan-apply/", Step(answer=check_while_planning))
+    enqueue(dsn, *sites("a"))
+    worker.run_once()
+    assert seen["rows"] == [(states.APPLYING, worker.owner)]
+
+
+def test_drift_of_an_applied_row_is_a_new_row(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    enqueue(dsn, *sites("a"))
+    worker.run_once()
+    enqueue(dsn, *sites("a"))  # observed again: requeued from APPLIED
+    assert row_states(dsn) == [(states.QUEUED, states.APPLIED, None)]
+    worker.run_once()  # the plugin plans changes again: drift
+    rows = query(dsn, "SELECT id, state, is_head, drift_of, requeued_from_state FROM ingestion_logs ORDER BY id")
+    assert rows == [(1, states.APPLIED, False, None, None), (2, states.APPLIED, True, 1, None)]
+    assert query(dsn, "SELECT ingestion_log_id FROM change_sets ORDER BY id") == [(1,), (2,)]
+
+
+def test_clean_recheck_of_an_applied_row_stays_applied(worker, plugin, dsn):
+    plugin.script("bulk-plan-apply/", Step(answer=converge), Step(answer=lambda body: Step(200, {"results": [
+        {"id": e["id"], "change_set": {"id": "y", "changes": [], "branch": None}, "errors": None}
+        for e in body["entities"]]})))
+    enqueue(dsn, *sites("a"))
+    worker.run_once()
+    enqueue(dsn, *sites("a"))
+    worker.run_once()
+    assert query(dsn, "SELECT state, is_head, duplicate_count FROM ingestion_logs") == [(states.APPLIED, True, 1)]
+    assert scalar(dsn, "SELECT count(*) FROM change_sets") == 1
+
+
+def test_plugin_down_means_pending_retry_then_errored(env, plugin, shared, dsn):
+    plugin.default("bulk-plan-apply/", Step(503, b"down"))
+    role = Worker(make_config(env, plugin, workers_max_attempts=2), 1, shared.cache, shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("a"))
+    role.run_once()
+    [(state, attempts, delay, error)] = query(
+        dsn, "SELECT state, attempts, extract(epoch FROM next_attempt_at - now()), error FROM ingestion_logs")
+    assert (state, attempts) == (states.PENDING_RETRY, 1) and 25 <= delay <= 60
+    assert error["code"] == "ERR_PLUGIN_UNAVAILABLE" and "HTTP 503" in error["message"]
+    role.run_once()
+    assert scalar(dsn, "SELECT state FROM ingestion_logs") == states.PENDING_RETRY  # not due yet: not claimed
+    query(dsn, "UPDATE ingestion_logs SET next_attempt_at = now() - interval '1 second'")
+    role.run_once()
+    [(state, attempts, next_at, error)] = query(dsn, "SELECT state, attempts, next_attempt_at, error FROM ingestion_logs")
+    assert (state, attempts, next_at) == (states.ERRORED, 2, None)
+    assert error["message"].startswith("gave up after 2 attempts")
+    assert scalar(dsn, "SELECT count(*) FROM change_sets") == 0
+    role.shutdown()
+
+
+def test_at_most_five_change_sets_per_row(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(200, {"results": [{"id": "1", "errors": {"plan": {"x": ["no"]}}}]}))
+    for _ in range(7):  # fails, is observed again (FAILED -> QUEUED), fails again...
+        enqueue(dsn, *sites("a"))
+        worker.run_once()
+    assert scalar(dsn, "SELECT state FROM ingestion_logs") == states.FAILED
+    assert scalar(dsn, "SELECT count(*) FROM change_sets") == 5
+    assert scalar(dsn, "SELECT min(id) FROM change_sets") == 3  # the newest five are kept
+
+
+# --- leases ---
+
+
+def test_expired_leases_return_to_queued_and_live_ones_are_left_alone(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    enqueue(dsn, *sites("dead", "alive"))
+    query(dsn, "UPDATE ingestion_logs SET state = 8, attempts = 1, lease_owner = 'otherhost:1:worker-1', "
+               "lease_expires_at = now() - interval '1 second' WHERE id = 1")
+    query(dsn, "UPDATE ingestion_logs SET state = 8, attempts = 1, lease_owner = 'otherhost:2:worker-1', "
+               "lease_expires_at = now() + interval '1 hour' WHERE id = 2")
+    worker.run_once()
+    assert row_states(dsn) == [(states.APPLIED, None, None), (states.APPLYING, None, "otherhost:2:worker-1")]
+    assert [e["id"] for e in plugin.calls("bulk-plan-apply/")[0].body["entities"]] == ["1"]
+
+
+def test_a_lost_lease_drops_the_outcome(worker, plugin, dsn):
+    def taken_over_meanwhile(body):
+        query(dsn, "UPDATE ingestion_logs SET lease_owner = 'another-worker'")
+        return converge(body)
+
+    plugin.script("bulk-plan-apply/", Step(answer=taken_over_meanwhile))
+    enqueue(dsn, *sites("a"))
+    worker.run_once()
+    assert row_states(dsn) == [(states.APPLYING, None, "another-worker")]
+    assert scalar(dsn, "SELECT count(*) FROM change_sets") == 0
+
+
+def test_stopping_while_waiting_to_retry_gives_the_rows_back(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(503, b"down", headers={"Retry-After": "5"}))
+    enqueue(dsn, *sites("a"))
+    threading.Timer(0.3, worker.request_stop).start()  # SIGTERM arrives during the backoff
+    worker.run_once()
+    assert query(dsn, "SELECT state, attempts, lease_owner FROM ingestion_logs") == [(states.QUEUED, 0, None)]
+
+
+# --- what stops a worker from claiming ---
+
+
+def test_nothing_is_claimed_while_the_branch_is_unknown(worker, plugin, dsn, shared, caplog):
+    shared.cache.update(branch_known=False)
+    enqueue(dsn, *sites("a"))
+    for _ in range(2):
+        worker.run_once()
+    assert row_states(dsn) == [(states.QUEUED, None, None)] and plugin.calls("bulk-plan-apply/") == []
+    assert caplog.text.count("default branch not yet known") == 1
+
+
+def test_nothing_is_claimed_while_the_consumer_is_behind(worker, plugin, dsn, shared):
+    shared.cache.update(behind=True)
+    enqueue(dsn, *sites("a"))
+    worker.run_once()
+    assert row_states(dsn) == [(states.QUEUED, None, None)]
+
+
+def test_a_dead_manager_is_fatal_for_a_worker(worker, shared):
+    shared.manager._process.kill()
+    shared.manager._process.join()
+    with pytest.raises(ProxyGone):
+        worker.run_once()
+
+
+def test_rows_with_unparsable_entities_fail_alone(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    enqueue(dsn, *sites("good", "bad"))
+    query(dsn, "UPDATE ingestion_logs SET entity = '\\x0a0b' WHERE id = 2")
+    worker.run_once()
+    assert [s for s, _, _ in row_states(dsn)] == [states.APPLIED, states.FAILED]
+    assert "not a valid diode.v1.Entity" in scalar(dsn, "SELECT error->>'message' FROM ingestion_logs WHERE id = 2")
+
+
+def test_many_workers_claim_every_row_exactly_once(env, plugin, shared, dsn):
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    enqueue(dsn, *sites(*[f"s{i}" for i in range(600)]))
+    config = make_config(env, plugin, workers_batch_size=50)
+    roles = [Worker(config, n, shared.cache, shared.limiter) for n in range(1, 5)]
+    for role in roles:
+        role.boot()
+
+    def drain(role):
+        deadline = time.monotonic() + 30
+        while scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = 1") and time.monotonic() < deadline:
+            role.run_once()
+
+    threads = [threading.Thread(target=drain, args=(role,)) for role in roles]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for role in roles:
+        role.shutdown()
+    sent = [e["id"] for call in plugin.calls("bulk-plan-apply/") for e in call.body["entities"]]
+    assert sorted(sent, key=int) == [str(i) for i in range(1, 601)]  # each row sent once
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = 3") == 600
+    wait_until(lambda: scalar(dsn, "SELECT count(*) FROM change_sets") == 600)
