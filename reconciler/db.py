@@ -43,6 +43,36 @@ def parse_queries(text: str) -> dict[str, str]:
 
 QUERIES = parse_queries(resources.files("reconciler.sql").joinpath("queries.sql").read_text("utf-8"))
 
+# Statements run for every batch: prepared once per connection, so Postgres parses and plans them
+# once instead of on every call (~1.5 ms of planning per worker batch measured).
+PREPARED = frozenset({"claim_receipts", "lock_heads", "mark_duplicates", "claim_batch", "finish_rows",
+                      "allocate_change_set_ids", "keep_latest_change_sets"})
+
+_PARAMETER = re.compile(r"%\((\w+)\)s((?:::[\w\[\] ]+?(?=[\s,)]|$))?)")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A named query in PREPARE form ($1, $2...) and the EXECUTE that passes its parameters."""
+
+    prepare: str
+    execute: str
+
+
+def prepared_form(name: str, sql: str) -> Prepared:
+    order: dict[str, str] = {}  # parameter -> the cast written after its first use, if any
+
+    def positional(match: re.Match) -> str:
+        order.setdefault(match[1], match[2])
+        return f"${list(order).index(match[1]) + 1}{match[2]}"
+
+    body = _PARAMETER.sub(positional, sql)
+    arguments = ", ".join(f"%({param})s{cast}" for param, cast in order.items())
+    return Prepared(f"PREPARE {name} AS {body}", f"EXECUTE {name}({arguments})" if order else f"EXECUTE {name}")
+
+
+PREPARED_FORMS = {name: prepared_form(name, QUERIES[name]) for name in PREPARED}
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -94,14 +124,21 @@ def translate(exc: psycopg2.Error) -> DatabaseError:
 class Tx:
     """One open transaction: run named statements on its cursor."""
 
-    def __init__(self, cursor) -> None:
-        self.cursor = cursor
+    def __init__(self, cursor, prepared: set[str]) -> None:
+        self.cursor, self._prepared = cursor, prepared
 
     def execute(self, name: str, params: dict[str, Any] | None = None) -> None:
-        self.cursor.execute(QUERIES[name], params)
+        form = PREPARED_FORMS.get(name)
+        if form is None:
+            self.cursor.execute(QUERIES[name], params)
+            return
+        if name not in self._prepared:
+            self.cursor.execute(form.prepare)  # prepared statements outlive rollbacks: once per connection
+            self._prepared.add(name)
+        self.cursor.execute(form.execute, params)
 
     def fetchall(self, name: str, params: dict[str, Any] | None = None) -> list[tuple]:
-        self.cursor.execute(QUERIES[name], params)
+        self.execute(name, params)
         return self.cursor.fetchall()
 
     def execute_values(self, name: str, rows: list[tuple]) -> None:
@@ -136,6 +173,7 @@ class Database:
         self.dsn, self.schema, self.application_name = dsn, schema, application_name
         self._conn = None
         self._pid: int | None = None
+        self._prepared: set[str] = set()
 
     def connect(self):
         if self._conn is not None and not self._conn.closed and self._pid == os.getpid():
@@ -148,7 +186,7 @@ class Database:
                                     keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
         except psycopg2.Error as exc:
             raise DatabaseError(f"cannot connect to Postgres: {_first_lines(exc)}") from exc
-        self._conn, self._pid = conn, os.getpid()
+        self._conn, self._pid, self._prepared = conn, os.getpid(), set()
         return conn
 
     def close(self) -> None:
@@ -162,7 +200,7 @@ class Database:
         conn = self.connect()
         try:
             with conn.cursor() as cursor:
-                yield Tx(cursor)
+                yield Tx(cursor, self._prepared)
             conn.commit()
         except BaseException as exc:
             self._rollback_quietly()

@@ -7,8 +7,9 @@ whose lease was lost (expired and taken over by another worker) are left alone a
 
 from __future__ import annotations
 
-import json
 import time
+
+import orjson
 
 from . import pgcopy, states
 from .db import Database, Tx
@@ -17,14 +18,22 @@ from .outcomes import ChangeSet, Decision
 KEEP_CHANGE_SETS = 5
 
 
-def persist(db: Database, owner: str, branch_scope: str, decisions: list[Decision]) -> set[int]:
-    """Write the decisions; returns the row ids written (the others were not ours any more)."""
+def persist(db: Database, owner: str, branch_scope: str, decisions: list[Decision],
+            planned_before: set[int]) -> set[int]:
+    """Write the decisions; returns the row ids written (the others were not ours any more).
+
+    `planned_before`: rows that may already have change sets (requeued, or claimed before); only
+    they are pruned to the newest KEEP_CHANGE_SETS, which spares the query on first plans.
+    """
     with db.transaction() as tx:
         written = _finish_rows(tx, owner, branch_scope, decisions)
         kept = [d for d in decisions if d.row_id in written]
         clones = _clone_drift(tx, branch_scope, [d for d in kept if d.drift_state is not None])
         sets = [(clones.get(d.row_id, d.row_id), d.change_set) for d in kept if d.change_set is not None]
         _store_change_sets(tx, sets)
+        prune = sorted({log_id for log_id, _ in sets} & planned_before)
+        if prune:
+            tx.execute("keep_latest_change_sets", {"ids": prune, "keep": KEEP_CHANGE_SETS})
     return written
 
 
@@ -35,10 +44,11 @@ def release(db: Database, owner: str, ids: list[int]) -> None:
 
 
 def _json(value) -> str | None:
-    return None if value is None else json.dumps(value)
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def _finish_rows(tx: Tx, owner: str, branch_scope: str, decisions: list[Decision]) -> set[int]:
+    decisions = sorted(decisions, key=lambda d: d.row_id)  # rows are locked in this order
     drift = [d.drift_state is not None for d in decisions]
     rows = tx.fetchall("finish_rows", {
         "owner": owner, "branch": branch_scope,
@@ -69,7 +79,6 @@ def _store_change_sets(tx: Tx, sets: list[tuple[int, ChangeSet]]) -> None:
     changes = [_change_tuple(i, n, change) for i, (_, cs) in zip(ids, sets) for n, change in enumerate(cs.changes)]
     if changes:
         tx.copy("copy_changes", pgcopy.stream(changes))
-    tx.execute("keep_latest_change_sets", {"ids": sorted({log_id for log_id, _ in sets}), "keep": KEEP_CHANGE_SETS})
 
 
 def _change_set_tuple(change_set_id: int, log_id: int, change_set: ChangeSet) -> bytes:

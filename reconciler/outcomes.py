@@ -48,6 +48,11 @@ class Claimed:
     def drift_check(self) -> bool:
         return self.requeued_from_state == states.APPLIED
 
+    @property
+    def planned_before(self) -> bool:
+        """Whether earlier change sets can exist: it was requeued, or claimed before."""
+        return self.requeued_from_state is not None or self.attempts > 1
+
 
 @dataclass
 class ChangeSet:

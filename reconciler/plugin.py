@@ -10,13 +10,13 @@ A whole-call refusal of the content (a 400 with JSON) is reported per entity as 
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import orjson
 import urllib3
 
 from .errors import ReconcilerError
@@ -59,14 +59,14 @@ class Response:
     def json(self) -> Any:
         """The parsed body; Unavailable if it is not JSON (a proxy page, a truncated answer)."""
         try:
-            return json.loads(self.body)
-        except ValueError:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
             raise Unavailable(f"HTTP {self.status} with a body that is not JSON: {self.body[:200]!r}") from None
 
     def detail(self) -> str:
         try:
-            return str(json.loads(self.body).get("detail", ""))
-        except (ValueError, AttributeError):
+            return str(orjson.loads(self.body).get("detail", ""))
+        except (orjson.JSONDecodeError, AttributeError):
             return self.body[:200].decode("utf-8", "replace")
 
 
@@ -104,7 +104,7 @@ class TokenSource:
         if response.status != 200:
             raise Unavailable(f"token endpoint {self.token_url} answered HTTP {response.status}")
         try:
-            answer = json.loads(response.data)
+            answer = orjson.loads(response.data)
             token, lifetime = answer["access_token"], float(answer.get("expires_in", 300))
         except (ValueError, KeyError, TypeError):
             raise Unavailable(f"token endpoint {self.token_url} answered without an access_token") from None
@@ -245,7 +245,7 @@ class PluginClient:
         if branch:
             headers["X-NetBox-Branch"] = branch
         try:
-            raw = self.pool.request(method, self.base + path, body=None if body is None else json.dumps(body),
+            raw = self.pool.request(method, self.base + path, body=None if body is None else orjson.dumps(body),
                                     headers=headers, timeout=self.timeout, retries=False)
         except urllib3.exceptions.HTTPError as exc:
             return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}")
@@ -279,9 +279,9 @@ def _backoff(failures: int) -> float:
 
 def _is_json(response: Response) -> bool:
     try:
-        json.loads(response.body)
+        orjson.loads(response.body)
         return True
-    except ValueError:
+    except orjson.JSONDecodeError:
         return False
 
 

@@ -15,11 +15,10 @@ import os
 import socket
 import time
 
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from . import outbox, outcomes, shared, states
+from . import outbox, outcomes, protojson, shared, states
 from .db import Database
 from .errors import BootError, DatabaseError, ReconcilerError
 from .outcomes import Claimed, Decision, RetryPolicy
@@ -124,6 +123,7 @@ class Worker(Role):
     def _claim(self) -> list[Claimed]:
         in_flight = states.APPLYING if self.apply else states.OPEN
         with self.db.transaction() as tx:
+            tx.execute("commit_claims_asynchronously")
             rows = tx.fetchall("claim_batch", {
                 "limit": self.config.workers.batch_size, "state": in_flight, "owner": self.owner,
                 "lease_seconds": self.config.workers.lease_seconds})
@@ -141,19 +141,18 @@ class Worker(Role):
             if answered is None:
                 return  # stopping: the rows were given back
             decisions += answered
-        self._persist(decisions, view)
+        self._persist(decisions, view, {row.id for row in rows if row.planned_before})
 
     def _entities(self, rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:
         """Each row's entity as protojson with proto field names; a row whose bytes do not parse fails."""
-        entities, failed = {}, []
+        parsed, failed = {}, []
         for row in rows:
             try:
-                entities[row.id] = json_format.MessageToDict(pb.Entity.FromString(row.entity),
-                                                             preserving_proto_field_name=True)
+                parsed[row.id] = pb.Entity.FromString(row.entity)
             except (DecodeError, UnicodeDecodeError) as exc:
                 failure = outcomes.error(f"the stored entity is not a valid diode.v1.Entity: {exc}", "ERR_INTERNAL")
                 failed.append(outcomes.plan_failed(row, failure, None, None))
-        return entities, failed
+        return dict(zip(parsed, protojson.batch_to_dicts(list(parsed.values())))), failed
 
     def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: shared.View,
                     now: datetime.datetime) -> list[Decision] | None:
@@ -173,10 +172,10 @@ class Worker(Role):
         return [outcomes.decide(row, results.get(str(row.id)), self.apply, entities[row.id], view.branch_id,
                                 self.retry, now) for row in asked]
 
-    def _persist(self, decisions: list[Decision], view: shared.View) -> None:
+    def _persist(self, decisions: list[Decision], view: shared.View, planned_before: set[int]) -> None:
         while True:
             try:
-                written = outbox.persist(self.db, self.owner, view.branch_scope, decisions)
+                written = outbox.persist(self.db, self.owner, view.branch_scope, decisions, planned_before)
                 break
             except DatabaseError as exc:
                 # The plugin's work is done; keep trying to record it (our lease protects the rows).

@@ -94,3 +94,15 @@ def test_head_lookup_uses_the_head_index(dsn):
     plan = "\n".join(row[0] for row in query(dsn, "EXPLAIN " + dbmod.QUERIES["lock_heads"], {
         "hashes": b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(1000))}))
     assert "Index Scan using ingestion_logs_head_hash" in plan and "Seq Scan" not in plan
+
+
+def test_deleting_a_row_deletes_its_change_sets_and_changes(dsn):
+    query(dsn, "INSERT INTO ingestion_logs (object_type, request_id, ingestion_ts, producer_app_name, "
+               "producer_app_version, sdk_name, sdk_version, entity, entity_hash) "
+               "SELECT 'dcim.site', 'r', 0, 'p', 'v', 's', 'v', '\\x00', sha256(i::text::bytea) FROM generate_series(1, 2) i")
+    query(dsn, "INSERT INTO change_sets (external_id, ingestion_log_id, deviation_name) VALUES ('a', 1, 'x'), ('b', 2, 'y')")
+    query(dsn, "INSERT INTO changes (external_id, change_set_id, change_type, object_type, sequence_number) "
+               "VALUES ('c1', 1, 'create', 'dcim.site', 0), ('c2', 1, 'noop', 'dcim.site', 1), ('c3', 2, 'create', 'dcim.site', 0)")
+    query(dsn, "DELETE FROM ingestion_logs WHERE id = 1")
+    assert query(dsn, "SELECT ingestion_log_id FROM change_sets") == [(2,)]
+    assert query(dsn, "SELECT external_id FROM changes") == [("c3",)]

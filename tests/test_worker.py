@@ -83,7 +83,8 @@ def test_auto_apply_applies_and_stores_change_sets(worker, plugin, dsn, shared):
     assert row_states(dsn) == [(states.APPLIED, None, None)] * 3
     assert scalar(dsn, "SELECT count(*) FROM change_sets") == 3
     change = query(dsn, "SELECT c.change_type, c.object_type, c.after, c.new_refs, c.sequence_number, s.deviation_name "
-                        "FROM changes c JOIN change_sets s ON s.id = c.change_set_id ORDER BY c.id LIMIT 1")[0]
+                        "FROM changes c JOIN change_sets s ON s.id = c.change_set_id "
+                        "ORDER BY c.change_set_id, c.sequence_number LIMIT 1")[0]
     assert change == ("create", "dcim.site", {"name": "obj-1"}, [], 0, "Site obj-1 discovered")
     assert {p for (p,) in query(dsn, "SELECT planned_branch FROM ingestion_logs")} == {"staging (td5smq0f)"}
     [call] = plugin.calls("bulk-plan-apply/")
