@@ -56,12 +56,11 @@ def nullable_integer(value: int | None) -> bytes:
 _JSONB_VERSION = b"\x01"
 
 
-def jsonb(value: str | None) -> bytes:
-    """A JSON document (already serialized) as jsonb: a version byte, then the text."""
-    if value is None:
+def jsonb(document: bytes | None) -> bytes:
+    """A JSON document (already serialized, UTF-8) as jsonb: a version byte, then the text."""
+    if document is None:
         return NULL
-    data = _JSONB_VERSION + value.encode("utf-8")
-    return _LENGTH.pack(len(data)) + data
+    return _LENGTH.pack(len(document) + 1) + _JSONB_VERSION + document
 
 
 _TEXT_OID = 25

@@ -45,6 +45,16 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    return parse
+
+
 def seconds_above_zero(raw: str) -> float:
     value = float(raw.strip())
     if value <= 0:
@@ -178,8 +188,9 @@ SETTINGS: tuple[Setting, ...] = (
     # [workers]
     Setting("workers", "count", 2, int_at_least(0),
             "Poll-worker processes. 0 runs the stream consumer alone.", flags=("-w", "--workers")),
-    Setting("workers", "batch_size", 100, int_at_least(1),
-            "Rows one poll worker claims and sends to the plugin per request.", flags=("--batch-size",)),
+    Setting("workers", "batch_size", 100, int_between(1, 10_000),
+            "Rows one poll worker claims and sends to the plugin per request (at most 10,000).",
+            flags=("--batch-size",)),
     Setting("workers", "auto_apply", True, parse_bool,
             "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN for review."),
     Setting("workers", "lease_seconds", 600.0, seconds_above_zero,

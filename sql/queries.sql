@@ -186,7 +186,8 @@ ORDER BY p.id
 RETURNING id, drift_of;
 
 -- allocate_change_set_ids --
-SELECT nextval(pg_get_serial_sequence('change_sets', 'id')) FROM generate_series(1, %(count)s::integer);
+-- The first id of a block of 10,000 (migration 0003): the batch's change sets take ids from it.
+SELECT nextval(pg_get_serial_sequence('change_sets', 'id'));
 
 -- copy_change_sets --
 COPY change_sets (id, external_id, ingestion_log_id, branch_id, deviation_name) FROM STDIN WITH (FORMAT binary);

@@ -62,7 +62,7 @@ def test_bad_ini_names_the_file_and_key(tmp_path, text, message):
 
 
 def test_bad_env_and_unknown_env_are_named():
-    with pytest.raises(ConfigError, match="environment RECONCILER_WORKERS_BATCH_SIZE: must be >= 1"):
+    with pytest.raises(ConfigError, match="environment RECONCILER_WORKERS_BATCH_SIZE: must be between 1 and 10000, got 0"):
         settings.load(None, {"RECONCILER_WORKERS_BATCH_SIZE": "0"})
     with pytest.raises(ConfigError, match="unknown environment variable RECONCILER_WORKER_COUNT"):
         settings.load(None, {"RECONCILER_WORKER_COUNT": "2"})
