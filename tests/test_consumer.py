@@ -167,9 +167,13 @@ def test_postgres_restart_mid_ingest_loses_and_duplicates_nothing(env, tmp_path,
     with reconciler(env, tmp_path) as run:
         run.wait_for_log("booted")
 
+        # The last quarter is held back until Postgres is back, so that at least one write meets the
+        # connection the restart cut, however fast the first three quarters were consumed.
+        held_back = len(entries) - len(entries) // 4
+
         def produce():
-            for chunk in range(0, len(entries), 4):
-                push(redis_client, entries[chunk:chunk + 4])
+            for chunk in range(0, held_back, 4):
+                push(redis_client, entries[chunk:min(chunk + 4, held_back)])
                 time.sleep(0.02)
 
         producer = threading.Thread(target=produce)
@@ -178,6 +182,7 @@ def test_postgres_restart_mid_ingest_loses_and_duplicates_nothing(env, tmp_path,
         subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", _postgres_version(), "main", "restart",
                         "-m", "fast"], check=True, timeout=60)
         producer.join()
+        push(redis_client, entries[held_back:])
         wait_until(lambda: consumed(redis_client), timeout=90, what="the consumer to catch up after the restart")
         run.wait_for_log("cannot write the batch to Postgres, will retry")
         run.signal(signal.SIGTERM)

@@ -106,3 +106,20 @@ def test_deleting_a_row_deletes_its_change_sets_and_changes(dsn):
     query(dsn, "DELETE FROM ingestion_logs WHERE id = 1")
     assert query(dsn, "SELECT ingestion_log_id FROM change_sets") == [(2,)]
     assert query(dsn, "SELECT external_id FROM changes") == [("c3",)]
+
+
+def test_truncating_the_inbox_empties_change_sets_and_changes(dsn):
+    query(dsn, "INSERT INTO ingestion_logs (object_type, request_id, ingestion_ts, producer_app_name, "
+               "producer_app_version, sdk_name, sdk_version, entity, entity_hash) "
+               "VALUES ('dcim.site', 'r', 0, 'p', 'v', 's', 'v', '\\x00', sha256('1'))")
+    query(dsn, "INSERT INTO change_sets (external_id, ingestion_log_id, deviation_name) VALUES ('a', 1, 'x')")
+    query(dsn, "INSERT INTO changes (external_id, change_set_id, change_type, object_type, sequence_number) "
+               "SELECT 'c1', id, 'create', 'dcim.site', 0 FROM change_sets")
+    query(dsn, "TRUNCATE ingestion_logs CASCADE")
+    assert scalar(dsn, "SELECT count(*) FROM change_sets") == 0
+    assert scalar(dsn, "SELECT count(*) FROM changes") == 0
+    query(dsn, "INSERT INTO change_sets (external_id, ingestion_log_id, deviation_name) VALUES ('b', 1, 'y')")
+    query(dsn, "INSERT INTO changes (external_id, change_set_id, change_type, object_type, sequence_number) "
+               "SELECT 'c2', id, 'create', 'dcim.site', 0 FROM change_sets")
+    query(dsn, "TRUNCATE change_sets")
+    assert scalar(dsn, "SELECT count(*) FROM changes") == 0
