@@ -123,7 +123,7 @@ class Bench:
 
     def start_consumer(self):
         heartbeat, booted = MP.Value("d", 0.0, lock=False), MP.Event()
-        process = MP.Process(target=serve, args=(Consumer, self.config, heartbeat, booted), daemon=True)
+        process = MP.Process(target=serve, args=(Consumer, self.config, heartbeat, booted, os.getpid()), daemon=True)
         process.start()
         if not booted.wait(30):
             raise SystemExit("the consumer did not boot")

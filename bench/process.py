@@ -168,7 +168,7 @@ class Bench:
         for n in range(1, workers + 1):
             heartbeat, booted = MP.Value("d", 0.0, lock=False), MP.Event()
             factory = lambda config, n=n: Worker(config, n, shared.cache, shared.limiter)  # noqa: E731
-            process = MP.Process(target=serve, args=(factory, config, heartbeat, booted), daemon=True)
+            process = MP.Process(target=serve, args=(factory, config, heartbeat, booted, os.getpid()), daemon=True)
             process.start()
             processes.append(process)
         while self.sql("SELECT EXISTS (SELECT FROM ingestion_logs WHERE state = 1) "

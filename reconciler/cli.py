@@ -13,6 +13,7 @@ from . import errors, settings
 from . import log as logsetup
 from .consumer import Consumer
 from .refresher import Refresher
+from .roles import set_title
 from .db import Database
 from .errors import ConfigError, DatabaseError, SchemaError
 from .settings import SETTINGS, Config
@@ -83,10 +84,19 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         code = _migrate(config)
         if code:
             return code
-    supervisor = Supervisor(config, role_specs, reload_config=lambda: load_config(args))
+    set_title("supervisor")
+    supervisor = Supervisor(config, role_specs, reload_config=partial(reload_config, args))
     code = supervisor.run()
     log.info("exit %d: %s", code, errors.EXIT_CODES.get(code, "unknown"))
     return code
+
+
+def reload_config(args: argparse.Namespace) -> Config:
+    """SIGHUP: the INI file and environment read again, command-line flags still winning; refused
+    (ConfigError) on the same checks as a start, so a reload cannot run what a start would not."""
+    config = load_config(args)
+    settings.check_runnable(config)
+    return config
 
 
 def _migrate(config: Config) -> int:

@@ -183,7 +183,10 @@ class Database:
         try:
             conn = psycopg2.connect(self.dsn, application_name=self.application_name,
                                     options=f"-c search_path={self.schema}", connect_timeout=10,
-                                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+                                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+                                    # A write to a server that vanished (host down, not restarted) fails
+                                    # after 60 s instead of the kernel's ~15 min of retransmits.
+                                    tcp_user_timeout=60_000)
         except psycopg2.Error as exc:
             raise DatabaseError(f"cannot connect to Postgres: {_first_lines(exc)}") from exc
         self._conn, self._pid, self._prepared = conn, os.getpid(), set()

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Callable
 
+import setproctitle
+
 from . import errors
 from . import log as logsetup
 from .settings import Config
@@ -116,10 +118,19 @@ def _shutdown_quietly(role: Role) -> None:
         logger.exception("shutdown failed")
 
 
-def serve(factory: Callable[[Config], Role], config: Config, heartbeat, booted) -> None:
-    """Child-process entry point: run one role until it is told to stop."""
-    parent = os.getppid()
+def set_title(name: str) -> None:
+    """`reconciler: worker 3` in ps, top and `systemctl status`, instead of N identical python lines."""
+    setproctitle.setproctitle(f"reconciler: {name}")
+
+
+def serve(factory: Callable[[Config], Role], config: Config, heartbeat, booted, parent: int) -> None:
+    """Child-process entry point: run one role until it is told to stop.
+
+    `parent` is the supervisor's pid as the supervisor knew it: read here with getppid(), it would
+    already be 1 if the supervisor died between fork and this line, and the orphan would run on.
+    """
     role = factory(config)
+    set_title(role.name)
     logsetup.set_role(role.name)
     logsetup.setup(config.log.level, config.log.format)
     role._heartbeat = heartbeat

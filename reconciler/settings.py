@@ -1,7 +1,12 @@
 """The settings registry: each setting is declared once, and the INI reader, the environment
 reader, the CLI flags, `print-config`, etc/reconciler.ini and the README table all derive from it.
 
-Layers, later wins: defaults -> INI file (-c/--config) -> RECONCILER_<SECTION>_<KEY> env -> CLI flags.
+Layers, later wins: defaults -> INI file (-c/--config) -> credential files -> RECONCILER_<SECTION>_<KEY>
+env -> CLI flags.
+
+Credential files keep secrets out of the INI file, the unit and the environment: a file named like
+the setting's environment variable (RECONCILER_NETBOX_TOKEN, RECONCILER_POSTGRES_DSN, ...) in
+$CREDENTIALS_DIRECTORY, which systemd's LoadCredential= fills (etc/systemd/reconciler.service).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .errors import ConfigError
 DEFAULT_CONFIG_PATH = "/etc/reconciler/reconciler.ini"
 CONFIG_PATH_ENV = "RECONCILER_CONFIG"
 ENV_PREFIX = "RECONCILER_"
+CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd for LoadCredential=
 
 
 # --- value parsers: each takes the raw string and returns the typed value or raises ValueError ---
@@ -330,6 +336,24 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     return found
 
 
+def _credentials_layer(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    directory = environ.get(CREDENTIALS_DIRECTORY_ENV)
+    if not directory:
+        return {}
+    found: dict[str, tuple[str, str]] = {}
+    for setting in SETTINGS:
+        path = os.path.join(directory, setting.env)
+        if not os.path.exists(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                raw = handle.read().rstrip("\r\n")  # editors end files with a newline; values never do
+        except OSError as exc:
+            raise ConfigError(f"cannot read credential {path}: {exc.strerror}") from None
+        found[setting.name] = (raw, f"credential {path}")
+    return found
+
+
 def config_path(explicit: str | None, environ: Mapping[str, str]) -> tuple[str | None, bool]:
     """The INI path to read and whether it must exist (only the built-in default may be absent)."""
     if explicit:
@@ -349,6 +373,7 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
         layers.append(_ini_layer(ini_path))
     else:
         ini_path = None
+    layers.append(_credentials_layer(environ))
     layers.append(_env_layer(environ))
     layers.append({name: (raw, f"command line {BY_NAME[name].flags[-1]}") for name, raw in (cli or {}).items()})
     values = {s.name: s.default for s in SETTINGS}

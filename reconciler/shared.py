@@ -20,6 +20,9 @@ from multiprocessing.managers import SyncManager
 
 from .ratelimit import SharedRateLimiter
 
+# The one multiprocessing context of the service. Pinned to fork: the roles are handed to their
+# processes as closures and live objects, and since Python 3.14 the default start method on Linux is
+# forkserver, which would pickle them.
 MP = multiprocessing.get_context("fork")
 
 # Errors a proxy raises when the Manager process is gone.

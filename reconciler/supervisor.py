@@ -23,13 +23,10 @@ from typing import Callable
 from . import errors
 from .roles import STOP_SIGNALS, Role, serve
 from .settings import Config
-from .shared import Shared
+from .shared import MP, Shared
+from .systemd import Notifier
 
 log = logging.getLogger(__name__)
-
-# Pinned: the roles are handed over as closures and live objects, and since Python 3.14 the
-# default start method on Linux is forkserver, which would pickle them.
-MP = multiprocessing.get_context("fork")
 
 CRASH_WINDOW = 60.0  # seconds in which crashes of one child are counted
 MAX_CRASHES = 5  # crashes within the window before the supervisor gives up
@@ -82,6 +79,10 @@ class Supervisor:
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._give_up: int | None = None
+        self._stop_signal: int | None = None  # a stop signal that arrived while a reload drained
+        self.notifier = Notifier()
+        self._ready = False  # READY=1 sent for the current generation
+        self._restarts = 0
 
     # --- signals ---
 
@@ -148,7 +149,8 @@ class Supervisor:
         child.heartbeat = MP.Value("d", time.monotonic(), lock=False)
         child.booted = MP.Event()
         child.process = MP.Process(target=serve, name=child.spec.name, daemon=True,
-                                   args=(child.spec.factory, self.config, child.heartbeat, child.booted))
+                                   args=(child.spec.factory, self.config, child.heartbeat, child.booted,
+                                         os.getpid()))
         # Blocked across fork so a signal cannot reach the child before its own handlers exist;
         # the child unblocks once they are installed.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -178,6 +180,7 @@ class Supervisor:
         log.warning("%s (pid %d) %s", child.spec.name, process.pid, describe_exit(process.exitcode))
         delay = self._boot_failed(child) if not booted else self._crashed(child)
         if self._give_up is None:
+            self._restarts += 1
             log.info("restarting %s in %.1f s", child.spec.name, delay)
             child.start_at = time.monotonic() + delay
 
@@ -237,8 +240,10 @@ class Supervisor:
                 if signum == signal.SIGHUP:
                     self._reload()
                 else:
-                    log.info("%s received; stopping", signal.Signals(signum).name)
-                    return self._stop()
+                    self._stop_signal = signum
+            if self._stop_signal is not None:
+                log.info("%s received; stopping", signal.Signals(self._stop_signal).name)
+                return self._stop()
             self._reap()
             self._check_manager()
             if self._give_up is not None:
@@ -246,6 +251,35 @@ class Supervisor:
                 return self._give_up
             self._kill_hung()
             self._spawn_due()
+            self._tell_systemd()
+
+    # --- what systemd is told ---
+
+    def _tell_systemd(self) -> None:
+        """READY=1 once every child of this generation has booted, then a status line; the watchdog."""
+        booted = sum(1 for c in self.children if c.running and c.booted.is_set())
+        if not self._ready and booted == len(self.children):
+            self._ready = True
+            log.info("ready: %s", self.summary())
+            self.notifier.ready(self.summary())
+        elif self._ready:
+            self.notifier.status(self.summary())
+        else:
+            self.notifier.status(f"starting: {booted} of {len(self.children)} processes booted")
+        self.notifier.watchdog()
+
+    def summary(self) -> str:
+        """One line for `systemctl status`: which processes run, and restarts since start."""
+        running = [c.spec.name for c in self.children if c.running and c.booted.is_set()]
+        workers = sum(1 for name in running if name.startswith("worker"))
+        parts = [name for name in running if not name.startswith("worker")]
+        if workers:
+            parts.append(f"{workers} worker{'s' if workers != 1 else ''}")
+        down = len(self.children) - len(running)
+        text = "running: " + (", ".join(parts) or "nothing")
+        if down:
+            text += f"; {down} restarting"
+        return text + f"; {self._restarts} restarts since start"
 
     def _reload(self) -> None:
         """SIGHUP: re-read the configuration and restart every child with it."""
@@ -258,14 +292,19 @@ class Supervisor:
             log.error("SIGHUP: new configuration rejected, keeping the running one: %s", exc)
             return
         log.info("SIGHUP: configuration reloaded; restarting children")
+        self.notifier.reloading()
         self._stop_generation()
+        if self._stop_signal is not None:
+            return  # stopped while draining for the reload: the loop stops instead of restarting
         self.config = config
+        self._ready = False
         self._start_generation()
 
     # --- stopping ---
 
     def _stop(self) -> int:
         """Drain every child within drain_seconds; exit code 0 only if all stopped cleanly."""
+        self.notifier.stopping()
         clean = self._stop_generation()
         log.info("stopped %s", "cleanly" if clean else "after killing children")
         return errors.RET_OK if clean else errors.RET_KILLED
@@ -278,7 +317,7 @@ class Supervisor:
         while any(c.running for c in running) and time.monotonic() < deadline:
             multiprocessing.connection.wait([self._wake_r] + [c.process.sentinel for c in running if c.running],
                                             timeout=max(0.0, min(1.0, deadline - time.monotonic())))
-            if any(s != signal.SIGHUP for s in self._take_signals()):
+            if self._stop_again(self._take_signals()):
                 log.warning("second stop signal; killing children now")
                 break
         clean = True
@@ -290,6 +329,19 @@ class Supervisor:
             clean = clean and child.process.exitcode == 0
             child.process = None
         return clean
+
+
+    def _stop_again(self, signals: list[int]) -> bool:
+        """While draining: True for a stop signal on top of a stop (kill now). A stop signal during a
+        reload's drain is remembered, so the reload ends in a stop instead of new children."""
+        for signum in signals:
+            if signum == signal.SIGHUP:
+                continue
+            if self._stop_signal is not None:
+                return True
+            self._stop_signal = signum
+            log.info("%s received while reloading; stopping after the drain", signal.Signals(signum).name)
+        return False
 
 
 def _signal(process, signum: int) -> None:

@@ -34,6 +34,20 @@ def test_layers_default_then_ini_then_env_then_cli(tmp_path):
     assert config.redis.stream == "s-env" and config.sources["redis.stream"] == "environment RECONCILER_REDIS_STREAM"
 
 
+def test_credential_files_win_over_the_ini_file_and_lose_to_the_environment(tmp_path):
+    """systemd's LoadCredential= puts secrets in $CREDENTIALS_DIRECTORY, named like the env variable."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "RECONCILER_NETBOX_TOKEN").write_text("from-credential\n")
+    (credentials / "RECONCILER_POSTGRES_DSN").write_text("postgresql://app:s3cret@db/reconciler")
+    path = write_ini(tmp_path, "[netbox]\ntoken = from-ini\n[postgres]\ndsn = postgresql://ini@db/x\n")
+    config = settings.load(path, {"CREDENTIALS_DIRECTORY": str(credentials),
+                                  "RECONCILER_POSTGRES_DSN": "postgresql://env@db/y"})
+    assert config.netbox.token == "from-credential"
+    assert config.sources["netbox.token"] == f"credential {credentials}/RECONCILER_NETBOX_TOKEN"
+    assert config.postgres.dsn == "postgresql://env@db/y"
+
+
 def test_every_setting_has_an_env_name_of_its_section_and_key():
     assert settings.BY_NAME["postgres.dsn"].env == "RECONCILER_POSTGRES_DSN"
     assert all(s.env == f"RECONCILER_{s.section}_{s.key}".upper() for s in settings.SETTINGS)

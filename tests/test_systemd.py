@@ -1,0 +1,185 @@
+"""`bin/reconciler run` under systemd's contract: sd_notify readiness and watchdog on a test socket,
+SIGHUP reloads (a changed worker count, a rejected file, a stop during the reload), process titles."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from reconciler import errors, sample, settings, states
+
+from .faultserver import FaultServer, Step, converge
+from .support import ROOT, children_of, push, query, reconciler, role_pid, scalar, wait_until
+
+
+@pytest.fixture
+def plugin():
+    server = FaultServer()
+    server.default("default-branch/", Step(200, {"branch": None}))
+    server.default("bulk-plan-apply/", Step(answer=converge))
+    yield server
+    server.close()
+
+
+class NotifySocket:
+    """The datagram socket systemd listens on for sd_notify messages."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+
+    def receive(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                return
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+    def wait_for(self, key: str, value: str | None = None, count: int = 1, timeout: float = 20) -> dict:
+        def seen():
+            self.receive()
+            found = [m for m in self.messages if key in m and (value is None or m[key] == value)]
+            return found[count - 1] if len(found) >= count else None
+        return wait_until(seen, timeout, what=lambda: f"{key}={value} x{count} among {self.messages}")
+
+
+@pytest.fixture
+def notify(tmp_path):
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.sock.close()
+
+
+def write_ini(tmp_path: Path, workers: int, extra: str = "") -> Path:
+    path = tmp_path / "reconciler.ini"
+    path.write_text(f"[workers]\ncount = {workers}\n{extra}")
+    return path
+
+
+def worker_env(env: dict, plugin: FaultServer) -> dict:
+    env = {key: value for key, value in env.items() if key != "RECONCILER_WORKERS_COUNT"}  # the INI decides
+    return {**env, "RECONCILER_NETBOX_URL": plugin.url, "RECONCILER_NETBOX_TOKEN": "t"}
+
+
+def process_title(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def test_ready_is_notified_once_every_process_has_booted(env, tmp_path, notify, plugin):
+    env = {**worker_env(env, plugin), "NOTIFY_SOCKET": notify.path}
+    ini = write_ini(tmp_path, workers=2)
+    with reconciler(env, tmp_path, "-c", str(ini)) as run:
+        ready = notify.wait_for("READY", "1")
+        assert run.log.count("booted") == 4  # consumer, refresher, 2 workers: all before READY=1
+        assert ready["STATUS"] == "running: consumer, refresher, 2 workers; 0 restarts since start"
+        assert int(ready["MAINPID"]) == run.process.pid
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == errors.RET_OK
+    notify.wait_for("STOPPING", "1")
+
+
+def test_watchdog_is_pinged_at_half_the_interval(env, tmp_path, notify):
+    env = {**env, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "2000000"}
+    with reconciler(env, tmp_path) as run:
+        notify.wait_for("READY", "1")
+        first = notify.wait_for("WATCHDOG", "1")
+        started = time.monotonic()
+        notify.wait_for("WATCHDOG", "1", count=3, timeout=10)
+        assert first and 1.5 <= time.monotonic() - started <= 5  # every ~1 s, not once, not in a hot loop
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == errors.RET_OK
+
+
+def test_processes_are_titled_by_role(env, tmp_path, plugin):
+    ini = write_ini(tmp_path, workers=2)
+    with reconciler(worker_env(env, plugin), tmp_path, "-c", str(ini)) as run:
+        for role in ("consumer", "refresher", "worker 1", "worker 2"):
+            assert process_title(role_pid(run, role)) == f"reconciler: {role}"
+        wait_until(lambda: process_title(run.process.pid) == "reconciler: supervisor", what="the supervisor's title")
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == errors.RET_OK
+
+
+def test_sighup_applies_a_changed_worker_count_without_losing_a_row(env, tmp_path, notify, plugin, redis_client, dsn):
+    env = {**worker_env(env, plugin), "NOTIFY_SOCKET": notify.path}
+    ini = write_ini(tmp_path, workers=1)
+    shape = sample.Shape(sites=4, devices_per_site=5)
+    entries = list(sample.entries(shape))
+    with reconciler(env, tmp_path, "-c", str(ini)) as run:
+        notify.wait_for("READY", "1")
+        push(redis_client, entries[:len(entries) // 2])
+        write_ini(tmp_path, workers=3)
+        run.signal(signal.SIGHUP)
+        notify.wait_for("RELOADING", "1")
+        push(redis_client, entries[len(entries) // 2:])  # arrives while the old generation drains
+        ready = notify.wait_for("READY", "1", count=2, timeout=40)
+        assert ready["STATUS"].startswith("running: consumer, refresher, 3 workers")
+        for n in (1, 2, 3):
+            role_pid(run, f"worker {n}")
+        wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = %s", (states.APPLIED,))
+                   == shape.entity_count(), timeout=60, what="every row applied")
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == errors.RET_OK
+    assert "SIGHUP: configuration reloaded; restarting children" in run.log
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == shape.entity_count()
+    assert query(dsn, "SELECT count(*), count(DISTINCT ingestion_log_id) FROM change_sets") == \
+        [(shape.entity_count(), shape.entity_count())]  # each row applied once
+    assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
+
+
+def test_sighup_with_a_broken_file_keeps_the_running_configuration(env, tmp_path, plugin):
+    ini = write_ini(tmp_path, workers=1)
+    with reconciler(worker_env(env, plugin), tmp_path, "-c", str(ini)) as run:
+        worker = role_pid(run, "worker 1")
+        run.wait_for_log("booted", count=3)
+        # Valid INI, but not runnable: OAuth2 without a client id. A start would refuse it; so must a reload.
+        write_ini(tmp_path, workers=1, extra="[netbox]\ntoken_url = http://127.0.0.1:1/token\n")
+        run.signal(signal.SIGHUP)
+        run.wait_for_log("SIGHUP: new configuration rejected, keeping the running one: [netbox] client_id: required")
+        assert worker in children_of(run.process.pid)
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == errors.RET_OK
+
+
+def test_sigterm_during_a_reload_stops_instead_of_restarting(env, tmp_path, plugin, redis_client):
+    plugin.default("bulk-plan-apply/", Step(answer=converge, delay=3))  # keeps the worker's batch in flight
+    ini = write_ini(tmp_path, workers=1)
+    with reconciler(worker_env(env, plugin), tmp_path, "-c", str(ini)) as run:
+        run.wait_for_log("booted", count=3)
+        push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
+        wait_until(lambda: plugin.calls("bulk-plan-apply/"), what="a batch in flight")
+        run.signal(signal.SIGHUP)
+        run.wait_for_log("SIGHUP: configuration reloaded")
+        run.signal(signal.SIGTERM)
+        assert run.wait(30) == errors.RET_OK
+    assert "SIGTERM received while reloading; stopping after the drain" in run.log
+    assert run.log.count("booted") == 3  # no second generation was started
+
+
+def test_the_unit_file_passes_systemd_analyze_verify(tmp_path):
+    """The unit as shipped, with /opt/reconciler pointed at this checkout (verify checks ExecStart exists)."""
+    analyze = shutil.which("systemd-analyze")
+    assert analyze, "systemd-analyze is part of this machine's image; CI must have it"
+    unit = tmp_path / "reconciler.service"
+    unit.write_text((ROOT / "etc/systemd/reconciler.service").read_text().replace("/opt/reconciler", str(ROOT)))
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_unit_keeps_its_promises_to_the_supervisor():
+    """TimeoutStopSec must outlast the default drain, and exit code 2 (bad config) must not be restarted."""
+    unit = dict(line.split("=", 1) for line in (ROOT / "etc/systemd/reconciler.service").read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+    assert float(unit["TimeoutStopSec"]) > settings.BY_NAME["supervisor.drain_seconds"].default
+    assert unit["RestartPreventExitStatus"] == str(errors.RET_CONFIG)
+    assert unit["Type"] == "notify" and unit["KillMode"] == "mixed" and unit["Restart"] == "on-failure"
