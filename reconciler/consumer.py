@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 
 import redis
 
-from . import inbox, shared, wire
+from . import inbox, metrics, shared, wire
 from .db import Database
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
@@ -200,6 +200,7 @@ class Consumer(Role):
     # --- reporting and housekeeping ---
 
     def _report(self, outcome: inbox.Outcome) -> None:
+        metrics.consumed(outcome)
         for rejection in outcome.dead_letters:
             where = f"entity {rejection.index} of" if rejection.index is not None else "whole"
             log.warning("dead letter (%s entry %s): %s", where, rejection.message.stream_id.decode(), rejection.reason)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import orjson
 import urllib3
 
+from . import metrics
 from .errors import ReconcilerError
 from .ratelimit import SharedRateLimiter
 
@@ -96,11 +97,14 @@ class TokenSource:
     def _fetch(self) -> None:
         fields = {"grant_type": "client_credentials", "client_id": self.client_id,
                   "client_secret": self.client_secret, "scope": SCOPES}
+        started = time.perf_counter()
         try:
             response = self.pool.request("POST", self.token_url, fields=fields, encode_multipart=False,
                                          timeout=self.timeout, retries=False)
         except urllib3.exceptions.HTTPError as exc:
+            metrics.plugin_request("token", None, time.perf_counter() - started)
             raise Unavailable(f"token endpoint {self.token_url} unreachable: {exc}") from None
+        metrics.plugin_request("token", response.status, time.perf_counter() - started)
         if response.status != 200:
             raise Unavailable(f"token endpoint {self.token_url} answered HTTP {response.status}")
         try:
@@ -244,11 +248,14 @@ class PluginClient:
                    "Content-Type": "application/json"}
         if branch:
             headers["X-NetBox-Branch"] = branch
+        started = time.perf_counter()
         try:
             raw = self.pool.request(method, self.base + path, body=None if body is None else orjson.dumps(body),
                                     headers=headers, timeout=self.timeout, retries=False)
         except urllib3.exceptions.HTTPError as exc:
+            metrics.plugin_request(path, None, time.perf_counter() - started)
             return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}")
+        metrics.plugin_request(path, raw.status, time.perf_counter() - started)
         response = Response(raw.status, raw.data, raw.headers)
         if raw.status == 429 or (raw.status >= 500 and raw.status != 501):
             return _Attempt(response, retry=True, problem=f"HTTP {raw.status}",

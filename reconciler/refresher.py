@@ -7,6 +7,7 @@
   plan against main.
 - Backpressure, every second: the consumer group's lag plus pending entries against
   `[workers] backpressure_threshold`. One process decides, so pausing and resuming are logged once.
+  Lag and pending are measured even when the threshold is off, for the stream gauges (metrics.py).
   XLEN alone would count leftovers forever; with reconciler's XDEL-after-ACK, XLEN is only the
   fallback when Redis cannot compute the lag.
 """
@@ -18,6 +19,7 @@ import time
 
 import redis
 
+from . import metrics
 from .errors import BootError
 from .plugin import PluginClient, Unavailable
 from .roles import Role
@@ -93,14 +95,19 @@ class Refresher(Role):
 
     def _check_backpressure(self) -> None:
         threshold = self.config.workers.backpressure_threshold
-        if threshold <= 0:
-            return
         try:
-            backlog = self._backlog()
+            lag, pending = self._backlog()
         except (redis.RedisError, OSError) as exc:
             log.debug("backpressure check skipped (not pausing): %s", exc)
-            backlog = 0  # fail open: an unreadable Redis must not stop the workers
+            lag, pending = 0, 0  # fail open: an unreadable Redis must not stop the workers
+        else:
+            metrics.stream_backlog(lag, pending)
+        if threshold <= 0:
+            metrics.backpressure(False, started=False)
+            return
+        backlog = lag + pending
         behind = backlog > threshold
+        metrics.backpressure(behind, started=behind and not self._behind)
         if behind != self._behind:
             self._behind = behind
             if behind:
@@ -110,11 +117,12 @@ class Refresher(Role):
                 log.info("the consumer caught up (%d stream entries unread or pending); workers resume", backlog)
         self.cache["behind"] = behind
 
-    def _backlog(self) -> int:
+    def _backlog(self) -> tuple[int, int]:
+        """(entries not yet delivered to the group, entries delivered and not acknowledged)."""
         stream, group = self.config.redis.stream, self.config.redis.group
         for info in self.redis.xinfo_groups(stream):
             name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
             if name == group:
                 lag = info.get("lag")
-                return (lag if lag is not None else self.redis.xlen(stream)) + info["pending"]
-        return 0
+                return (lag if lag is not None else self.redis.xlen(stream)), info["pending"]
+        return 0, 0

@@ -111,6 +111,17 @@ def any_text(raw: str) -> str:
     return raw.strip()
 
 
+def listen_address(raw: str) -> str:
+    """host:port ([v6]:port), port 0 for any free one; empty or off: not listening."""
+    value = raw.strip()
+    if value.lower() in ("", "off", "false", "no", "none"):
+        return ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or (":" in host and not host.startswith("[")):
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9464, [::1]:9464) or off; got {raw!r}")
+    return value
+
+
 def mask_url_password(value: str) -> str:
     parts = urllib.parse.urlsplit(value)
     if parts.password is None:
@@ -241,6 +252,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Consecutive boot failures of one child before the supervisor gives up (exit 3)."),
     Setting("supervisor", "heartbeat_timeout_seconds", 120.0, seconds_above_zero,
             "A child whose loop has not ticked for this long is considered hung and killed."),
+    # [metrics]
+    Setting("metrics", "listen", "127.0.0.1:9464", listen_address,
+            "host:port of the HTTP endpoint with /metrics (Prometheus), /healthz and /readyz, served by the "
+            "supervisor; empty or off: none. Read at start (a SIGHUP does not move it)."),
     # [log]
     Setting("log", "level", "info", one_of("debug", "info", "warning", "error"),
             "Log level.", flags=("--log-level",)),

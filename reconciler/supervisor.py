@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import errors
+from . import errors, health, metrics
 from .roles import STOP_SIGNALS, Role, serve
 from .settings import Config
 from .shared import MP, Shared
@@ -176,11 +176,13 @@ class Supervisor:
     def _on_exit(self, child: Child) -> None:
         process, booted = child.process, child.booted.is_set()
         process.join()
+        metrics.child_exited(process.pid)
         child.process = None
         log.warning("%s (pid %d) %s", child.spec.name, process.pid, describe_exit(process.exitcode))
         delay = self._boot_failed(child) if not booted else self._crashed(child)
         if self._give_up is None:
             self._restarts += 1
+            metrics.child_restarted(child.spec.name, booted, process.exitcode)
             log.info("restarting %s in %.1f s", child.spec.name, delay)
             child.start_at = time.monotonic() + delay
 
@@ -225,6 +227,9 @@ class Supervisor:
     def run(self) -> int:
         """Run until a stop signal (exit 0 after a clean drain) or until a child cannot be kept up."""
         self._install_signals()
+        # Metrics and health: the directory before the first fork, the endpoint in a thread of ours.
+        metrics.prepare_directory(self.config)
+        health.start_server(self.config, lambda: (self.config, getattr(self.shared, "cache", None)))
         try:
             self._start_generation()
             return self._loop()
@@ -326,6 +331,7 @@ class Supervisor:
                 log.error("%s (pid %d) did not stop in time; killing it", child.spec.name, child.process.pid)
                 _signal(child.process, signal.SIGKILL)
             child.process.join()
+            metrics.child_exited(child.process.pid)
             clean = clean and child.process.exitcode == 0
             child.process = None
         return clean

@@ -18,7 +18,7 @@ import time
 from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from . import outbox, outcomes, protojson, shared, states
+from . import metrics, outbox, outcomes, protojson, shared, states
 from .db import Database
 from .errors import BootError, DatabaseError, ReconcilerError
 from .outcomes import Claimed, Decision, RetryPolicy
@@ -134,6 +134,7 @@ class Worker(Role):
 
     def _process(self, rows: list[Claimed], view: shared.View) -> None:
         now = datetime.datetime.now(datetime.timezone.utc)
+        metrics.claimed(row.object_type for row in rows)
         entities, decisions = self._entities(rows)
         items = [Item(str(row.id), row.object_type, entities[row.id]) for row in rows if row.id in entities]
         if items:
@@ -141,7 +142,8 @@ class Worker(Role):
             if answered is None:
                 return  # stopping: the rows were given back
             decisions += answered
-        self._persist(decisions, view, {row.id for row in rows if row.planned_before})
+        self._persist(decisions, view, {row.id for row in rows if row.planned_before},
+                      {row.id: row.object_type for row in rows})
 
     def _entities(self, rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:
         """Each row's entity as protojson with proto field names; a row whose bytes do not parse fails."""
@@ -172,7 +174,8 @@ class Worker(Role):
         return [outcomes.decide(row, results.get(str(row.id)), self.apply, entities[row.id], view.branch_id,
                                 self.retry, now) for row in asked]
 
-    def _persist(self, decisions: list[Decision], view: shared.View, planned_before: set[int]) -> None:
+    def _persist(self, decisions: list[Decision], view: shared.View, planned_before: set[int],
+                 object_types: dict[int, str]) -> None:
         while True:
             try:
                 written = outbox.persist(self.db, self.owner, view.branch_scope, decisions, planned_before)
@@ -188,10 +191,13 @@ class Worker(Role):
         if lost:
             log.warning("%d rows were taken over by another worker after our lease expired; their outcome "
                         "is theirs to record: %s", len(lost), lost[:10])
+        recorded = []
         for decision in decisions:
             if decision.row_id in written:
                 state = decision.drift_state if decision.drift_state is not None else decision.state
                 self._counts[state] = self._counts.get(state, 0) + 1
+                recorded.append((object_types[decision.row_id], state))
+        metrics.decided(recorded)
 
     def _summarise(self) -> None:
         if time.monotonic() < self._next_summary:

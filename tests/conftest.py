@@ -113,6 +113,7 @@ def env(dsn, redis_url):
         "RECONCILER_REDIS_RECLAIM_IDLE_SECONDS": "1",
         "RECONCILER_SUPERVISOR_DRAIN_SECONDS": "10",
         "RECONCILER_WORKERS_COUNT": "0",
+        "RECONCILER_METRICS_LISTEN": "127.0.0.1:0",  # a free port: runs in parallel must not share 9464
     }
 
 

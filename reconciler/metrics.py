@@ -1,0 +1,251 @@
+"""Prometheus metrics of every process, each defined once here (prometheus-client multiprocess mode).
+
+Every process (supervisor, consumer, poll workers, refresher) counts into files of its own in one
+directory, PROMETHEUS_MULTIPROC_DIR; the supervisor's /metrics (health.py) adds them up. The
+directory must be in the environment before prometheus_client is first imported in the process
+(prometheus_client.values picks the value class at import). So nothing here imports it at module
+level: the supervisor calls prepare_directory() before anything counts and before it forks; the
+children inherit the environment and the module, and each writes files named by its own pid.
+Without prepare_directory (metrics off, in-process tests, benchmarks) the metrics are plain
+in-memory values of each process: same calls, nothing exported.
+
+Callers use the functions below, one line at the point where the numbers are already known, once
+per batch or per plugin request (`.inc(n)`), never per entity.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from typing import Iterable
+
+from . import states
+
+log = logging.getLogger(__name__)
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Plugin calls last from milliseconds (default-branch/) to tens of seconds (a cold batch of 100).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# How rows' outcomes are labelled (drift clones are counted by the state the clone got).
+OUTCOME_LABELS = {states.OPEN: "planned", states.APPLIED: "applied", states.FAILED: "failed",
+                  states.NO_CHANGES: "no_changes", states.PENDING_RETRY: "pending_retry",
+                  states.ERRORED: "errored"}
+
+# Dead-letter reason texts (wire.py, inbox.py) by the kind they are counted as: first match wins.
+DEAD_LETTER_KINDS = (
+    ("Postgres refused", "postgres_refused"),
+    ("brotli", "undecodable"),
+    ("unknown encoding", "undecodable"),
+    ("is not a diode.v1", "undecodable"),
+    ("is not a valid diode.v1", "undecodable"),
+    ("larger than max_request_bytes", "too_large"),
+    ("entities; at most", "too_large"),
+    ("no entity type", "no_entity_type"),
+    ("entity type this reconciler", "unknown_entity_type"),
+    ("timestamp", "bad_timestamp"),
+    ("ingestion_ts", "malformed_entry"),
+    ("no 'request' field", "malformed_entry"),
+    ("carries no entities", "malformed_entry"),
+)
+
+
+class _Metrics:
+    """The metric objects; built on first use, after prepare_directory in the supervisor."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter as C, Gauge as G, Histogram as H
+
+        # registry=None: nothing reads this process's registry; /metrics reads the files.
+        # consumer
+        self.messages = C("reconciler_messages_consumed", "Stream entries committed to the inbox (first delivery).",
+                          registry=None)
+        self.redelivered = C("reconciler_messages_redelivered", "Stream entries delivered again after they had "
+                             "been committed (acknowledged as no-ops).", registry=None)
+        self.entities = C("reconciler_entities_consumed", "Entities in the committed stream entries.", registry=None)
+        self.duplicates = C("reconciler_entities_duplicate", "Entities already in the inbox (same entity hash): "
+                            "counted on the existing row instead of a new one.", registry=None)
+        self.requeued = C("reconciler_entities_requeued", "Duplicates that sent a finished row back to QUEUED.",
+                          registry=None)
+        self.dead_letters = C("reconciler_dead_letters", "Stream entries or entities stored as dead letters, "
+                              "by kind of reason.", ["kind"], registry=None)
+        # poll workers
+        self.claimed = C("reconciler_rows_claimed", "Rows claimed by poll workers.", ["object_type"], registry=None)
+        self.rows = C("reconciler_rows", "Rows' recorded outcomes by object type and state: planned (OPEN, plan-only), "
+                      "applied, no_changes, failed, pending_retry, errored.", ["object_type", "state"], registry=None)
+        # plugin client (workers and refresher)
+        self.latency = H("reconciler_plugin_request_duration_seconds", "Plugin HTTP requests, from sending to the "
+                         "whole answer read, by endpoint.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=None)
+        self.responses = C("reconciler_plugin_responses", "Plugin HTTP requests by endpoint and status code "
+                           "(code \"error\": no answer: refused, reset, timed out).", ["endpoint", "code"],
+                           registry=None)
+        # refresher
+        self.lag = G("reconciler_stream_lag", "Stream entries not yet delivered to the consumer group.",
+                     multiprocess_mode="livemostrecent", registry=None)
+        self.pending = G("reconciler_stream_pending", "Stream entries delivered but not yet acknowledged.",
+                         multiprocess_mode="livemostrecent", registry=None)
+        self.paused = G("reconciler_backpressure_paused", "1 while poll workers pause because the consumer is "
+                        "behind ([workers] backpressure_threshold).", multiprocess_mode="livemostrecent",
+                        registry=None)
+        self.pauses = C("reconciler_backpressure_pauses", "Times the poll workers were paused by backpressure.",
+                        registry=None)
+        # supervisor
+        self.restarts = C("reconciler_child_restarts", "Child processes restarted by the supervisor, by role and "
+                          "reason (boot_failure, killed: by a signal, crashed: a non-zero exit).",
+                          ["role", "reason"], registry=None)
+
+
+_metrics: _Metrics | None = None
+_directory_owner: int | None = None
+
+
+def _m() -> _Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = _Metrics()
+    return _metrics
+
+
+# --- set-up, in the supervisor before it forks ---
+
+
+def enabled(config) -> bool:
+    return bool(config.metrics.listen)
+
+
+def prepare_directory(config) -> str | None:
+    """Before the first fork: point PROMETHEUS_MULTIPROC_DIR at an empty directory; its path.
+
+    An operator's PROMETHEUS_MULTIPROC_DIR (e.g. under systemd's RuntimeDirectory) is used and
+    emptied of the last run's files (even with metrics off: the children write there all the same);
+    otherwise a private directory is made and removed at exit; none when metrics are off.
+    """
+    global _directory_owner
+    if not enabled(config) and ENV not in os.environ:
+        return None
+    if _metrics is not None or "prometheus_client.values" in sys.modules and ENV not in os.environ:
+        raise RuntimeError("prometheus_client was used before metrics.prepare_directory(): its values would "
+                           "stay in this process instead of the multiprocess directory")
+    path = os.environ.get(ENV)
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for stale in glob.glob(os.path.join(path, "*.db")):
+            os.remove(stale)
+    else:
+        runtime = (os.environ.get("RUNTIME_DIRECTORY") or "").split(":")[0] or None
+        path = tempfile.mkdtemp(prefix="reconciler-metrics-", dir=runtime)
+        os.environ[ENV] = path
+        _directory_owner = os.getpid()
+        atexit.register(_remove_directory, path)
+    _m()  # the supervisor's own metrics, before any child inherits the module
+    log.debug("metrics of every process in %s", path)
+    return path
+
+
+def _remove_directory(path: str) -> None:
+    if os.getpid() == _directory_owner:  # never from a forked child that happens to run atexit
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def directory() -> str | None:
+    return os.environ.get(ENV)
+
+
+# --- supervisor ---
+
+
+def child_exited(pid: int) -> None:
+    """A child is gone (reaped): drop its live gauges (its counters keep counting in the sums)."""
+    path = directory()
+    if path:
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(pid, path)
+
+
+def child_restarted(name: str, booted: bool, exitcode: int | None) -> None:
+    """The supervisor restarts a child (`worker 3` counts as role worker)."""
+    if not booted:
+        reason = "boot_failure"
+    elif exitcode is not None and exitcode < 0:
+        reason = "killed"
+    else:
+        reason = "crashed"
+    _m().restarts.labels(name.split(" ", 1)[0], reason).inc()
+
+
+# --- consumer ---
+
+
+def dead_letter_kind(reason: str) -> str:
+    for text, kind in DEAD_LETTER_KINDS:
+        if text in reason:
+            return kind
+    return "other"
+
+
+def consumed(outcome) -> None:
+    """One committed read of the stream (an inbox.Outcome)."""
+    m = _m()
+    m.messages.inc(outcome.messages - outcome.redelivered)
+    if outcome.redelivered:
+        m.redelivered.inc(outcome.redelivered)
+    m.entities.inc(outcome.entities)
+    if outcome.duplicates:
+        m.duplicates.inc(outcome.duplicates)
+    if outcome.requeued:
+        m.requeued.inc(outcome.requeued)
+    if outcome.dead_letters:
+        for kind, n in Counter(dead_letter_kind(r.reason) for r in outcome.dead_letters).items():
+            m.dead_letters.labels(kind).inc(n)
+
+
+# --- poll workers ---
+
+
+def claimed(object_types: Iterable[str]) -> None:
+    """One claimed batch: the object type of each row."""
+    claimed_rows = _m().claimed
+    for object_type, n in Counter(object_types).items():
+        claimed_rows.labels(object_type).inc(n)
+
+
+def decided(outcomes: Iterable[tuple[str, int]]) -> None:
+    """One batch's recorded outcomes: (object type, state) of each row."""
+    rows = _m().rows
+    for (object_type, state), n in Counter(outcomes).items():
+        rows.labels(object_type, OUTCOME_LABELS.get(state) or states.NAMES.get(state, str(state)).lower()).inc(n)
+
+
+# --- plugin client ---
+
+
+def plugin_request(path: str, status: int | None, seconds: float) -> None:
+    """One HTTP request to the plugin (status None: no answer)."""
+    m = _m()
+    endpoint = path.strip("/") or "/"
+    m.latency.labels(endpoint).observe(seconds)
+    m.responses.labels(endpoint, "error" if status is None else str(status)).inc()
+
+
+# --- refresher ---
+
+
+def stream_backlog(lag: int, pending: int) -> None:
+    m = _m()
+    m.lag.set(lag)
+    m.pending.set(pending)
+
+
+def backpressure(paused: bool, started: bool) -> None:
+    """The refresher's backpressure decision; `started`: the workers were running until now."""
+    m = _m()
+    m.paused.set(1 if paused else 0)
+    if started:
+        m.pauses.inc()
