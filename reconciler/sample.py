@@ -27,13 +27,15 @@ DEVICE_MODELS = (  # manufacturer, model, platform
     ("Arista", "DCS-7050SX3-48YC8", "eos"),
     ("Aruba", "CX-6300M", "aos-cx"),
 )
+RACK_UNITS = 42
 
 
 @dataclass(frozen=True)
 class Shape:
-    """How big the network is. The defaults give a small network of about 700 entities."""
+    """How big the network is. The defaults give a small network of about 650 entities."""
 
     sites: int = 1
+    racks_per_site: int = 2
     devices_per_site: int = 10
     ports_per_device: int = 48
     vlans_per_site: int = 20
@@ -44,7 +46,7 @@ class Shape:
     def entity_count(self) -> int:
         per_device = 1 + self.ports_per_device + 3 + self.addresses_per_device  # device, ports, 2 uplinks + mgmt, IPs
         per_vm = 3  # VM, its interface, its address
-        per_site = 1 + self.vlans_per_site + self.prefixes_per_site
+        per_site = 1 + self.racks_per_site + self.vlans_per_site + self.prefixes_per_site
         return self.sites * (per_site + self.devices_per_site * per_device + self.vms_per_site * per_vm)
 
 
@@ -60,6 +62,10 @@ class _Builder:
         self.shape, self.cycle, self.changed, self.rng = shape, cycle, changed, rng
         self.index = site_index
         self.site = sdk.Site(name=f"dc-{site_index:03d}", slug=f"dc-{site_index:03d}", status="active")
+        role = sdk.RackRole(name="network", slug="network", color="ff9800")
+        self.racks = [sdk.Rack(name=f"rack-{site_index:03d}-{r:02d}", site=self.site, status="active", role=role,
+                               form_factor="4-post-cabinet", width=19, u_height=RACK_UNITS)
+                      for r in range(shape.racks_per_site)]
 
     def entity(self, **member) -> pb.Entity:
         return sdk.Entity(timestamp=_timestamp(self.cycle, self.rng), **member)
@@ -71,6 +77,8 @@ class _Builder:
 
     def site_entities(self) -> Iterator[pb.Entity]:
         yield self.entity(site=self.site)
+        for rack in self.racks:
+            yield self.entity(rack=rack)
         for v in range(self.shape.vlans_per_site):
             yield self.entity(vlan=sdk.VLAN(vid=100 + v, name=f"vlan{100 + v}", site=self.site, status="active"))
         for p in range(self.shape.prefixes_per_site):
@@ -81,9 +89,15 @@ class _Builder:
     def device(self, d: int) -> pb.Device:
         vendor, model, platform = DEVICE_MODELS[d % len(DEVICE_MODELS)]
         manufacturer = sdk.Manufacturer(name=vendor, slug=vendor.lower())
+        placement = {}
+        if self.racks:  # devices spread over the racks, stacked from the top, one unit each
+            rack, slot = self.racks[d % len(self.racks)], d // len(self.racks)
+            placement = {"rack": rack}
+            if slot < RACK_UNITS:
+                placement.update(position=float(RACK_UNITS - slot), face="front")
         return sdk.Device(
             name=f"sw-{self.index:03d}-{d:04d}", serial=f"SN{self.index:03d}{d:06d}", status="active",
-            site=self.site, role=sdk.DeviceRole(name="access-switch", slug="access-switch", color="2196f3"),
+            site=self.site, **placement, role=sdk.DeviceRole(name="access-switch", slug="access-switch", color="2196f3"),
             device_type=sdk.DeviceType(model=model, slug=model.lower(), manufacturer=manufacturer),
             platform=sdk.Platform(name=platform, slug=platform, manufacturer=manufacturer),
             tags=[sdk.Tag(name="discovered", slug="discovered")])
@@ -116,7 +130,7 @@ class _Builder:
                                                    assigned_object_vm_interface=interface))
 
     def all(self) -> Iterator[pb.Entity]:
-        yield from self.site_entities()
+        yield from self.site_entities()  # site, racks, VLANs, prefixes
         for d in range(self.shape.devices_per_site):
             yield from self.device_entities(d)
         for v in range(self.shape.vms_per_site):

@@ -1,0 +1,125 @@
+"""`reconciler-sample`, the sample producer, run as the installed console script against Redis db 12.
+
+Each test pushes to a stream key of its own, so a reconciler that another test runs on db 12 (it
+consumes and deletes entries of diode.v1.ingest-stream) never takes this test's entries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from reconciler import sample, wire
+
+from .support import ROOT
+
+SCRIPT = Path(sys.executable).parent / "reconciler-sample"
+SMALL = ["--sites", "2", "--racks-per-site", "2", "--devices-per-site", "3", "--ports-per-device", "4",
+         "--vlans-per-site", "3", "--prefixes-per-site", "2", "--vms-per-site", "2", "--addresses-per-device", "2"]
+SMALL_SHAPE = sample.Shape(sites=2, racks_per_site=2, devices_per_site=3, ports_per_device=4, vlans_per_site=3,
+                           prefixes_per_site=2, vms_per_site=2, addresses_per_device=2)
+PUSHED = re.compile(r"^pushed (\d+) entries \((\d+) entities, sites? dc-\d{3}(?:\.\.dc-\d{3})?\) "
+                    r"to (\S+) on (\S+) in ([\d.]+) s$")
+
+
+def run_sample(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    assert SCRIPT.exists(), f"{SCRIPT} is missing: reinstall the project (.venv/bin/pip install -e .)"
+    environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RECONCILER_CONFIG": "/dev/null", **(env or {})}
+    return subprocess.run([str(SCRIPT), *args], env=environ, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def pushed(result: subprocess.CompletedProcess) -> tuple[int, int]:
+    assert result.returncode == 0, result.stderr
+    match = PUSHED.match(result.stdout.strip().splitlines()[-1])
+    assert match, result.stdout
+    return int(match[1]), int(match[2])
+
+
+@pytest.fixture
+def stream() -> str:
+    return f"test-sample-{uuid.uuid4().hex[:12]}"
+
+
+def decoded(redis_client, stream: str) -> list[wire.Message]:
+    return [wire.decode_entry(entry_id, fields) for entry_id, fields in redis_client.xrange(stream)]
+
+
+def test_pushes_the_whole_network_as_entries_that_decode(redis_url, redis_client, stream):
+    # URL and stream come from the settings registry (environment over etc/reconciler.ini), as `-c` users get them.
+    result = run_sample("-c", "etc/reconciler.ini", *SMALL, "--per-request", "20",
+                        env={"RECONCILER_REDIS_URL": redis_url, "RECONCILER_REDIS_STREAM": stream})
+    entities = SMALL_SHAPE.entity_count()
+    assert pushed(result) == (-(-entities // 20), entities)
+    assert f"({entities} entities, sites dc-000..dc-001)" in result.stdout
+    assert "entries" in result.stderr and f"{entities}/{entities} entities" in result.stderr  # progress
+
+    messages = decoded(redis_client, stream)
+    assert len(messages) == -(-entities // 20)
+    assert all(not m.rejections for m in messages)
+    assert {m.fields[b"encoding"] for m in messages} == {b"br"}
+    rows = [row for m in messages for row in m.rows]
+    # Exactly the SDK-built network, entity bytes as sent, in order.
+    assert [row.entity for row in rows] == [e.SerializeToString() for e in sample.network(SMALL_SHAPE)]
+    counts = {}
+    for row in rows:
+        counts[row.object_type] = counts.get(row.object_type, 0) + 1
+    assert counts == {"dcim.site": 2, "dcim.rack": 4, "ipam.vlan": 6, "ipam.prefix": 4, "dcim.device": 6,
+                      "dcim.interface": 6 * (4 + 3), "ipam.ipaddress": 6 * 2 + 4,
+                      "virtualization.virtualmachine": 4, "virtualization.vminterface": 4}
+
+
+def test_stream_brotli_and_changed_rerun_options(redis_url, redis_client, stream):
+    args = ["--redis-url", redis_url, "--stream", stream, *SMALL, "--per-request", "1000"]
+    assert pushed(run_sample(*args, "--brotli", "off")) == (1, SMALL_SHAPE.entity_count())
+    assert pushed(run_sample(*args, "--cycle", "1", "--changed", "1.0", "-q")) == (1, SMALL_SHAPE.entity_count())
+    first, rerun = decoded(redis_client, stream)
+    assert b"encoding" not in first.fields and rerun.fields[b"encoding"] == b"br"
+    changed = {row.object_type for row, again in zip(first.rows, rerun.rows) if row.entity_hash != again.entity_hash}
+    # The descriptions that move with the cycle: interfaces, prefixes, and the addresses on those interfaces.
+    # Everything else hashes the same, timestamps aside: reconciler sees the same sites, racks, devices.
+    assert changed == {"dcim.interface", "ipam.prefix", "ipam.ipaddress"}
+    assert all(row.source_ts != again.source_ts for row, again in zip(first.rows, rerun.rows))
+
+
+@pytest.mark.parametrize("unit, rate, minimum", [
+    ("requests", "10", (6 - 1) / 10),  # 6 entries of 20 at 10/s: the last one no earlier than 0.5 s
+    ("entities", "200", (120 - 20) / 200),  # 120 entities at 200/s: the last entry no earlier than 0.5 s
+])
+def test_rate_limits_the_push(redis_url, redis_client, stream, unit, rate, minimum):
+    shape = ["--sites", "1", "--racks-per-site", "1", "--devices-per-site", "2", "--ports-per-device", "40",
+             "--vlans-per-site", "2", "--prefixes-per-site", "2", "--vms-per-site", "1", "--addresses-per-device", "2"]
+    assert sample.Shape(sites=1, racks_per_site=1, devices_per_site=2, ports_per_device=40, vlans_per_site=2,
+                        prefixes_per_site=2, vms_per_site=1, addresses_per_device=2).entity_count() == 101
+    start = time.monotonic()
+    result = run_sample("--redis-url", redis_url, "--stream", stream, *shape, "--per-request", "20", "--rate", rate, "--rate-unit", unit)
+    elapsed = time.monotonic() - start
+    assert pushed(result) == (6, 101)
+    assert elapsed >= minimum
+    ids = [int(entry_id.split(b"-")[0]) for entry_id, _ in redis_client.xrange(stream)]
+    assert ids[-1] - ids[0] >= minimum * 1000 - 5  # Redis's own clock saw them spread out
+    assert ids[-1] - ids[0] < minimum * 1000 + 3000  # paced, not stalled
+
+
+def test_unpaced_push_is_fast_and_help_documents_the_options(redis_url, stream):
+    start = time.monotonic()
+    assert pushed(run_sample("--redis-url", redis_url, "--stream", stream, "--per-request", "50")) == (13, sample.Shape().entity_count())
+    assert time.monotonic() - start < 20
+    help_text = run_sample("--help").stdout
+    for option in ("--redis-url", "--stream", "--sites", "--devices-per-site", "--racks-per-site", "--per-request",
+                   "--rate", "--rate-unit", "--cycle", "--changed", "--brotli", "-c FILE"):
+        assert option in help_text
+
+
+def test_bad_settings_and_unreachable_redis_fail_clearly():
+    bad = run_sample(env={"RECONCILER_REDIS_URL": "http://nope"})
+    assert bad.returncode == 2 and "RECONCILER_REDIS_URL" in bad.stderr
+    down = run_sample("--redis-url", "redis://127.0.0.1:1/0", "--sites", "1")
+    assert down.returncode == 1 and "Redis at redis://127.0.0.1:1/0" in down.stderr
