@@ -1,4 +1,5 @@
-"""Command line: `reconciler run | migrate | check-config | print-config`."""
+"""Command line: `reconciler run | migrate | check-config | print-config`, and the operator commands
+(`status | retry | dead-letters | show`, operate.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from functools import partial
 from typing import Callable
 
-from . import errors, settings
+from . import errors, operate, settings
 from . import log as logsetup
 from .consumer import Consumer
 from .refresher import Refresher
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--defaults", action="store_true", help="print every setting with its default, commented")
     show.add_argument("--markdown", action="store_true", help="print the settings table used in README.md")
     show.set_defaults(handler=cmd_print_config)
+    operate.add_commands(commands, parent)  # status, retry, dead-letters, show
     return parser
 
 

@@ -20,6 +20,7 @@ import time
 import redis
 
 from . import metrics
+from .db import Database
 from .errors import BootError
 from .plugin import PluginClient, Unavailable
 from .roles import Role
@@ -47,6 +48,9 @@ class Refresher(Role):
         self.plugin = PluginClient(self.config.netbox, self.limiter, sleep=self.pause)
         self.redis = redis.Redis.from_url(self.config.redis.url, socket_connect_timeout=5, socket_timeout=5,
                                           client_name="reconciler-refresher")
+        # Only for its heartbeat row (roles.py); opened lazily, so Postgres being down does not stop
+        # the refresher from serving the branch.
+        self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, "reconciler refresher")
         try:
             self.cache.get("branch_known")
         except PROXY_ERRORS as exc:
@@ -55,6 +59,8 @@ class Refresher(Role):
     def shutdown(self) -> None:
         if self.redis is not None:
             self.redis.close()
+        if self.db is not None:
+            self.db.close()
 
     def run_once(self) -> None:
         now = time.monotonic()

@@ -25,6 +25,8 @@ import setproctitle
 
 from . import errors
 from . import log as logsetup
+from .db import Database
+from .heartbeat import heartbeat
 from .settings import Config
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class Role(ABC):
     """Base class of a process role. Subclasses implement boot, run_once and shutdown."""
 
     name = "role"
+    db: Database | None = None  # the role's Postgres connection; also carries its heartbeat row
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -118,6 +121,13 @@ def _shutdown_quietly(role: Role) -> None:
         logger.exception("shutdown failed")
 
 
+def _record_heartbeat(role: Role) -> None:
+    """The `processes` row `reconciler status` lists (between iterations: no transaction is open).
+    Written at most every few seconds, and never raises: an outage is the role's to wait out."""
+    if role.db is not None:
+        heartbeat(role.db, role.name)
+
+
 def set_title(name: str) -> None:
     """`reconciler: worker 3` in ps, top and `systemctl status`, instead of N identical python lines."""
     setproctitle.setproctitle(f"reconciler: {name}")
@@ -142,6 +152,7 @@ def serve(factory: Callable[[Config], Role], config: Config, heartbeat, booted, 
             if os.getppid() != parent:
                 logger.error("supervisor %d is gone; stopping", parent)
                 break
+            _record_heartbeat(role)
             role.run_once()
             role.beat()
     except Exception:

@@ -223,3 +223,128 @@ ROLLBACK TO SAVEPOINT copy_attempt;
 
 -- release_savepoint --
 RELEASE SAVEPOINT copy_attempt;
+
+-- operator_statement_timeout --
+-- Operator commands (reconciler status, retry, dead-letters, show) give up on a statement that
+-- waits this long (a lock held by a stuck transaction) instead of hanging the operator's shell.
+SELECT set_config('statement_timeout', %(timeout)s, true);
+
+-- status_rows_per_state --
+-- Rows per state: a scan of the whole table, for an operator's `status`, never on a hot path.
+SELECT state, count(*) FROM ingestion_logs GROUP BY state;
+
+-- status_oldest_queued --
+-- Seconds the longest-waiting QUEUED row has waited since its last change (queued, requeued,
+-- re-observed), over the partial index of QUEUED rows; NULL when nothing is queued.
+SELECT extract(epoch FROM now() - min(updated_at))::float8 FROM ingestion_logs WHERE state = 1;
+
+-- status_leases --
+-- Rows in flight (claimed under a lease) and those whose lease expired (their worker died or
+-- hangs; the next lease sweep returns them to QUEUED), over the partial index of leased rows.
+SELECT count(*), count(*) FILTER (WHERE lease_expires_at < now())
+FROM ingestion_logs WHERE lease_owner IS NOT NULL;
+
+-- status_retries --
+-- PENDING_RETRY rows, and those due within %(soon_seconds)s (overdue ones included).
+SELECT count(*), count(*) FILTER (WHERE next_attempt_at <= now() + %(soon_seconds)s * interval '1 second')
+FROM ingestion_logs WHERE state = 9;
+
+-- status_dead_letters --
+SELECT count(*), min(created_at), max(created_at) FROM dead_letters;
+
+-- process_heartbeat --
+-- One process's heartbeat (migration 0005).
+SELECT process_heartbeat_v1(%(host)s, %(pid)s, %(role)s, %(started_at)s);
+
+-- live_processes --
+-- Processes whose heartbeat is recent; the age of the last one, in seconds, comes along.
+SELECT host, pid, role, started_at, last_seen, extract(epoch FROM now() - last_seen)::float8
+FROM processes
+WHERE last_seen > now() - %(within_seconds)s * interval '1 second'
+ORDER BY host, role, pid;
+
+-- retry_preview --
+-- What `reconciler retry` matches, by state, object type and whether the row is the head (the
+-- current row of its entity hash). Age is the time since the row last changed: when it failed.
+SELECT state, object_type, is_head, count(*)
+FROM ingestion_logs
+WHERE state = ANY(%(states)s::smallint[])
+  AND (%(object_type)s::text IS NULL OR object_type = %(object_type)s::text)
+  AND (%(older_than)s::float8 IS NULL OR updated_at < now() - %(older_than)s::float8 * interval '1 second')
+  AND (%(newer_than)s::float8 IS NULL OR updated_at >= now() - %(newer_than)s::float8 * interval '1 second')
+GROUP BY state, object_type, is_head
+ORDER BY state, object_type, is_head;
+
+-- retry_batch --
+-- Up to %(limit)s matching head rows after id %(after)s back to QUEUED, as a worker finds a fresh
+-- row: no lease, no attempts, no due time, no error. Only heads: a superseded row requeued beside
+-- its entity's current row would have the entity planned twice. requeued_from_state records where
+-- the row came from, as a re-observation does (mark_duplicates); an ERRORED drift check keeps its
+-- APPLIED origin, so its plan is still judged as a drift check. Locked in id order (the order every
+-- writer uses); a row a concurrent writer changed is re-checked after its lock is granted.
+WITH picked AS (
+    SELECT id, state FROM ingestion_logs
+    WHERE state = ANY(%(states)s::smallint[]) AND is_head AND id > %(after)s
+      AND (%(object_type)s::text IS NULL OR object_type = %(object_type)s::text)
+      AND (%(older_than)s::float8 IS NULL OR updated_at < now() - %(older_than)s::float8 * interval '1 second')
+      AND (%(newer_than)s::float8 IS NULL OR updated_at >= now() - %(newer_than)s::float8 * interval '1 second')
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE
+)
+UPDATE ingestion_logs AS l
+SET state = 1,
+    requeued_from_state = CASE WHEN picked.state = 7 THEN coalesce(l.requeued_from_state, 7) ELSE picked.state END,
+    error = NULL, attempts = 0, next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
+    updated_at = now()
+FROM picked
+WHERE l.id = picked.id
+RETURNING l.id, picked.state, l.object_type;
+
+-- list_dead_letters --
+-- The first %(limit)s dead letters (all with NULL), oldest first, with the size of their fields.
+SELECT id, stream_id, entity_index, reason, created_at,
+       (SELECT coalesce(sum(octet_length(value)), 0) FROM unnest(field_values) AS value)::bigint
+FROM dead_letters
+ORDER BY id
+LIMIT %(limit)s;
+
+-- get_dead_letter --
+SELECT id, stream, stream_id, entity_index, reason, created_at, replayed_at, field_names, field_values
+FROM dead_letters WHERE id = %(id)s;
+
+-- select_dead_letters --
+-- A page of the dead letters an operator selected (ids, or all, optionally only those older
+-- than %(older_than)s seconds) after id %(after)s, with their sizes but not their payloads.
+SELECT id, (SELECT coalesce(sum(octet_length(value)), 0) FROM unnest(field_values) AS value)::bigint
+FROM dead_letters
+WHERE id > %(after)s
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+  AND (%(older_than)s::float8 IS NULL OR created_at < now() - %(older_than)s::float8 * interval '1 second')
+ORDER BY id
+LIMIT %(limit)s;
+
+-- lock_dead_letters --
+-- The fields of dead letters about to be replayed, locked until the replay's transaction ends; a
+-- letter another replay holds is skipped, so two operators never replay one letter twice.
+SELECT id, field_names, field_values FROM dead_letters
+WHERE id = ANY(%(ids)s::bigint[])
+ORDER BY id
+FOR UPDATE SKIP LOCKED;
+
+-- delete_dead_letters --
+DELETE FROM dead_letters WHERE id = ANY(%(ids)s::bigint[]) RETURNING id;
+
+-- get_ingestion_log --
+-- One row: the entity as bytes (the caller renders it as protojson), the hash in hex, and every
+-- column as JSON in table order (json, not jsonb, keeps the order).
+SELECT l.entity, encode(l.entity_hash, 'hex'), row_to_json(l)
+FROM ingestion_logs AS l WHERE l.id = %(id)s;
+
+-- change_sets_of_row --
+-- A row's change sets, oldest first, each with its changes in sequence order.
+SELECT row_to_json(cs), coalesce((SELECT json_agg(row_to_json(c) ORDER BY c.sequence_number)
+                                  FROM changes AS c WHERE c.change_set_id = cs.id), '[]'::json)
+FROM change_sets AS cs
+WHERE cs.ingestion_log_id = %(id)s
+ORDER BY cs.id;

@@ -1,0 +1,134 @@
+"""Plumbing of the operator commands (status, retry, dead-letters, show): their Postgres
+connection and transactions, exit codes, durations, tables, JSON, progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TextIO
+
+import orjson
+
+from . import errors
+from .db import Database, Tx
+from .errors import DatabaseError
+from .settings import Config
+
+# An operator command that could not do what it was asked (nothing matched, a row does not exist,
+# a statement failed). Postgres or Redis unreachable is errors.RET_CONNECT, a bad configuration
+# errors.RET_CONFIG, as for `reconciler run`.
+RET_FAILED = 1
+
+# A statement of an operator command waiting this long (for a lock a stuck transaction holds) is
+# cancelled instead of hanging the operator's shell.
+STATEMENT_TIMEOUT = "30s"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration(raw: str) -> float:
+    """Seconds of `90`, `90s`, `15m`, `1h30m`, `2d`, `1w` (an argparse type)."""
+    text = raw.strip().lower().replace(" ", "")
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(number + unit for number, unit in parts) != text:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 15m, 1h30m, 2d; got {raw!r}")
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def human_seconds(seconds: float | None) -> str:
+    """`42s`, `5m12s`, `3h04m`, `2d05h`: ages read at a glance."""
+    if seconds is None:
+        return "-"
+    whole = max(0, int(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> str:
+    """Text columns: numbers right-aligned, everything else left-aligned."""
+    cells = [["" if value is None else str(value) for value in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(isinstance(row[i], int) for row in rows) for i in range(len(headers))]
+
+    def line(values: list[str]) -> str:
+        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return (indent + "  ".join(padded)).rstrip()
+
+    return "\n".join([line(headers)] + [line(row) for row in cells])
+
+
+def print_json(value: Any, out: TextIO | None = None) -> None:
+    """One JSON document (datetimes as RFC 3339), for scripts."""
+    out = out or sys.stdout
+    out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+
+
+class Progress:
+    """A counter on stderr while a long operation runs, drawn only when stderr is a terminal: in
+    a pipe, a file or journald, carriage-return redraws would be noise."""
+
+    def __init__(self, verb: str, total: int | None = None, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.verb, self.total, self.done = verb, total, 0
+        self.enabled = self.stream.isatty()
+        self.finished = False
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.enabled:
+            of = f"/{self.total}" if self.total is not None else ""
+            self.stream.write(f"\r{self.verb} {self.done}{of}")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        """End the counter's line (once: later calls do nothing)."""
+        if self.enabled and self.done and not self.finished:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.finished = True
+
+
+def fail(message: str) -> None:
+    print(f"reconciler: {message}", file=sys.stderr)
+
+
+@contextmanager
+def transaction(db: Database) -> Iterator[Tx]:
+    """A transaction whose statements give up after STATEMENT_TIMEOUT."""
+    with db.transaction() as tx:
+        tx.execute("operator_statement_timeout", {"timeout": STATEMENT_TIMEOUT})
+        yield tx
+
+
+def fetchall(db: Database, name: str, params: dict | None = None) -> list[tuple]:
+    with transaction(db) as tx:
+        return tx.fetchall(name, params)
+
+
+def with_database(config: Config, command: str, action: Callable[[Database], int]) -> int:
+    """Run `action` on a connection of its own: RET_CONNECT when Postgres cannot be reached, and a
+    failed statement reported in a line (RET_FAILED) rather than as a traceback."""
+    db = Database(config.postgres.dsn, config.postgres.schema, f"reconciler {command}")
+    try:
+        db.connect()
+    except DatabaseError as exc:
+        fail(str(exc))
+        return errors.RET_CONNECT
+    try:
+        return action(db)
+    except DatabaseError as exc:
+        fail(f"{command} failed: {exc}")
+        return RET_FAILED
+    finally:
+        db.close()

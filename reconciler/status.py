@@ -1,0 +1,242 @@
+"""`reconciler status`: the inbox, the stream, the plugin's default branch and live processes.
+
+Each section is read on its own and a section that cannot be read says what failed instead: a
+status command is what an operator runs when something is down, so Redis, NetBox or a missing
+table must not hide the rest. Only an unreachable Postgres makes the exit code non-zero
+(errors.RET_CONNECT), since then the inbox, the service's state, is unknown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from typing import Any, Callable
+
+import redis
+
+from . import console, errors, heartbeat, states
+from .db import Database, latest_version
+from .errors import DatabaseError
+from .plugin import PluginClient, Unavailable
+from .ratelimit import SharedRateLimiter
+from .settings import Config
+
+SOON_SECONDS = 60  # "PENDING_RETRY due soon": what the workers will pick up within a minute
+PLUGIN_TIMEOUT_SECONDS = 5.0  # the branch is one small GET; a NetBox that is slower counts as down
+REDIS_TIMEOUT_SECONDS = 5.0
+POSTGRES_SECTIONS = ("schema", "inbox", "dead_letters", "processes")
+LABEL_WIDTH = 22
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    report, postgres_reachable = collect(config)
+    if args.json:
+        console.print_json(report)
+    else:
+        print(render(report))
+    return errors.RET_OK if postgres_reachable else errors.RET_CONNECT
+
+
+# --- collecting ---
+
+
+def collect(config: Config) -> tuple[dict[str, Any], bool]:
+    """The status report, one key per section, and whether Postgres could be reached."""
+    report: dict[str, Any] = {"generated_at": datetime.datetime.now(datetime.timezone.utc)}
+    db = Database(config.postgres.dsn, config.postgres.schema, "reconciler status")
+    try:
+        reachable = _postgres_sections(db, config, report)
+    finally:
+        db.close()
+    report["stream"] = {"name": config.redis.stream, **_section(lambda: _stream(config), redis.RedisError, OSError)}
+    report["default_branch"] = _default_branch(config)
+    return report, reachable
+
+
+def _section(read: Callable[[], dict], *failures: type[BaseException]) -> dict:
+    """A section's content, or {"error": what failed}."""
+    try:
+        return read()
+    except failures as exc:
+        return {"error": _one_line(str(exc) or type(exc).__name__)}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())  # libpq's messages come on several lines, indented with tabs
+
+
+def _postgres_sections(db: Database, config: Config, report: dict[str, Any]) -> bool:
+    try:
+        db.connect()
+    except DatabaseError as exc:
+        report["postgres"] = {"reachable": False, "error": _one_line(str(exc))}
+        report.update({name: {"error": report["postgres"]["error"]} for name in POSTGRES_SECTIONS})
+        return False
+    report["postgres"] = {"reachable": True}
+    report["schema"] = _section(lambda: _schema(db, config), DatabaseError)
+    report["inbox"] = _section(lambda: _inbox(db), DatabaseError)
+    report["dead_letters"] = _section(lambda: _dead_letters(db), DatabaseError)
+    report["processes"] = _section(lambda: _processes(db, config), DatabaseError)
+    return True
+
+
+def _schema(db: Database, config: Config) -> dict:
+    return {"name": config.postgres.schema, "version": db.schema_version(), "wanted": latest_version()}
+
+
+def _inbox(db: Database) -> dict:
+    counts = dict(console.fetchall(db, "status_rows_per_state"))
+    [(oldest,)] = console.fetchall(db, "status_oldest_queued")
+    [(in_flight, expired)] = console.fetchall(db, "status_leases")
+    [(retries, due)] = console.fetchall(db, "status_retries", {"soon_seconds": SOON_SECONDS})
+    return {"states": {name: counts.get(state, 0) for state, name in sorted(states.NAMES.items())},
+            "total": sum(counts.values()), "oldest_queued_seconds": oldest,
+            "in_flight": in_flight, "expired_leases": expired,
+            "pending_retry": retries, "pending_retry_due_soon": due, "due_soon_seconds": SOON_SECONDS}
+
+
+def _dead_letters(db: Database) -> dict:
+    [(count, oldest, newest)] = console.fetchall(db, "status_dead_letters")
+    return {"count": count, "oldest": oldest, "newest": newest}
+
+
+def _processes(db: Database, config: Config) -> dict:
+    # A process that has not beaten for the supervisor's hang timeout is dead or about to be
+    # killed as hung: beyond it a row says nothing about the present.
+    within = config.supervisor.heartbeat_timeout_seconds
+    live = [p._asdict() for p in heartbeat.live_processes(db, within)]
+    return {"within_seconds": within, "live": live}
+
+
+def _decode(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _stream(config: Config) -> dict:
+    stream, group = config.redis.stream, config.redis.group
+    client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                                  socket_timeout=REDIS_TIMEOUT_SECONDS, client_name="reconciler-status")
+    try:
+        if not client.exists(stream):
+            return {"name": stream, "exists": False, "length": 0, "group": {"name": group, "exists": False}}
+        groups = {_decode(info["name"]): info for info in client.xinfo_groups(stream)}
+        return {"name": stream, "exists": True, "length": client.xlen(stream),
+                "group": _group(group, groups.get(group))}
+    finally:
+        client.close()
+
+
+def _group(name: str, info: dict | None) -> dict:
+    if info is None:
+        return {"name": name, "exists": False}
+    # `lag` came with Redis 7.0, and even there is null when entries were deleted before the group
+    # read them: None means unknown, never zero.
+    return {"name": name, "exists": True, "lag": info.get("lag"), "pending": info["pending"],
+            "consumers": info["consumers"], "last_delivered_id": _decode(info.get("last-delivered-id"))}
+
+
+def _default_branch(config: Config) -> dict:
+    """The plugin's answer, with one short attempt: the workers' retries are not the operator's."""
+    netbox = config.netbox
+    if not (netbox.token or netbox.token_url):
+        return {"error": "no [netbox] token or token_url is configured"}
+    quick = config.replace(**{"netbox.timeout_seconds": PLUGIN_TIMEOUT_SECONDS, "netbox.max_attempts": 1})
+    try:
+        client = PluginClient(quick.netbox, SharedRateLimiter(0, 1))
+        try:
+            return {"branch": client.default_branch()}
+        finally:
+            client.pool.clear()
+    except (Unavailable, OSError) as exc:
+        return {"error": _one_line(str(exc))}
+
+
+# --- rendering ---
+
+
+def render(report: dict[str, Any]) -> str:
+    stamp = report["generated_at"].strftime("%Y-%m-%d %H:%M:%S UTC")
+    if report["postgres"]["reachable"]:
+        inbox, processes = _render_inbox(report), _render_processes(report["processes"])
+    else:
+        inbox = "\n".join(["Postgres inbox", _failed(report["postgres"])])
+        processes = "\n".join(["Live processes", _line("unavailable:", "Postgres cannot be reached")])
+    parts = [f"reconciler status at {stamp}", inbox, _render_stream(report["stream"]),
+             _render_branch(report["default_branch"]), processes]
+    return "\n\n".join(parts)
+
+
+def _line(label: str, value: Any) -> str:
+    return f"  {label:<{LABEL_WIDTH}}{value}"
+
+
+def _failed(section: dict) -> str:
+    return _line("unavailable:", section["error"])
+
+
+def _render_schema(schema: dict) -> str:
+    if "error" in schema:
+        return f"schema unknown ({schema['error']})"
+    if schema["version"] == schema["wanted"]:
+        return f"schema {schema['name']}, version {schema['version']}"
+    return (f"schema {schema['name']} at version {schema['version']}, this reconciler needs "
+            f"{schema['wanted']}: run `reconciler migrate`")
+
+
+def _render_inbox(report: dict[str, Any]) -> str:
+    inbox, heading = report["inbox"], f"Postgres inbox ({_render_schema(report['schema'])})"
+    if "error" in inbox:
+        dead_letters = _render_dead_letters(report["dead_letters"], report["generated_at"])
+        return "\n".join([heading, _failed(inbox), dead_letters])
+    rows = [[name, count] for name, count in inbox["states"].items()] + [["total", inbox["total"]]]
+    return "\n".join([
+        heading, console.table(["state", "rows"], rows), "",
+        _line("oldest QUEUED", console.human_seconds(inbox["oldest_queued_seconds"])),
+        _line("in flight", f"{inbox['in_flight']} ({inbox['expired_leases']} with an expired lease)"),
+        _line("PENDING_RETRY", f"{inbox['pending_retry']} ({inbox['pending_retry_due_soon']} due within "
+                               f"{inbox['due_soon_seconds']}s)"),
+        _render_dead_letters(report["dead_letters"], report["generated_at"])])
+
+
+def _render_dead_letters(section: dict, now: datetime.datetime) -> str:
+    if "error" in section:
+        return _line("dead letters", f"unavailable: {section['error']}")
+    if not section["count"]:
+        return _line("dead letters", 0)
+    newest = console.human_seconds((now - section["newest"]).total_seconds())
+    return _line("dead letters", f"{section['count']} (newest {newest} ago; see `reconciler dead-letters list`)")
+
+
+def _render_stream(section: dict) -> str:
+    if "error" in section:
+        return "\n".join([f"Redis stream {section['name']}", _failed(section)])
+    group = section["group"]
+    if not group["exists"]:
+        described = f"{group['name']}: does not exist yet (the consumer creates it)"
+    else:
+        lag = "unknown" if group["lag"] is None else group["lag"]
+        described = f"{group['name']}: lag {lag}, pending {group['pending']}, consumers {group['consumers']}"
+    return "\n".join([f"Redis stream {section['name']}", _line("length", section["length"]),
+                      _line("consumer group", described)])
+
+
+def _render_branch(section: dict) -> str:
+    if "error" in section:
+        value = f"unknown ({section['error']})"
+    elif section["branch"] is None:
+        value = "none (main)"
+    else:
+        value = f"{section['branch']['name']} ({section['branch']['id']})"
+    return "\n".join(["NetBox plugin", _line("default branch", value)])
+
+
+def _render_processes(section: dict) -> str:
+    if "error" in section:
+        return "\n".join(["Live processes", _failed(section)])
+    heading = f"Live processes (heartbeat within {console.human_seconds(section['within_seconds'])})"
+    if not section["live"]:
+        return "\n".join([heading, "  none"])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rows = [[p["host"], p["pid"], p["role"], console.human_seconds((now - p["started_at"]).total_seconds()),
+             f"{console.human_seconds(p['seconds_since_seen'])} ago"] for p in section["live"]]
+    return "\n".join([heading, console.table(["host", "pid", "role", "up", "last seen"], rows)])
