@@ -123,3 +123,6 @@ def test_truncating_the_inbox_empties_change_sets_and_changes(dsn):
                "SELECT 'c2', id, 'create', 'dcim.site', 0 FROM change_sets")
     query(dsn, "TRUNCATE change_sets")
     assert scalar(dsn, "SELECT count(*) FROM changes") == 0
+    query(dsn, "INSERT INTO change_sets (external_id, ingestion_log_id, deviation_name) VALUES ('c', 1, 'z')")
+    query(dsn, "TRUNCATE ingestion_logs, change_sets, changes CASCADE")  # naming them all is fine too
+    assert scalar(dsn, "SELECT count(*) FROM change_sets") == 0
