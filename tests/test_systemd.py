@@ -104,7 +104,9 @@ def test_processes_are_titled_by_role(env, tmp_path, plugin):
     ini = write_ini(tmp_path, workers=2)
     with reconciler(worker_env(env, plugin), tmp_path, "-c", str(ini)) as run:
         for role in ("consumer", "refresher", "worker 1", "worker 2"):
-            assert process_title(role_pid(run, role)) == f"reconciler: {role}"
+            pid = role_pid(run, role)  # logged at fork, before the child has renamed itself
+            wait_until(lambda: process_title(pid) == f"reconciler: {role}",
+                       what=lambda: f"the title of {role}, now {process_title(pid)!r}")
         wait_until(lambda: process_title(run.process.pid) == "reconciler: supervisor", what="the supervisor's title")
         run.signal(signal.SIGTERM)
         assert run.wait(20) == errors.RET_OK
