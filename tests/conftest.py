@@ -20,6 +20,7 @@ from reconciler import settings
 from reconciler.db import Database
 
 from . import containers
+from .faultserver import FaultServer, Step, converge
 
 # The developer's shell must not leak settings into the tests.
 for _name in [n for n in os.environ if n.startswith(settings.ENV_PREFIX)]:
@@ -121,3 +122,13 @@ def env(dsn, redis_url):
 def config(env):
     """A validated Config for in-process role tests (same settings as `env`)."""
     return settings.load(path="/dev/null", environ=env)
+
+
+@pytest.fixture
+def plugin():
+    """The scripted plugin answering as a healthy one: no default branch, every entity applied."""
+    server = FaultServer()
+    server.default("default-branch/", Step(200, {"branch": None}))
+    server.default("bulk-plan-apply/", Step(answer=converge))
+    yield server
+    server.close()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import brotli
 import pytest
-import redis
 
 from reconciler import sample
 from reconciler.consumer import Consumer

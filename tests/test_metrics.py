@@ -25,21 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from reconciler import errors, health, metrics, sample, settings, states, wire
 from reconciler.errors import ConfigError
 
-from .faultserver import FaultServer, Step, converge
+from .faultserver import Step
 from .support import push, query, reconciler, role_pid, wait_until
 
 SHAPE = sample.Shape(sites=1, racks_per_site=1, devices_per_site=2, ports_per_device=3, vlans_per_site=2,
                      prefixes_per_site=2, vms_per_site=2, addresses_per_device=1)
 FINISHED = (states.APPLIED, states.NO_CHANGES, states.FAILED, states.ERRORED, states.OPEN)
-
-
-@pytest.fixture
-def plugin():
-    server = FaultServer()
-    server.default("default-branch/", Step(200, {"branch": None}))
-    server.default("bulk-plan-apply/", Step(answer=converge))
-    yield server
-    server.close()
 
 
 def run_env(env, plugin, tmp_path, **extra) -> dict:

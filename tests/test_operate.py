@@ -346,7 +346,7 @@ def test_a_dead_letter_replayed_through_a_running_consumer_becomes_queued_rows(e
     assert "carries 2 entities; at most 1" in reason
 
     dry = cli(env, "dead-letters", "replay", "--dry-run", str(letter_id))
-    assert dry.returncode == 0 and f"dry run: would replay 1 dead letters" in dry.stdout
+    assert dry.returncode == 0 and "dry run: would replay 1 dead letters" in dry.stdout
     assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 1 and redis_client.xlen(STREAM) == 0
 
     with reconciler(env, tmp_path):

@@ -18,15 +18,6 @@ from .faultserver import FaultServer, Step, converge
 from .support import ROOT, children_of, push, query, reconciler, role_pid, scalar, wait_until
 
 
-@pytest.fixture
-def plugin():
-    server = FaultServer()
-    server.default("default-branch/", Step(200, {"branch": None}))
-    server.default("bulk-plan-apply/", Step(answer=converge))
-    yield server
-    server.close()
-
-
 class NotifySocket:
     """The datagram socket systemd listens on for sd_notify messages."""
 
