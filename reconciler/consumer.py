@@ -3,8 +3,9 @@
 Per iteration: read up to `read_count` entries (XREADGROUP, short BLOCK so a stop is noticed), or
 take over entries a dead consumer left pending (XAUTOCLAIM), decode them, write them in one
 transaction (inbox.write), and only then XACK + XDEL them. While Postgres or Redis is down the
-entries stay in hand and are retried with backoff; they are never acknowledged before commit, so
-a crash at any point leaves them pending for redelivery, and receipts make redelivery a no-op.
+entries stay in hand and are retried with backoff (those another consumer took over meanwhile are
+left to it); they are never acknowledged before commit, so a crash at any point leaves them pending
+for redelivery, and receipts make redelivery a no-op.
 """
 
 from __future__ import annotations
@@ -28,7 +29,24 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECEIPT_PRUNE_INTERVAL = 60.0
-RECEIPT_RETENTION = 3600.0  # see prune_receipts in sql/queries.sql
+# How long a receipt outlives the acknowledgement of its entry (prune_receipts). It must outlast
+# any write of the entry by a consumer that lost it: another consumer takes an entry over only
+# after it sat `[redis] reclaim_idle_seconds` with its owner, and an owner re-checks that it still
+# holds its entries (and resets their idle time) before every retried write (_still_ours). So a late
+# write starts while the entry was still ours and lands within one attempt (connect_timeout 10 s +
+# tcp_user_timeout 60 s + the statements), after which the other consumer's commit finds or leaves
+# a receipt either way. An hour is far above one attempt, and need not grow with reclaim idle: a
+# longer idle only makes takeovers later. A constant, not a setting: nothing an operator tunes.
+RECEIPT_RETENTION = 3600.0
+# A consumer name is one process (host and pid, settings.consumer_name) and a live one reads every
+# `[redis] block_ms`, so only a dead process stays silent for hours. XGROUP DELCONSUMER drops the
+# pending entries of the name it deletes, so the name must be long dead and hold nothing: with hours
+# of silence, a consumer reading between our XINFO and our DELCONSUMER is all but impossible.
+FORGET_CONSUMER_IDLE_SECONDS = 6 * 3600.0
+# Pause between attempts of a write that met a concurrent writer of the same entities (ConflictError):
+# short, since the other transaction commits within milliseconds, and jittered so two replicas that
+# collided do not collide again in lockstep.
+CONFLICT_FIRST_DELAY, CONFLICT_MAX_DELAY = 0.01, 1.0
 SUMMARY_INTERVAL = 60.0
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
@@ -47,6 +65,7 @@ class Backoff:
 
 class Consumer(Role):
     name = "consumer"
+    forget_idle_seconds = FORGET_CONSUMER_IDLE_SECONDS
 
     def __init__(self, config, cache=None) -> None:
         super().__init__(config)
@@ -131,31 +150,83 @@ class Consumer(Role):
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
         if self._claim_cursor == "0-0":  # a full pass over the PEL is done; the next one later
             self._next_claim = time.monotonic() + max(1.0, idle / 2)
-            self._forget_dead_consumers(idle)
+            self._forget_dead_consumers()
         if entries:
             log.info("took over %d entries pending for more than %.0f s", len(entries), idle)
         return entries
 
-    def _forget_dead_consumers(self, idle: float) -> None:
-        """Drop consumers with nothing pending that have been silent for long (restarts leave them)."""
+    def _forget_dead_consumers(self) -> None:
+        """Drop consumer names silent for hours with nothing pending (every restart leaves one)."""
         try:
             for info in self.redis.xinfo_consumers(self.stream, self.group):
-                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-                if name != self.consumer and info["pending"] == 0 and info["idle"] > idle * 1000:
-                    self.redis.xgroup_delconsumer(self.stream, self.group, name)
+                name = _as_bytes(info["name"]).decode()
+                if name != self.consumer and info["pending"] == 0 and info["idle"] >= self.forget_idle_seconds * 1000:
+                    self._forget(name, info["idle"] / 1000)
         except (redis.RedisError, OSError) as exc:
             log.debug("cannot tidy the consumer list: %s", exc)
+
+    def _forget(self, name: str, idle: float) -> None:
+        dropped = self.redis.xgroup_delconsumer(self.stream, self.group, name)
+        if dropped:
+            # It read entries after XINFO listed it: they left the pending list with it. It still holds
+            # them and acknowledges them after its commit, but if it dies first nothing redelivers them.
+            log.error("forgot consumer %s, which had just read %d entries: they are no longer pending",
+                      name, dropped)
+        else:
+            log.info("forgot consumer %s (silent for %.1f h, nothing pending)", name, idle / 3600)
 
     # --- one batch ---
 
     def _handle(self, entries: list) -> None:
-        messages = [wire.decode_entry(entry_id, fields, self.limits) for entry_id, fields in entries]
-        outcome = self._retry("write the batch to Postgres", lambda: self._write(messages))
+        batch = [wire.decode_entry(entry_id, fields, self.limits) for entry_id, fields in entries]
+        outcome = self._retry("write the batch to Postgres", self._attempts(batch))
         if outcome is None:
             return  # stopping: the entries stay pending and are redelivered (a no-op if committed)
-        ids = [entry_id for entry_id, _ in entries]
-        self._retry("acknowledge the batch in Redis", lambda: self._acknowledge(ids))
+        ids = [message.stream_id for message in batch]  # less any another consumer took over meanwhile
+        if ids:
+            self._retry("acknowledge the batch in Redis", lambda: self._acknowledge(ids))
         self._report(outcome)
+
+    def _attempts(self, batch: list[wire.Message]) -> Callable[[], inbox.Outcome | None]:
+        """The write of a batch for _retry; every retry first leaves out entries no longer ours."""
+        attempted = False
+
+        def attempt() -> inbox.Outcome | None:
+            nonlocal attempted
+            if attempted:
+                batch[:] = self._still_ours(batch)
+            attempted = True
+            return self._write(batch)
+        return attempt
+
+    def _still_ours(self, batch: list[wire.Message]) -> list[wire.Message]:
+        """The entries of the batch still pending with this consumer, their idle time reset.
+
+        While a write is retried (Postgres down or cut off), the entries idle in our pending list and
+        another consumer may take them over (XAUTOCLAIM), commit and acknowledge them. Receipts turn a
+        write of ours into a no-op only until they are pruned (RECEIPT_RETENTION), so an entry we no
+        longer own is left to its new owner. XPENDING tells ownership (XCLAIM with min-idle 0 would
+        take an entry from any owner); XCLAIM JUSTID then resets the idle time of ours, so no one takes
+        them during the attempt. An entry taken over between the two calls is written by both within
+        that attempt: its receipt makes the later write a no-op.
+        """
+        if not batch:
+            return batch
+        ids = [message.stream_id for message in batch]
+        ordered = sorted(ids, key=wire.stream_id_parts)
+        # len(ids) is enough: a consumer handles one batch at a time and acknowledges it before the
+        # next, so its pending list holds this batch alone (an id missed would only be left pending).
+        pending = self.redis.xpending_range(self.stream, self.group, min=ordered[0], max=ordered[-1],
+                                            count=len(ids), consumername=self.consumer)
+        mine = {_as_bytes(entry["message_id"]) for entry in pending}
+        kept = [message for message in batch if _as_bytes(message.stream_id) in mine]
+        if kept:
+            self.redis.xclaim(self.stream, self.group, self.consumer, min_idle_time=0,
+                              message_ids=[message.stream_id for message in kept], justid=True)
+        if len(kept) < len(batch):
+            log.warning("%d of %d entries were taken over by another consumer while their write was retried; "
+                        "left to it", len(batch) - len(kept), len(batch))
+        return kept
 
     def _branch(self) -> str | None:
         """Today's default branch as rows record it, or None while the refresher does not know it."""
@@ -164,14 +235,23 @@ class Consumer(Role):
         view = shared.read(self.cache)  # a gone Manager raises: the supervisor restarts everything
         return view.branch_scope if view.branch_known else None
 
-    def _write(self, messages: list[wire.Message]) -> inbox.Outcome:
+    def _write(self, batch: list[wire.Message]) -> inbox.Outcome | None:
+        """inbox.write, re-planned after each conflict; None when the role stops meanwhile."""
+        if not batch:
+            return inbox.Outcome()  # everything was taken over: nothing of ours to write
         branch = self._branch()
+        backoff, conflicted = Backoff(CONFLICT_FIRST_DELAY, CONFLICT_MAX_DELAY), False
         while True:
             try:
-                return inbox.write(self.db, self.stream, messages, branch)
+                return inbox.write(self.db, self.stream, batch, branch, hash_order=conflicted)
             except ConflictError as exc:
-                # A concurrent consumer committed the same entity or entry first; re-plan at once.
+                # A concurrent writer committed the same entity or entry first (or we deadlocked with
+                # it): re-plan against what it committed, inserting new rows in hash order so writers
+                # that re-plan take their locks in one order and cannot deadlock again.
                 log.debug("write conflict, retrying: %s", exc)
+                conflicted = True
+                if not self.pause(backoff.next_delay()):
+                    return None
 
     def _acknowledge(self, ids: list) -> None:
         # MULTI/EXEC: an entry is deleted only together with its ACK, never instead of it.
@@ -206,10 +286,7 @@ class Consumer(Role):
             log.warning("dead letter (%s entry %s): %s", where, rejection.message.stream_id.decode(), rejection.reason)
         if outcome.redelivered:
             log.info("%d redelivered entries were already committed; acknowledged them", outcome.redelivered)
-        totals = self._totals
-        for name in ("messages", "redelivered", "entities", "inserted", "duplicates", "requeued"):
-            setattr(totals, name, getattr(totals, name) + getattr(outcome, name))
-        totals.dead_letters += outcome.dead_letters
+        self._totals.add(outcome)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -234,8 +311,10 @@ class Consumer(Role):
         try:
             boundary = self._oldest_unacknowledged()
             if boundary is not None:
+                # An id beyond bigint (a dead letter, wire.receipt_key) is above every receipt: clamp it.
+                ms, seq = (min(part, wire.INT64_MAX) for part in boundary)
                 with self.db.transaction() as tx:
-                    tx.execute("prune_receipts", {"stream": self.stream, "ms": boundary[0], "seq": boundary[1],
+                    tx.execute("prune_receipts", {"stream": self.stream, "ms": ms, "seq": seq,
                                                   "keep_seconds": RECEIPT_RETENTION})
         except (ReconcilerError, redis.RedisError, OSError) as exc:
             log.debug("receipt pruning skipped: %s", exc)

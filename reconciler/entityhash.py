@@ -58,8 +58,3 @@ def digest(entity) -> bytes:
     entity.ClearField("timestamp")
     entity.DiscardUnknownFields()
     return hashlib.sha256(entity.SerializeToString(deterministic=True)).digest()
-
-
-def entity_hash(entity_bytes: bytes) -> bytes:
-    """The dedup key of a serialized diode.v1.Entity."""
-    return digest(HashingEntity.FromString(entity_bytes))

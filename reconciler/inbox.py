@@ -4,18 +4,22 @@ One transaction per read: receipts for the stream entries (a redelivered entry i
 dedup against the current row of each entity hash, one COPY of the new QUEUED rows, bookkeeping
 on the duplicates, dead letters for whatever could not become a row. The caller acknowledges the
 entries in Redis only after this returns, i.e. after the commit.
+
+What Postgres refuses for its content never blocks a read: a row refused by the COPY is found by
+bisection and dead-lettered alone; anything else refused (a counter out of range) sends the read
+back entry by entry, so that only the entry it belongs to becomes a dead letter.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 from . import pgcopy, wire
 from .db import Database, Tx
-from .errors import ContentRejected
+from .errors import ContentRejected, DatabaseError
 from .states import REQUEUE_ON_DUPLICATE
 
 COPY_COLUMNS = 11  # the column list of copy_ingestion_logs
@@ -33,6 +37,11 @@ class Outcome:
     requeued: int = 0
     dead_letters: list[wire.Rejection] = field(default_factory=list)
 
+    def add(self, other: "Outcome") -> None:
+        """Accumulate another outcome into this one: counts add up, dead letters are appended."""
+        for name in (f.name for f in fields(self)):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 @dataclass
 class _Plan:
@@ -40,12 +49,48 @@ class _Plan:
     increments: Counter = field(default_factory=Counter)  # head id -> observations
 
 
-def write(db: Database, stream: str, messages: list[wire.Message], branch: str | None = None) -> Outcome:
+def write(db: Database, stream: str, messages: list[wire.Message], branch: str | None = None,
+          hash_order: bool = False) -> Outcome:
     """Commit the rows and dead letters of these stream entries; safe to call again after a crash.
 
     `branch` is today's default branch as rows record it ("<name> (<id>)", "" for main), or None
     while it is not known: then every existing row of an entity absorbs new observations.
+
+    New rows get their ids in arrival order. With `hash_order` (a re-plan after a ConflictError) they
+    are inserted in entity-hash order instead: writers that re-plan then meet on the unique head index
+    in one order (one waits, then conflicts) instead of each holding what the other needs (a deadlock,
+    only detected after deadlock_timeout). Not always: ids would then lose the arrival order that
+    claims follow, which keeps the entities of one request together in a poll worker's batch.
     """
+    try:
+        return _write_batch(db, stream, messages, branch, hash_order)
+    except ContentRejected as exc:
+        if len(messages) == 1:
+            return _refuse_entry(db, stream, messages[0], exc)
+        return _write_one_by_one(db, stream, messages, branch, hash_order)
+
+
+def _write_one_by_one(db: Database, stream: str, messages: list[wire.Message], branch: str | None,
+                      hash_order: bool) -> Outcome:
+    """Postgres refused something outside the COPY's savepoint, where the offending row is unknown: one
+    transaction per entry finds its entry. Rare (a counter out of range), so the extra commits do not
+    matter; entries committed before a conflict are redelivered no-ops when the caller re-plans."""
+    outcome = Outcome()
+    for message in messages:
+        outcome.add(write(db, stream, [message], branch, hash_order))
+    return outcome
+
+
+def _refuse_entry(db: Database, stream: str, message: wire.Message, exc: ContentRejected) -> Outcome:
+    """The whole entry as a dead letter with Postgres' reason, and its receipt (a redelivery stays a no-op)."""
+    refused = wire.Message(stream_id=message.stream_id, fields=message.fields)
+    refused.rejections.append(wire.Rejection(message, None, f"Postgres refused the stream entry: {exc}",
+                                             message.fields))
+    return _write_batch(db, stream, [refused])
+
+
+def _write_batch(db: Database, stream: str, messages: list[wire.Message], branch: str | None = None,
+                 hash_order: bool = False) -> Outcome:
     with db.transaction() as tx:
         fresh = _claim_receipts(tx, stream, messages)
         outcome = Outcome(messages=len(messages), redelivered=len(messages) - len(fresh))
@@ -53,25 +98,26 @@ def write(db: Database, stream: str, messages: list[wire.Message], branch: str |
         outcome.dead_letters = [rejection for message in fresh for rejection in message.rejections]
         outcome.entities = sum(message.entity_count for message in fresh)
         heads = _lock_heads(tx, rows, branch)
-        plan, refused = _insert_new_rows(tx, rows, heads)
+        plan, refused = _insert_new_rows(tx, rows, heads, hash_order)
         outcome.dead_letters += refused
-        _mark_duplicates(tx, plan.increments)
+        outcome.requeued = _mark_duplicates(tx, plan.increments, heads)
         outcome.inserted = len(plan.new_rows)
         outcome.duplicates = len(rows) - len(refused) - outcome.inserted
-        states = {head.id: head.state for head in heads.values()}
-        outcome.requeued = sum(1 for head_id in plan.increments if states[head_id] in REQUEUE_ON_DUPLICATE)
         _store_dead_letters(tx, stream, outcome.dead_letters)
     return outcome
 
 
 def _claim_receipts(tx: Tx, stream: str, messages: list[wire.Message]) -> list[wire.Message]:
-    if not messages:
-        return []
-    parts = [wire.stream_id_parts(m.stream_id) for m in messages]
+    """The entries not committed before. An entry whose id does not fit a receipt (decode_entry made it
+    a dead letter) gets none: a crash between commit and XACK may store its dead letter twice."""
+    keys = [wire.receipt_key(m.stream_id) for m in messages]
+    keyed = [(m, key) for m, key in zip(messages, keys) if key is not None]
+    if not keyed:
+        return list(messages)
     claimed = set(tx.fetchall("claim_receipts", {
-        "stream": stream, "ms": [p[0] for p in parts], "seq": [p[1] for p in parts],
-        "entities": [m.entity_count for m in messages]}))
-    return [m for m, p in zip(messages, parts) if p in claimed]
+        "stream": stream, "ms": [key[0] for _, key in keyed], "seq": [key[1] for _, key in keyed],
+        "entities": [m.entity_count for m, _ in keyed]}))
+    return [m for m, key in zip(messages, keys) if key is None or key in claimed]
 
 
 class Head(NamedTuple):
@@ -118,8 +164,10 @@ def _plan(rows: list[wire.EntityRow], heads: dict[bytes, Head], refused: set[int
     return plan
 
 
-def _insert_new_rows(tx: Tx, rows: list[wire.EntityRow], heads: dict[bytes, Head]) -> tuple[_Plan, list[wire.Rejection]]:
-    """COPY the new rows; rows Postgres refuses are found, left out and returned as rejections.
+def _insert_new_rows(tx: Tx, rows: list[wire.EntityRow], heads: dict[bytes, Head],
+                     hash_order: bool = False) -> tuple[_Plan, list[wire.Rejection]]:
+    """COPY the new rows (in arrival order, or in hash order, see write); rows Postgres refuses are
+    found, left out and returned as rejections.
 
     Leaving a row out changes the plan (an in-batch copy of it may become the new row instead),
     so the plan is rebuilt after each refusal. Each round removes at least one row.
@@ -127,14 +175,19 @@ def _insert_new_rows(tx: Tx, rows: list[wire.EntityRow], heads: dict[bytes, Head
     refused: dict[int, wire.Rejection] = {}
     while True:
         plan = _plan(rows, heads, set(refused))
-        items = list(plan.new_rows.values())
+        order = sorted(plan.new_rows) if hash_order else plan.new_rows
+        items = [plan.new_rows[entity_hash] for entity_hash in order]
         try:
             with tx.savepoint():
                 if items:
                     tx.copy("copy_ingestion_logs", _encode(items))
             return plan, list(refused.values())
         except ContentRejected as exc:
-            culprits = _find_refused(tx, items) or [(item, str(exc)) for item in items]
+            culprits = _find_refused(tx, items)
+            if not culprits:
+                # Refused together, yet no row alone (a limit of the statement, a trigger, a state that
+                # passed): the rows may well be fine, and a dead letter would take them out of the inbox.
+                raise DatabaseError(f"Postgres refused the batch's new rows but none of them alone: {exc}") from exc
             for (row, _), reason in culprits:
                 refused[id(row)] = wire.Rejection(row.message, row.index, f"Postgres refused the row: {reason}",
                                                   wire.entity_fields(row))
@@ -190,10 +243,19 @@ def _encode(items: list) -> bytes:
     return pgcopy.stream(tuples)
 
 
-def _mark_duplicates(tx: Tx, increments: Counter) -> None:
-    if increments:
-        ids = sorted(increments)
-        tx.execute("mark_duplicates", {"ids": ids, "increments": [increments[i] for i in ids]})
+def _mark_duplicates(tx: Tx, increments: Counter, heads: dict[bytes, Head]) -> int:
+    """Count the new observations on their heads; returns how many finished heads went back to QUEUED.
+
+    Which states are requeued is decided here, from the heads lock_heads locked (their state cannot
+    change before commit), so REQUEUE_ON_DUPLICATE is the one definition of that set.
+    """
+    if not increments:
+        return 0
+    states = {head.id: head.state for head in heads.values()}
+    ids = sorted(increments)
+    requeue = [states[i] in REQUEUE_ON_DUPLICATE for i in ids]
+    tx.execute("mark_duplicates", {"ids": ids, "increments": [increments[i] for i in ids], "requeue": requeue})
+    return sum(requeue)
 
 
 def _store_dead_letters(tx: Tx, stream: str, rejections: list[wire.Rejection]) -> None:

@@ -24,10 +24,6 @@ def text(value: str) -> bytes:
     return _LENGTH.pack(len(data)) + data
 
 
-def bytea(value: bytes) -> bytes:
-    return _LENGTH.pack(len(value)) + value
-
-
 def bigint(value: int | None) -> bytes:
     return NULL if value is None else _BIGINT.pack(8, value)
 
@@ -47,10 +43,6 @@ def stream(tuples: list[bytes]) -> bytes:
 
 def nullable_text(value: str | None) -> bytes:
     return NULL if value is None else text(value)
-
-
-def nullable_integer(value: int | None) -> bytes:
-    return NULL if value is None else integer(value)
 
 
 _JSONB_VERSION = b"\x01"

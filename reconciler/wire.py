@@ -1,7 +1,8 @@
 """Decoding of diode ingest-stream entries: fields -> IngestRequest -> one row per entity.
 
-Pure functions, no I/O. Every input gets an answer: a row for each good entity, and a rejection
-that names what was wrong for everything else (the consumer stores those as dead letters).
+Pure functions, no I/O (but a log line with the traceback of an error nobody foresaw). Every input
+gets an answer: a row for each good entity, and a rejection that names what was wrong for everything
+else (the consumer stores those as dead letters).
 
 The request is split at its top level by hand (a few lines of wire-format walking) and each
 entity is parsed on its own, so one malformed entity (invalid UTF-8, nesting deeper than
@@ -11,6 +12,7 @@ kept for an entity are exactly the bytes the client sent.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import brotli
@@ -21,9 +23,12 @@ from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from .entityhash import HashingEntity, digest
 from .objecttypes import OBJECT_TYPES
 
+log = logging.getLogger(__name__)
+
 ENTITIES_FIELD = 2  # IngestRequest.entities
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
+UNEXPECTED_ERROR_CHARS = 300  # of the error's text kept in a dead letter's reason
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,22 @@ class Unreadable(Exception):
 def stream_id_parts(stream_id: bytes) -> tuple[int, int]:
     ms, _, seq = stream_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+def receipt_key(stream_id: bytes) -> tuple[int, int] | None:
+    """(ms, seq) as a receipt stores them (bigint), or None when the id does not fit.
+
+    Redis allows each part up to 2**64-1 (an id given explicitly to XADD); decode_entry rejects such
+    entries, so the consumer never sends Postgres a key it would refuse for the whole batch.
+    """
+    ms, seq = stream_id_parts(stream_id)
+    return (ms, seq) if ms <= INT64_MAX and seq <= INT64_MAX else None
+
+
+def _check_stream_id(stream_id: bytes) -> None:
+    if receipt_key(stream_id) is None:
+        raise Unreadable(f"stream entry id {_id_text(stream_id)} does not fit a receipt: each part "
+                         f"must be at most {INT64_MAX} (a bigint); the producer gave XADD an explicit id")
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -258,9 +279,32 @@ def _decode_entities(message: Message, entities: list[bytes]) -> None:
 
 
 def decode_entry(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits = Limits()) -> Message:
-    """Decode one stream entry into rows and rejections; never raises for bad input."""
+    """Decode one stream entry into rows and rejections; never raises.
+
+    Bad input gets the precise reason below. Any other error (a bug, an input nobody foresaw) rejects
+    this entry whole, naming it and the error: one entry must never stop the consumer, nor cost the
+    other entries of its read.
+    """
+    try:
+        return _decode(stream_id, fields, limits)
+    except Exception as exc:
+        log.error("unexpected error decoding stream entry %r; it becomes a dead letter", stream_id, exc_info=True)
+        message = Message(stream_id=stream_id, fields=fields)
+        # repr: the reason is stored as text, which cannot hold a NUL the error's own text might carry.
+        error = repr(exc)[:UNEXPECTED_ERROR_CHARS]
+        reason = f"stream entry {_id_text(stream_id)} could not be decoded: unexpected {error}"
+        message.rejections.append(Rejection(message, None, reason, fields))
+        return message
+
+
+def _id_text(stream_id) -> str:
+    return stream_id.decode("ascii", "replace") if isinstance(stream_id, bytes) else str(stream_id)
+
+
+def _decode(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits) -> Message:
     message = Message(stream_id=stream_id, fields=fields)
     try:
+        _check_stream_id(stream_id)
         message.ingestion_ts = _ingestion_ts(fields)
         message.header, entities = split_request(_request_bytes(fields, limits))
         _read_header(message)

@@ -67,19 +67,21 @@ COPY ingestion_logs (request_id, ingestion_ts, producer_app_name, producer_app_v
 FROM STDIN WITH (FORMAT binary);
 
 -- mark_duplicates --
--- Another observation of rows we already have: count it, and send finished rows (APPLIED,
--- FAILED, NO_CHANGES, ERRORED) back to QUEUED so they are planned again, remembering where they
--- came from. Rows that are queued, in flight, OPEN or IGNORED keep their state.
+-- Another observation of rows we already have: count it, and send the rows flagged in
+-- %(requeue)s back to QUEUED so they are planned again, remembering where they came from. The
+-- caller flags the finished ones (states.REQUEUE_ON_DUPLICATE: APPLIED, FAILED, NO_CHANGES,
+-- ERRORED) from the states lock_heads locked, so that set is written down once, in Python. Rows
+-- that are queued, in flight, OPEN or IGNORED keep their state.
 UPDATE ingestion_logs AS l
 SET duplicate_count = l.duplicate_count + d.increment,
     last_seen = now(),
     updated_at = now(),
-    state = CASE WHEN l.state IN (3, 4, 5, 7) THEN 1 ELSE l.state END,
-    requeued_from_state = CASE WHEN l.state IN (3, 4, 5, 7) THEN l.state ELSE l.requeued_from_state END,
-    error = CASE WHEN l.state IN (3, 4, 5, 7) THEN NULL ELSE l.error END,
-    attempts = CASE WHEN l.state IN (3, 4, 5, 7) THEN 0 ELSE l.attempts END,
-    next_attempt_at = CASE WHEN l.state IN (3, 4, 5, 7) THEN NULL ELSE l.next_attempt_at END
-FROM unnest(%(ids)s::bigint[], %(increments)s::integer[]) AS d (id, increment)
+    state = CASE WHEN d.requeue THEN 1 ELSE l.state END,
+    requeued_from_state = CASE WHEN d.requeue THEN l.state ELSE l.requeued_from_state END,
+    error = CASE WHEN d.requeue THEN NULL ELSE l.error END,
+    attempts = CASE WHEN d.requeue THEN 0 ELSE l.attempts END,
+    next_attempt_at = CASE WHEN d.requeue THEN NULL ELSE l.next_attempt_at END
+FROM unnest(%(ids)s::bigint[], %(increments)s::integer[], %(requeue)s::boolean[]) AS d (id, increment, requeue)
 WHERE l.id = d.id;
 
 -- insert_dead_letters --

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import brotli
 import pytest
 
-from reconciler import sample
+from reconciler import sample, wire
 from reconciler.consumer import Consumer
 
 from .support import GROUP, STREAM, push, query, reconciler, scalar, wait_until
@@ -35,6 +37,17 @@ def drain(role: Consumer, redis_client, timeout: float = 30.0) -> None:
 
 def consumed(redis_client) -> bool:
     return redis_client.xlen(STREAM) == 0 and redis_client.xpending(STREAM, GROUP)["pending"] == 0
+
+
+@contextmanager
+def stop_after(role: Consumer, seconds: float):
+    """Ask the role to stop after `seconds`, so a loop that would never end fails the test instead."""
+    timer = threading.Timer(seconds, role.request_stop)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 SHAPE = sample.Shape(sites=2, devices_per_site=6)
@@ -101,9 +114,109 @@ def test_pending_entries_of_a_dead_consumer_are_taken_over(consumer, redis_clien
     assert redis_client.xpending(STREAM, GROUP)["pending"] > 0
     wait_until(lambda: (consumer.run_once(), consumed(redis_client))[1], timeout=15, what="takeover")
     assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(devices_per_site=1).entity_count()
+    consumer.forget_idle_seconds = 1.0  # as if the hours it takes had passed
     consumer._next_claim = 0
     wait_until(lambda: (consumer.run_once(), len(redis_client.xinfo_consumers(STREAM, GROUP)) == 1)[1],
                timeout=15, what="the dead consumer to be forgotten")
+
+
+def test_only_consumers_silent_for_hours_with_nothing_pending_are_forgotten(consumer, redis_client, caplog):
+    """XGROUP DELCONSUMER drops a consumer's pending entries: a replica idle between two reads, or one
+    that read entries since XINFO listed it, must keep its name."""
+    consumer.boot()
+    live, dead = "diode-reconciler-livehost-1", "diode-reconciler-deadhost-1"
+    redis_client.xgroup_createconsumer(STREAM, GROUP, live)
+    redis_client.xgroup_createconsumer(STREAM, GROUP, dead)
+    time.sleep(1.2)  # idle longer than reclaim_idle_seconds (1 s here), far from hours
+    consumer._next_claim = 0
+    consumer.run_once()  # a full takeover pass, which then tidies the consumer list
+    assert {live, dead} <= {info["name"].decode() for info in redis_client.xinfo_consumers(STREAM, GROUP)}
+
+    consumer.forget_idle_seconds = 1.0  # as if hours had passed; the live one reads entries meanwhile
+    push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
+    redis_client.xreadgroup(GROUP, live, {STREAM: ">"}, count=1)
+    consumer._next_claim = 0
+    with caplog.at_level(logging.INFO, logger="reconciler.consumer"):
+        consumer.run_once()
+    names = {info["name"].decode() for info in redis_client.xinfo_consumers(STREAM, GROUP)}
+    assert live in names and dead not in names
+    assert redis_client.xpending(STREAM, GROUP)["consumers"][0]["name"] == live.encode()
+    assert f"forgot consumer {dead}" in caplog.text and f"forgot consumer {live}" not in caplog.text
+
+
+def test_an_entry_id_beyond_bigint_becomes_a_dead_letter_and_consuming_goes_on(consumer, redis_client, dsn):
+    """Redis stream ids go up to 2**64-1 per part; receipts keep them as bigint. Such an entry must
+    not make the consumer retry its read forever, nor stop receipts from being pruned after it."""
+    good, other = list(sample.entries(sample.Shape(devices_per_site=1)))
+    consumer.boot()
+    push(redis_client, [good])
+    redis_client.xadd(STREAM, other, id=b"9223372036854775808-0")
+    with stop_after(consumer, 20):
+        drain(consumer, redis_client, timeout=20)
+    [(stream_id, reason)] = query(dsn, "SELECT stream_id, reason FROM dead_letters")
+    assert stream_id == "9223372036854775808-0" and "9223372036854775808-0" in reason
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == len(wire.decode_entry(b"1-0", good).rows)
+
+    query(dsn, "UPDATE stream_receipts SET committed_at = now() - interval '1 day'")
+    consumer._prune_receipts()
+    assert scalar(dsn, "SELECT count(*) FROM stream_receipts") == 0
+
+
+def test_entries_taken_over_while_a_write_is_retried_are_not_written_twice(config, redis_client, dsn):
+    """A consumer cut off from Postgres retries its batch; a replica takes the entries over, commits and
+    acknowledges them, and their receipts are pruned (an hour later). When Postgres comes back for the
+    first consumer, it must leave those entries to the replica instead of counting every entity twice."""
+    shape = sample.Shape(devices_per_site=1)
+    push(redis_client, sample.entries(shape))
+    cut_off, replica = Consumer(config), Consumer(config)
+    replica.consumer = "diode-reconciler-replica-1"
+    try:
+        cut_off.boot()
+        replica.boot()
+        cut_off.db.close()
+        cut_off.db.dsn = "postgresql://postgres@127.0.0.1:1/unreachable"  # refused, as behind a partition
+        reader = threading.Thread(target=cut_off.run_once)  # reads the batch, then retries its write
+        with stop_after(cut_off, 90):
+            reader.start()
+            wait_until(lambda: redis_client.xpending(STREAM, GROUP)["pending"], what="the cut-off consumer's read")
+            wait_until(lambda: (replica.run_once(), consumed(redis_client))[1], timeout=40,
+                       what="the replica to take the entries over")
+            query(dsn, "UPDATE stream_receipts SET committed_at = now() - interval '2 hours'")
+            replica._prune_receipts()
+            assert scalar(dsn, "SELECT count(*) FROM stream_receipts") == 0
+            cut_off.db.dsn = dsn
+            reader.join(60)
+            assert not cut_off.stopping, "the cut-off consumer kept retrying"
+        assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == shape.entity_count()
+        assert scalar(dsn, "SELECT sum(duplicate_count) FROM ingestion_logs") == 0
+    finally:
+        cut_off.request_stop()
+        cut_off.shutdown()
+        replica.shutdown()
+
+
+def test_a_write_that_keeps_conflicting_backs_off_and_ends_when_stopping(consumer, redis_client, dsn):
+    """Conflicts are retried at once no more: a short jittered pause between attempts, and a stop
+    request ends the loop, leaving the entries pending for redelivery."""
+    query(dsn, """
+        CREATE SEQUENCE conflict_attempts;
+        CREATE FUNCTION always_conflict() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM nextval('conflict_attempts');
+            RAISE unique_violation USING MESSAGE = 'test: another writer got there first';
+        END $$;
+        CREATE TRIGGER always_conflict BEFORE INSERT ON stream_receipts
+        FOR EACH STATEMENT EXECUTE FUNCTION always_conflict()""")
+    consumer.boot()
+    push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
+    loop = threading.Thread(target=consumer.run_once, daemon=True)
+    loop.start()
+    time.sleep(2)
+    consumer.request_stop()
+    loop.join(5)
+    assert not loop.is_alive(), "the conflict loop did not end on stop"
+    assert 3 <= scalar(dsn, "SELECT last_value FROM conflict_attempts") <= 40
+    assert redis_client.xpending(STREAM, GROUP)["pending"] > 0
 
 
 def test_dropped_redis_connections_lose_nothing(consumer, redis_client, dsn):

@@ -5,15 +5,16 @@ from __future__ import annotations
 import itertools
 import threading
 
+import psycopg2
 import pytest
 from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from reconciler import inbox, sample, states, wire
 from reconciler.db import Database
-from reconciler.errors import ConflictError
+from reconciler.errors import ConflictError, ContentRejected, DatabaseError
 
-from .support import query, scalar
+from .support import query, scalar, wait_until
 
 STREAM = "diode.v1.ingest-stream"
 _ids = itertools.count(1)
@@ -172,3 +173,108 @@ def test_concurrent_writers_never_create_two_rows_for_one_entity(dsn):
 
 def _entities(message: wire.Message) -> list[pb.Entity]:
     return [pb.Entity.FromString(row.entity) for row in message.rows]
+
+
+def test_content_refused_outside_the_copy_costs_only_its_entry(db, dsn):
+    """A counter that would overflow (duplicate_count is an integer) is refused by the UPDATE of the
+    duplicates, outside the COPY's savepoint: the batch is written entry by entry and only the entry
+    carrying that observation becomes a dead letter, with Postgres' reason; its receipt is kept."""
+    inbox.write(db, STREAM, [entry(site("worn"))])
+    query(dsn, "UPDATE ingestion_logs SET duplicate_count = 2147483647")
+    batch = [entry(site("a")), entry(site("b"), site("worn")), entry(site("c"))]
+
+    outcome = inbox.write(db, STREAM, batch)
+
+    assert (outcome.messages, outcome.inserted, outcome.duplicates) == (3, 2, 0)
+    [rejection] = outcome.dead_letters
+    assert rejection.message is batch[1] and rejection.index is None
+    assert rejection.reason.startswith("Postgres refused the stream entry: ") and "out of range" in rejection.reason
+    [(stream_id, index, reason)] = query(dsn, "SELECT stream_id, entity_index, reason FROM dead_letters")
+    assert (stream_id, index, reason) == (batch[1].stream_id.decode(), None, rejection.reason)
+    names = sorted(pb.Entity.FromString(bytes(e)).site.name for (e,) in query(dsn, "SELECT entity FROM ingestion_logs"))
+    assert names == ["a", "c", "worn"]
+    assert inbox.write(db, STREAM, batch).redelivered == 3  # every entry has its receipt: a redelivery is a no-op
+
+
+def test_a_refusal_no_single_row_explains_is_retried_not_dead_lettered(db, dsn):
+    """Bisection finds no row Postgres refuses alone (here a trigger refuses statements of more than
+    three rows): the rows may be fine, so the write fails to be retried and nothing is dead-lettered."""
+    query(dsn, """
+        CREATE FUNCTION refuse_big_statements() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF (SELECT count(*) FROM new_rows) > 3 THEN
+                RAISE numeric_value_out_of_range USING MESSAGE = 'test: more than three rows in one statement';
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER refuse_big_statements AFTER INSERT ON ingestion_logs REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION refuse_big_statements()""")
+
+    with pytest.raises(DatabaseError, match="more than three rows") as raised:
+        inbox.write(db, STREAM, [entry(*(site(f"s{i}") for i in range(6)))])
+
+    assert not isinstance(raised.value, ContentRejected)  # retried later, never dead-lettered
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == 0
+    assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
+    assert scalar(dsn, "SELECT count(*) FROM stream_receipts") == 0
+
+
+def _race_in_copy(dsn, orders: list[list[str]], hash_order: bool) -> list[str]:
+    """Two writers insert the same new sites in the given orders while a third transaction holds the
+    middle one, so that both are inside their COPY when it lets go; returns the conflicts they met."""
+    middle = entry(site(orders[0][len(orders[0]) // 2])).rows[0].entity_hash
+    blocker = psycopg2.connect(dsn, options="-c search_path=reconciler")
+    with blocker.cursor() as cursor:
+        cursor.execute("INSERT INTO ingestion_logs (object_type, request_id, ingestion_ts, producer_app_name, "
+                       "producer_app_version, sdk_name, sdk_version, entity, entity_hash) "
+                       "VALUES ('dcim.site', 'r', 0, 'p', 'v', 's', 'v', '\\x00', %s)", (middle,))
+    conflicts: list[str] = []
+
+    def writer(order: list[str]) -> None:
+        database = Database(dsn, "reconciler")
+        while True:
+            try:
+                inbox.write(database, STREAM, [entry(*(site(name) for name in order))], hash_order=hash_order)
+                break
+            except ConflictError as exc:
+                conflicts.append(str(exc))
+        database.close()
+
+    threads = [threading.Thread(target=writer, args=(order,)) for order in orders]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: scalar(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND wait_event_type = 'Lock'") == 2, what="both writers waiting inside their COPY")
+    blocker.rollback()
+    blocker.close()
+    for thread in threads:
+        thread.join(30)
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == len(orders[0])
+    assert scalar(dsn, "SELECT sum(duplicate_count) FROM ingestion_logs") == len(orders[0])
+    return conflicts
+
+
+NAMES = [f"s{i:02}" for i in range(40)]
+
+
+def test_writers_in_opposite_arrival_orders_can_deadlock(dsn):
+    """Why a re-plan uses hash order: in arrival order, two writers of the same new entities can each
+    hold half of what the other needs on the unique head index (Postgres then aborts one)."""
+    conflicts = _race_in_copy(dsn, [NAMES, NAMES[::-1]], hash_order=False)
+    assert any("deadlock detected" in conflict for conflict in conflicts)
+
+
+def test_writers_that_re_plan_in_hash_order_queue_up_instead_of_deadlocking(dsn):
+    """hash_order (the consumer's re-plan after a conflict) inserts new rows in one order whatever
+    order they arrived in: the second writer waits for the first, then conflicts and re-plans."""
+    conflicts = _race_in_copy(dsn, [NAMES, NAMES[::-1]], hash_order=True)
+    assert conflicts and not any("deadlock" in conflict for conflict in conflicts)
+
+
+def test_new_rows_keep_their_arrival_order_unless_re_planned(db, dsn):
+    inbox.write(db, STREAM, [entry(*(site(name) for name in NAMES[::-1]))])
+    inbox.write(db, STREAM, [entry(*(site(f"re-planned-{n}") for n in range(10)))], hash_order=True)
+    stored = [(pb.Entity.FromString(bytes(e)).site.name, bytes(h))
+              for e, h in query(dsn, "SELECT entity, entity_hash FROM ingestion_logs ORDER BY id")]
+    assert [name for name, _ in stored[:40]] == NAMES[::-1]
+    assert [h for _, h in stored[40:]] == sorted(h for _, h in stored[40:])

@@ -276,3 +276,10 @@ def test_outcome_labels_cover_every_state_a_worker_records():
     recorded = {states.OPEN, states.APPLIED, states.FAILED, states.NO_CHANGES, states.PENDING_RETRY, states.ERRORED}
     assert set(metrics.OUTCOME_LABELS) == recorded
     assert Counter(metrics.OUTCOME_LABELS.values()).most_common(1)[0][1] == 1
+
+
+def test_rejected_stream_ids_and_unexpected_decoding_errors_have_kinds():
+    too_big = wire.decode_entry(b"18446744073709551615-0", sample.stream_fields(request(sdk.Entity(site=sdk.Site(name="s")))))
+    unexpected = wire.decode_entry(b"2-0", {b"request": "text, not bytes", b"ingestion_ts": b"1"})
+    assert [metrics.dead_letter_kind(r.reason) for r in too_big.rejections] == ["malformed_entry"]
+    assert [metrics.dead_letter_kind(r.reason) for r in unexpected.rejections] == ["unexpected_error"]

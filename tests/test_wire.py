@@ -11,7 +11,6 @@ from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from reconciler import sample, wire
-from reconciler.entityhash import entity_hash
 from reconciler.objecttypes import ENTITY_ONEOF, OBJECT_TYPES
 
 DEVICE = sdk.Device(name="edge-1", site=sdk.Site(name="dc-1", slug="dc-1"), role="access", serial="SN1",
@@ -92,7 +91,9 @@ def test_sample_network_decodes_without_rejections():
 # --- the dedup hash ---
 
 def _hash(entity: pb.Entity) -> bytes:
-    return entity_hash(entity.SerializeToString())
+    """The hash the consumer computes for this entity, sent alone in a request."""
+    [row] = decode(sample.stream_fields(request(entity))).rows
+    return row.entity_hash
 
 
 def _tree_walk_hash(entity: pb.Entity) -> bytes:
@@ -245,3 +246,37 @@ def test_request_truncated_at_an_entity_boundary_keeps_what_arrived():
     cut = whole[: len(_raw_request(*entities[:3]))]  # the stream lost the last two entities exactly
     message = decode(sample.stream_fields(cut))
     assert len(message.rows) == 3 and not message.rejections
+
+
+# --- stream ids and the unexpected ---
+
+
+@pytest.mark.parametrize("stream_id", [b"9223372036854775808-0", b"1-9223372036854775808",
+                                       b"18446744073709551615-18446744073709551615"])
+def test_an_entry_id_beyond_bigint_is_rejected_whole_naming_it(stream_id):
+    """Redis allows each part of an id up to 2**64-1; a receipt keeps them as bigint."""
+    message = wire.decode_entry(stream_id, GOOD)
+    assert message.rows == []
+    [(index, text)] = reasons(message)
+    assert index is None and stream_id.decode() in text and "bigint" in text
+    assert message.rejections[0].fields is GOOD
+
+
+def test_the_largest_entry_id_a_receipt_holds_is_accepted():
+    message = wire.decode_entry(b"9223372036854775807-9223372036854775807", GOOD)
+    assert len(message.rows) == 1 and message.rejections == []
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({b"request": GOOD[b"request"].decode("latin-1"), b"ingestion_ts": b"1"}, "TypeError"),
+    ({**GOOD, b"ingestion_ts": 1}, "AttributeError"),
+], ids=["request-as-text", "ingestion-ts-as-int"])
+def test_an_unexpected_error_rejects_that_entry_whole_naming_the_entry_and_the_error(fields, error):
+    """No byte string trips the decoder outside the errors it expects (fuzzed), but values of another
+    type (what a client reading with decode_responses=True hands over) do: any such error must cost
+    that one entry, as a dead letter saying which entry and what went wrong, never the consumer."""
+    message = wire.decode_entry(b"1700000000000-7", fields)
+    assert message.rows == []
+    [(index, text)] = reasons(message)
+    assert index is None and "1700000000000-7" in text and error in text
+    assert message.rejections[0].fields is fields
