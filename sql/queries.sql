@@ -77,7 +77,11 @@ SET duplicate_count = l.duplicate_count + d.increment,
     last_seen = now(),
     updated_at = now(),
     state = CASE WHEN d.requeue THEN 1 ELSE l.state END,
-    requeued_from_state = CASE WHEN d.requeue THEN l.state ELSE l.requeued_from_state END,
+    -- An ERRORED drift check (requeued from APPLIED, then the plugin stayed unreachable) keeps its
+    -- APPLIED origin: its object is still in NetBox, so the next plan is still a drift check.
+    requeued_from_state = CASE WHEN NOT d.requeue THEN l.requeued_from_state
+                               WHEN l.state = 7 AND l.requeued_from_state = 3 THEN 3
+                               ELSE l.state END,
     error = CASE WHEN d.requeue THEN NULL ELSE l.error END,
     attempts = CASE WHEN d.requeue THEN 0 ELSE l.attempts END,
     next_attempt_at = CASE WHEN d.requeue THEN NULL ELSE l.next_attempt_at END

@@ -80,6 +80,16 @@ def test_duplicate_of_a_prior_row(db, dsn, prior_state, after, requeued_from):
     assert (error is None, attempts == 0) == ((True, True) if requeued_from else (False, False))
 
 
+def test_an_errored_drift_check_stays_a_drift_check_when_seen_again(db, dsn):
+    inbox.write(db, STREAM, [entry(site("a"))])
+    query(dsn, "UPDATE ingestion_logs SET state = %s, requeued_from_state = %s", (states.ERRORED, states.APPLIED))
+
+    inbox.write(db, STREAM, [entry(site("a"))])
+
+    [(_, state, _, requeued)] = rows(dsn)
+    assert (state, requeued) == (states.QUEUED, states.APPLIED)
+
+
 def test_same_entity_with_other_timestamp_metadata_and_producer_is_a_duplicate(db, dsn):
     inbox.write(db, STREAM, [entry(site("a"))])
     later = site("a")
