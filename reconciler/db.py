@@ -169,8 +169,11 @@ class Tx:
 class Database:
     """A lazily opened connection owned by one process (reopened after fork or after a failure)."""
 
-    def __init__(self, dsn: str, schema: str, application_name: str = "reconciler") -> None:
+    def __init__(self, dsn: str, schema: str, application_name: str = "reconciler", connect_timeout: int = 10,
+                 statement_timeout_ms: int = 0) -> None:
         self.dsn, self.schema, self.application_name = dsn, schema, application_name
+        self.connect_timeout = connect_timeout
+        self.statement_timeout_ms = statement_timeout_ms  # 0: none (a probe wants one, the roles do not)
         self._conn = None
         self._pid: int | None = None
         self._prepared: set[str] = set()
@@ -182,7 +185,8 @@ class Database:
         self._conn, self._pid = None, None
         try:
             conn = psycopg2.connect(self.dsn, application_name=self.application_name,
-                                    options=f"-c search_path={self.schema}", connect_timeout=10,
+                                    options=f"-c search_path={self.schema} -c statement_timeout={self.statement_timeout_ms}",
+                                    connect_timeout=self.connect_timeout,
                                     keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
                                     # A write to a server that vanished (host down, not restarted) fails
                                     # after 60 s instead of the kernel's ~15 min of retransmits.

@@ -131,10 +131,12 @@ def _rejected_entity(rejection: wire.Rejection) -> bytes:
 
 
 def pages(db: Database, selector: Selector) -> Iterator[list[tuple[int, int]]]:
-    """Pages of (id, size) of the selected letters, in id order; each page read in its own transaction."""
+    """Pages of (id, size) of the selected letters that exist now, in id order; each page read in its
+    own transaction."""
     after = 0
+    [(upto,)] = console.fetchall(db, "newest_dead_letter", {})
     while True:
-        page = console.fetchall(db, "select_dead_letters", {"after": after, "ids": selector.ids,
+        page = console.fetchall(db, "select_dead_letters", {"after": after, "upto": upto, "ids": selector.ids,
                                                             "older_than": selector.older_than, "limit": PAGE})
         if not page:
             return

@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-import psycopg2
 import redis
 import urllib3
 
 from . import shared as shared_state
+from .db import Database
+from .errors import DatabaseError
 from .roles import STOP_SIGNALS
 from .settings import Config
 
@@ -49,21 +50,15 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 def check_postgres(config: Config) -> str | None:
+    database = Database(config.postgres.dsn, config.postgres.schema, "reconciler readiness",
+                        connect_timeout=max(2, int(CHECK_TIMEOUT)), statement_timeout_ms=int(CHECK_TIMEOUT * 1000))
     try:
-        conn = psycopg2.connect(config.postgres.dsn, connect_timeout=max(2, int(CHECK_TIMEOUT)),
-                                application_name="reconciler readiness",
-                                options=f"-c statement_timeout={int(CHECK_TIMEOUT * 1000)}")
-    except psycopg2.Error as exc:
-        return f"cannot connect: {str(exc).strip()}"
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute("SELECT 1")
-            cursor.fetchone()
+        database.fetchall("ping")
         return None
-    except psycopg2.Error as exc:
-        return f"SELECT 1 failed: {str(exc).strip()}"
+    except DatabaseError as exc:
+        return str(exc)
     finally:
-        conn.close()
+        database.close()
 
 
 def check_redis(config: Config) -> str | None:
@@ -114,8 +109,19 @@ def check_branch(cache) -> str | None:
     return None if view.branch_known else "the default branch is not known yet (the refresher has not reached the plugin)"
 
 
+# Held by a readiness probe while its threads are inside libpq, OpenSSL and urllib3, and by the
+# supervisor around fork: a child forked while another thread holds one of those libraries' internal
+# locks would inherit it locked and hang on its first connection.
+FORK_LOCK = threading.Lock()
+
+
 def readiness(config: Config, cache) -> dict[str, str | None]:
     """Every check, run in parallel: name -> None (fine) or what is wrong."""
+    with FORK_LOCK:
+        return _run_checks(config, cache)
+
+
+def _run_checks(config: Config, cache) -> dict[str, str | None]:
     checks: dict[str, Callable[[], str | None]] = {
         "postgres": lambda: check_postgres(config), "redis": lambda: check_redis(config)}
     if config.workers.count > 0:  # the consumer alone needs neither the plugin nor the branch

@@ -82,6 +82,7 @@ class Supervisor:
         self._stop_signal: int | None = None  # a stop signal that arrived while a reload drained
         self.notifier = Notifier()
         self._ready = False  # READY=1 sent for the current generation
+        self._reload_drain_clean = True  # False when a stop came during a reload whose drain killed a child
         self._restarts = 0
 
     # --- signals ---
@@ -155,7 +156,8 @@ class Supervisor:
         # the child unblocks once they are installed.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            child.process.start()
+            with health.FORK_LOCK:  # not while a readiness probe is inside a C library (health.py)
+                child.process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         log.info("started %s (pid %d)", child.spec.name, child.process.pid)
@@ -295,12 +297,17 @@ class Supervisor:
             config = self.reload_config()
         except errors.ConfigError as exc:
             log.error("SIGHUP: new configuration rejected, keeping the running one: %s", exc)
+            # `systemctl reload` returns at once either way: say it where `systemctl status` shows it.
+            self.notifier.status(f"reload rejected, running the previous configuration: {exc}")
             return
         log.info("SIGHUP: configuration reloaded; restarting children")
         self.notifier.reloading()
-        self._stop_generation()
+        clean = self._stop_generation()
         if self._stop_signal is not None:
-            return  # stopped while draining for the reload: the loop stops instead of restarting
+            # Stopped while draining for the reload: the loop stops instead of restarting, and that
+            # drain is the one whose result the exit code reports.
+            self._reload_drain_clean = clean
+            return
         self.config = config
         self._ready = False
         self._start_generation()
@@ -310,7 +317,7 @@ class Supervisor:
     def _stop(self) -> int:
         """Drain every child within drain_seconds; exit code 0 only if all stopped cleanly."""
         self.notifier.stopping()
-        clean = self._stop_generation()
+        clean = self._stop_generation() and self._reload_drain_clean
         log.info("stopped %s", "cleanly" if clean else "after killing children")
         return errors.RET_OK if clean else errors.RET_KILLED
 
@@ -322,6 +329,7 @@ class Supervisor:
         while any(c.running for c in running) and time.monotonic() < deadline:
             multiprocessing.connection.wait([self._wake_r] + [c.process.sentinel for c in running if c.running],
                                             timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            self.notifier.watchdog()  # a drain may outlast WatchdogSec/2; the supervisor is not hung
             if self._stop_again(self._take_signals()):
                 log.warning("second stop signal; killing children now")
                 break
@@ -335,7 +343,6 @@ class Supervisor:
             clean = clean and child.process.exitcode == 0
             child.process = None
         return clean
-
 
     def _stop_again(self, signals: list[int]) -> bool:
         """While draining: True for a stop signal on top of a stop (kill now). A stop signal during a

@@ -319,12 +319,18 @@ LIMIT %(limit)s;
 SELECT id, stream, stream_id, entity_index, reason, created_at, replayed_at, field_names, field_values
 FROM dead_letters WHERE id = %(id)s;
 
+-- newest_dead_letter --
+-- Where a replay or purge ends: letters written while it runs (a replayed entry that is still bad
+-- comes back as a new letter) are not its business, or a replay would chase its own output.
+SELECT coalesce(max(id), 0) FROM dead_letters;
+
 -- select_dead_letters --
 -- A page of the dead letters an operator selected (ids, or all, optionally only those older
--- than %(older_than)s seconds) after id %(after)s, with their sizes but not their payloads.
+-- than %(older_than)s seconds) after id %(after)s and up to id %(upto)s, with their sizes but not
+-- their payloads.
 SELECT id, (SELECT coalesce(sum(octet_length(value)), 0) FROM unnest(field_values) AS value)::bigint
 FROM dead_letters
-WHERE id > %(after)s
+WHERE id > %(after)s AND id <= %(upto)s
   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
   AND (%(older_than)s::float8 IS NULL OR created_at < now() - %(older_than)s::float8 * interval '1 second')
 ORDER BY id
@@ -354,3 +360,7 @@ SELECT row_to_json(cs), coalesce((SELECT json_agg(row_to_json(c) ORDER BY c.sequ
 FROM change_sets AS cs
 WHERE cs.ingestion_log_id = %(id)s
 ORDER BY cs.id;
+
+-- ping --
+-- /readyz: Postgres answers, within the probe's statement timeout.
+SELECT 1;

@@ -17,7 +17,7 @@ import pytest
 from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from reconciler import errors, heartbeat, inbox, requeue, sample, states, wire
+from reconciler import deadletters, errors, heartbeat, inbox, requeue, sample, states, wire
 from reconciler.db import Database
 
 from .faultserver import FaultServer, Step, converge
@@ -492,3 +492,17 @@ def test_status_lists_the_processes_of_a_running_service(env, tmp_path, dsn):
             assert run.wait(20) == errors.RET_OK
     finally:
         plugin.close()
+
+
+def test_a_replay_or_purge_covers_the_letters_that_existed_when_it_started(dsn, monkeypatch):
+    """Replayed entries that are still bad come back as new letters while the replay runs: a selection
+    that followed them would replay its own output again and again."""
+    monkeypatch.setattr(deadletters, "PAGE", 1)  # one letter per page, so letters arrive between pages
+    first = [insert_dead_letter(dsn, {b"request": b"junk"}) for _ in range(2)]
+    database = Database(dsn, "reconciler")
+    seen = []
+    for page in deadletters.pages(database, deadletters.Selector()):
+        seen += [letter_id for letter_id, _ in page]
+        insert_dead_letter(dsn, {b"request": b"junk again"})  # what the consumer writes meanwhile
+    database.close()
+    assert seen == first

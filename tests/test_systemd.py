@@ -130,25 +130,29 @@ def test_sighup_applies_a_changed_worker_count_without_losing_a_row(env, tmp_pat
     assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
 
 
-def test_sighup_with_a_broken_file_keeps_the_running_configuration(env, tmp_path, plugin):
+def test_sighup_with_a_broken_file_keeps_the_running_configuration(env, tmp_path, plugin, notify):
     ini = write_ini(tmp_path, workers=1)
-    with reconciler(worker_env(env, plugin), tmp_path, "-c", str(ini)) as run:
+    with reconciler({**worker_env(env, plugin), "NOTIFY_SOCKET": notify.path}, tmp_path, "-c", str(ini)) as run:
         worker = role_pid(run, "worker 1")
-        run.wait_for_log("booted", count=3)
+        notify.wait_for("READY", "1")
         # Valid INI, but not runnable: OAuth2 without a client id. A start would refuse it; so must a reload.
         write_ini(tmp_path, workers=1, extra="[netbox]\ntoken_url = http://127.0.0.1:1/token\n")
         run.signal(signal.SIGHUP)
         run.wait_for_log("SIGHUP: new configuration rejected, keeping the running one: [netbox] client_id: required")
+        rejected = "reload rejected, running the previous configuration: [netbox] client_id: required"
+        wait_until(lambda: notify.receive() or any(m.get("STATUS", "").startswith(rejected) for m in notify.messages),
+                   what=lambda: f"{rejected!r} in STATUS (what `systemctl status` shows) among {notify.messages}")
         assert worker in children_of(run.process.pid)
         run.signal(signal.SIGTERM)
         assert run.wait(20) == errors.RET_OK
 
 
-def test_sigterm_during_a_reload_stops_instead_of_restarting(env, tmp_path, plugin, redis_client):
+def test_sigterm_during_a_reload_stops_instead_of_restarting(env, tmp_path, plugin, redis_client, notify):
     plugin.default("bulk-plan-apply/", Step(answer=converge, delay=3))  # keeps the worker's batch in flight
     ini = write_ini(tmp_path, workers=1)
-    with reconciler(worker_env(env, plugin), tmp_path, "-c", str(ini)) as run:
-        run.wait_for_log("booted", count=3)
+    env = {**worker_env(env, plugin), "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}
+    with reconciler(env, tmp_path, "-c", str(ini)) as run:
+        notify.wait_for("READY", "1")
         push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
         wait_until(lambda: plugin.calls("bulk-plan-apply/"), what="a batch in flight")
         run.signal(signal.SIGHUP)
@@ -157,6 +161,11 @@ def test_sigterm_during_a_reload_stops_instead_of_restarting(env, tmp_path, plug
         assert run.wait(30) == errors.RET_OK
     assert "SIGTERM received while reloading; stopping after the drain" in run.log
     assert run.log.count("booted") == 3  # no second generation was started
+    # The watchdog kept being fed while the drain waited for the batch in flight (~3 s, WatchdogSec=1):
+    notify.receive()
+    reloading = next(i for i, m in enumerate(notify.messages) if m.get("RELOADING") == "1")
+    stopping = next(i for i, m in enumerate(notify.messages) if m.get("STOPPING") == "1")
+    assert sum(1 for m in notify.messages[reloading:stopping] if m.get("WATCHDOG") == "1") >= 3
 
 
 def test_the_unit_file_passes_systemd_analyze_verify(tmp_path):
