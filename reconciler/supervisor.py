@@ -82,6 +82,7 @@ class Supervisor:
         self._stop_signal: int | None = None  # a stop signal that arrived while a reload drained
         self.notifier = Notifier()
         self._ready = False  # READY=1 sent for the current generation
+        self._reload_again = False  # a SIGHUP arrived during a reload's drain
         self._reload_drain_clean = True  # False when a stop came during a reload whose drain killed a child
         self._restarts = 0
 
@@ -311,6 +312,10 @@ class Supervisor:
         self.config = config
         self._ready = False
         self._start_generation()
+        if self._reload_again:
+            self._reload_again = False
+            log.info("SIGHUP received while reloading; reloading again")
+            self._signals.append(signal.SIGHUP)  # handled by the loop's next turn, like any signal
 
     # --- stopping ---
 
@@ -349,6 +354,7 @@ class Supervisor:
         reload's drain is remembered, so the reload ends in a stop instead of new children."""
         for signum in signals:
             if signum == signal.SIGHUP:
+                self._reload_again = True  # the file may have changed again since this reload read it
                 continue
             if self._stop_signal is not None:
                 return True

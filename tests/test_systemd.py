@@ -185,3 +185,24 @@ def test_unit_keeps_its_promises_to_the_supervisor():
     assert float(unit["TimeoutStopSec"]) > settings.BY_NAME["supervisor.drain_seconds"].default
     assert unit["RestartPreventExitStatus"] == str(errors.RET_CONFIG)
     assert unit["Type"] == "notify" and unit["KillMode"] == "mixed" and unit["Restart"] == "on-failure"
+
+
+def test_a_sighup_during_a_reload_reads_the_file_again(env, tmp_path, plugin, redis_client, notify):
+    plugin.default("bulk-plan-apply/", Step(answer=converge, delay=3))  # keeps the first reload draining
+    ini = write_ini(tmp_path, workers=1)
+    env = {**worker_env(env, plugin), "NOTIFY_SOCKET": notify.path}
+    with reconciler(env, tmp_path, "-c", str(ini)) as run:
+        notify.wait_for("READY", "1")
+        push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
+        wait_until(lambda: plugin.calls("bulk-plan-apply/"), what="a batch in flight")
+        run.signal(signal.SIGHUP)  # reads workers = 1, then drains for ~3 s
+        run.wait_for_log("SIGHUP: configuration reloaded")
+        write_ini(tmp_path, workers=2)  # the operator's second edit, and its reload
+        run.signal(signal.SIGHUP)
+        run.wait_for_log("SIGHUP received while reloading; reloading again")
+        # The generation of the first reload may not get to READY before the second reload replaces it.
+        wait_until(lambda: notify.receive() or any(m.get("READY") == "1" and m["STATUS"].startswith(
+            "running: consumer, refresher, 2 workers") for m in notify.messages), timeout=40,
+            what=lambda: f"READY with 2 workers among {notify.messages}")
+        run.signal(signal.SIGTERM)
+        assert run.wait(30) == errors.RET_OK
