@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, TextIO
 
 import orjson
 
 from . import errors
-from .db import Database, Tx
+from .db import Database
 from .errors import DatabaseError
 from .settings import Config
 
@@ -23,7 +22,7 @@ RET_FAILED = 1
 
 # A statement of an operator command waiting this long (for a lock a stuck transaction holds) is
 # cancelled instead of hanging the operator's shell.
-STATEMENT_TIMEOUT = "30s"
+STATEMENT_TIMEOUT_MS = 30_000
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -103,23 +102,16 @@ def fail(message: str) -> None:
     print(f"reconciler: {message}", file=sys.stderr)
 
 
-@contextmanager
-def transaction(db: Database) -> Iterator[Tx]:
-    """A transaction whose statements give up after STATEMENT_TIMEOUT."""
-    with db.transaction() as tx:
-        tx.execute("operator_statement_timeout", {"timeout": STATEMENT_TIMEOUT})
-        yield tx
-
-
-def fetchall(db: Database, name: str, params: dict | None = None) -> list[tuple]:
-    with transaction(db) as tx:
-        return tx.fetchall(name, params)
+def database(config: Config, command: str) -> Database:
+    """The connection of an operator command: its statements give up after STATEMENT_TIMEOUT_MS."""
+    return Database(config.postgres.dsn, config.postgres.schema, f"reconciler {command}",
+                    statement_timeout_ms=STATEMENT_TIMEOUT_MS)
 
 
 def with_database(config: Config, command: str, action: Callable[[Database], int]) -> int:
     """Run `action` on a connection of its own: RET_CONNECT when Postgres cannot be reached, and a
     failed statement reported in a line (RET_FAILED) rather than as a traceback."""
-    db = Database(config.postgres.dsn, config.postgres.schema, f"reconciler {command}")
+    db = database(config, command)
     try:
         db.connect()
     except DatabaseError as exc:

@@ -67,15 +67,15 @@ class Tally:
 
 def list_letters(db: Database, limit: int | None) -> tuple[int, list[dict[str, Any]]]:
     """(how many there are, the first `limit` of them, oldest first; None: all)."""
-    [(count, _, _)] = console.fetchall(db, "status_dead_letters")
-    rows = console.fetchall(db, "list_dead_letters", {"limit": limit})
+    [(count, _, _)] = db.fetchall("status_dead_letters")
+    rows = db.fetchall("list_dead_letters", {"limit": limit})
     keys = ("id", "stream_id", "entity_index", "reason", "created_at", "size")
     return count, [dict(zip(keys, row)) for row in rows]
 
 
 def get_letter(db: Database, letter_id: int, limits: wire.Limits) -> dict[str, Any] | None:
     """One dead letter with its fields described and its payload decoded; None if absent."""
-    found = console.fetchall(db, "get_dead_letter", {"id": letter_id})
+    found = db.fetchall("get_dead_letter", {"id": letter_id})
     if not found:
         return None
     *meta, names, values = found[0]
@@ -134,9 +134,9 @@ def pages(db: Database, selector: Selector) -> Iterator[list[tuple[int, int]]]:
     """Pages of (id, size) of the selected letters that exist now, in id order; each page read in its
     own transaction."""
     after = 0
-    [(upto,)] = console.fetchall(db, "newest_dead_letter", {})
+    [(upto,)] = db.fetchall("newest_dead_letter")
     while True:
-        page = console.fetchall(db, "select_dead_letters", {"after": after, "upto": upto, "ids": selector.ids,
+        page = db.fetchall("select_dead_letters", {"after": after, "upto": upto, "ids": selector.ids,
                                                             "older_than": selector.older_than, "limit": PAGE})
         if not page:
             return
@@ -196,7 +196,7 @@ def _replay_chunk(db: Database, client: redis.Redis, stream: str, ids: list[int]
     """[(letter id, new stream id)] of the letters of `ids` this call replayed and deleted."""
     added: list[str] = []
     try:
-        with console.transaction(db) as tx:
+        with db.transaction() as tx:
             letters = tx.fetchall("lock_dead_letters", {"ids": ids})
             if not letters:
                 return []
@@ -222,7 +222,7 @@ def purge(db: Database, selector: Selector, progress: console.Progress | None = 
     """Delete the selected letters, a page per transaction."""
     tally = Tally()
     for page in pages(db, selector):
-        with console.transaction(db) as tx:
+        with db.transaction() as tx:
             deleted = [row[0] for row in tx.fetchall("delete_dead_letters", {"ids": [i for i, _ in page]})]
         sizes = dict(page)
         tally.done += deleted

@@ -39,7 +39,7 @@ def preview(db: Database, selection: Selection) -> tuple[Counter, int]:
     """({(state, object type): head rows that match}, matching rows that are not heads)."""
     heads: Counter = Counter()
     others = 0
-    for state, object_type, is_head, count in console.fetchall(db, "retry_preview", selection.params()):
+    for state, object_type, is_head, count in db.fetchall("retry_preview", selection.params()):
         if is_head:
             heads[(state, object_type)] += count
         else:
@@ -53,7 +53,7 @@ def requeue(db: Database, selection: Selection, progress: console.Progress | Non
     done: Counter = Counter()
     after = 0
     while True:
-        with console.transaction(db) as tx:
+        with db.transaction() as tx:
             rows = tx.fetchall("retry_batch", {**selection.params(), "after": after, "limit": batch})
         for _, state, object_type in rows:
             done[(state, object_type)] += 1

@@ -35,7 +35,7 @@ def entity_json(data: bytes) -> dict[str, Any]:
 
 def row_view(db: Database, row_id: int) -> dict[str, Any] | None:
     """The row, its entity and its change sets (oldest first, with their changes); None if absent."""
-    found = console.fetchall(db, "get_ingestion_log", {"id": row_id})
+    found = db.fetchall("get_ingestion_log", {"id": row_id})
     if not found:
         return None
     entity, entity_hash, columns = found[0]
@@ -48,7 +48,7 @@ def row_view(db: Database, row_id: int) -> dict[str, Any] | None:
             view[f"{name}_name"] = states.NAMES.get(value)
     view["entity"] = entity_json(bytes(entity))
     view["change_sets"] = [{**change_set, "changes": changes} for change_set, changes
-                           in console.fetchall(db, "change_sets_of_row", {"id": row_id})]
+                           in db.fetchall("change_sets_of_row", {"id": row_id})]
     return view
 
 

@@ -43,7 +43,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 def collect(config: Config) -> tuple[dict[str, Any], bool]:
     """The status report, one key per section, and whether Postgres could be reached."""
     report: dict[str, Any] = {"generated_at": datetime.datetime.now(datetime.timezone.utc)}
-    db = Database(config.postgres.dsn, config.postgres.schema, "reconciler status")
+    db = console.database(config, "status")
     try:
         reachable = _postgres_sections(db, config, report)
     finally:
@@ -85,10 +85,10 @@ def _schema(db: Database, config: Config) -> dict:
 
 
 def _inbox(db: Database) -> dict:
-    counts = dict(console.fetchall(db, "status_rows_per_state"))
-    [(oldest,)] = console.fetchall(db, "status_oldest_queued")
-    [(in_flight, expired)] = console.fetchall(db, "status_leases")
-    [(retries, due)] = console.fetchall(db, "status_retries", {"soon_seconds": SOON_SECONDS})
+    counts = dict(db.fetchall("status_rows_per_state"))
+    [(oldest,)] = db.fetchall("status_oldest_queued")
+    [(in_flight, expired)] = db.fetchall("status_leases")
+    [(retries, due)] = db.fetchall("status_retries", {"soon_seconds": SOON_SECONDS})
     return {"states": {name: counts.get(state, 0) for state, name in sorted(states.NAMES.items())},
             "total": sum(counts.values()), "oldest_queued_seconds": oldest,
             "in_flight": in_flight, "expired_leases": expired,
@@ -96,7 +96,7 @@ def _inbox(db: Database) -> dict:
 
 
 def _dead_letters(db: Database) -> dict:
-    [(count, oldest, newest)] = console.fetchall(db, "status_dead_letters")
+    [(count, oldest, newest)] = db.fetchall("status_dead_letters")
     return {"count": count, "oldest": oldest, "newest": newest}
 
 

@@ -230,11 +230,6 @@ ROLLBACK TO SAVEPOINT copy_attempt;
 -- release_savepoint --
 RELEASE SAVEPOINT copy_attempt;
 
--- operator_statement_timeout --
--- Operator commands (reconciler status, retry, dead-letters, show) give up on a statement that
--- waits this long (a lock held by a stuck transaction) instead of hanging the operator's shell.
-SELECT set_config('statement_timeout', %(timeout)s, true);
-
 -- status_rows_per_state --
 -- Rows per state: a scan of the whole table, for an operator's `status`, never on a hot path.
 SELECT state, count(*) FROM ingestion_logs GROUP BY state;
