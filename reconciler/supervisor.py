@@ -79,12 +79,13 @@ class Supervisor:
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._give_up: int | None = None
-        self._stop_signal: int | None = None  # a stop signal that arrived while a reload drained
+        self._stop_signal: int | None = None  # the stop signal received (also one during a reload's drain)
         self.notifier = Notifier()
         self._ready = False  # READY=1 sent for the current generation
         self._reload_again = False  # a SIGHUP arrived during a reload's drain
         self._reload_drain_clean = True  # False when a stop came during a reload whose drain killed a child
         self._restarts = 0
+        self._rejected_reload: str | None = None  # why the last reload was refused, until one succeeds
 
     # --- signals ---
 
@@ -268,8 +269,9 @@ class Supervisor:
         booted = sum(1 for c in self.children if c.running and c.booted.is_set())
         if not self._ready and booted == len(self.children):
             self._ready = True
-            log.info("ready: %s", self.summary())
-            self.notifier.ready(self.summary())
+            summary = self.summary()
+            log.info("ready: %s", summary)
+            self.notifier.ready(summary)
         elif self._ready:
             self.notifier.status(self.summary())
         else:
@@ -287,7 +289,11 @@ class Supervisor:
         text = "running: " + (", ".join(parts) or "nothing")
         if down:
             text += f"; {down} restarting"
-        return text + f"; {self._restarts} restarts since start"
+        text += f"; {self._restarts} restarts since start"
+        if self._rejected_reload:
+            # Kept in the line until a reload succeeds: `systemctl reload` itself returns at once.
+            text = f"reload rejected, running the previous configuration: {self._rejected_reload}; {text}"
+        return text
 
     def _reload(self) -> None:
         """SIGHUP: re-read the configuration and restart every child with it."""
@@ -298,9 +304,9 @@ class Supervisor:
             config = self.reload_config()
         except errors.ConfigError as exc:
             log.error("SIGHUP: new configuration rejected, keeping the running one: %s", exc)
-            # `systemctl reload` returns at once either way: say it where `systemctl status` shows it.
-            self.notifier.status(f"reload rejected, running the previous configuration: {exc}")
+            self._rejected_reload = str(exc)
             return
+        self._rejected_reload = None
         log.info("SIGHUP: configuration reloaded; restarting children")
         self.notifier.reloading()
         clean = self._stop_generation()

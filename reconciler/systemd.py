@@ -45,10 +45,6 @@ class Notifier:
         self._next_watchdog = 0.0
         self._status: str | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def _send(self, *assignments: str) -> None:
         if self._address is None:
             return
@@ -84,8 +80,3 @@ class Notifier:
         if now >= self._next_watchdog:
             self._next_watchdog = now + self.watchdog_interval
             self._send("WATCHDOG=1")
-
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None

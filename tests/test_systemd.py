@@ -142,6 +142,9 @@ def test_sighup_with_a_broken_file_keeps_the_running_configuration(env, tmp_path
         rejected = "reload rejected, running the previous configuration: [netbox] client_id: required"
         wait_until(lambda: notify.receive() or any(m.get("STATUS", "").startswith(rejected) for m in notify.messages),
                    what=lambda: f"{rejected!r} in STATUS (what `systemctl status` shows) among {notify.messages}")
+        time.sleep(1.5)  # a few turns of the supervisor's loop: the line must stay, not flash by
+        notify.receive()
+        assert [m for m in notify.messages if "STATUS" in m][-1]["STATUS"].startswith(rejected)
         assert worker in children_of(run.process.pid)
         run.signal(signal.SIGTERM)
         assert run.wait(20) == errors.RET_OK
