@@ -73,7 +73,7 @@ class Consumer(Role):
         settings = config.redis
         self.stream, self.group = settings.stream, settings.group
         self.consumer = consumer_name()
-        self.limits = wire.Limits(settings.max_request_bytes, settings.max_entities)
+        self.limits = wire.Limits.of(settings)
         self.redis: redis.Redis | None = None
         self.db: Database | None = None
         self._claim_cursor = "0-0"

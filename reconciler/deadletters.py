@@ -271,7 +271,7 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _show(db: Database, config: Config, args: argparse.Namespace) -> int:
-    letter = get_letter(db, args.id, wire.Limits(config.redis.max_request_bytes, config.redis.max_entities))
+    letter = get_letter(db, args.id, wire.Limits.of(config.redis))
     if letter is None:
         console.fail(f"no dead letter with id {args.id}")
         return console.RET_FAILED

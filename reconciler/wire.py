@@ -36,6 +36,11 @@ class Limits:
     max_request_bytes: int = 16 * 1024 * 1024
     max_entities: int = 1000
 
+    @classmethod
+    def of(cls, redis_settings) -> "Limits":
+        """The limits a deployment set: [redis] max_request_bytes and max_entities."""
+        return cls(redis_settings.max_request_bytes, redis_settings.max_entities)
+
 
 @dataclass(slots=True)
 class EntityRow:
