@@ -182,12 +182,11 @@ def _alive(pid: int | None, marker: str) -> bool:
     return state != "Z" and marker in cmdline
 
 
-def _start_detached(argv: list, log: Path, env: dict | None = None) -> int:
+def _start_detached(argv: list, log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start in its own session with output to `log`, so it outlives us and holds no pipe of ours."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ, **(env or {})})
-    return proc.pid
 
 
 def _stop(pid: int | None, marker: str, sig: int, timeout: float = 15) -> None:
@@ -422,10 +421,10 @@ def _ensure_introspect(state: dict, timer: _Timer) -> None:
             return
         port = _pick_port(port)
         log = LOGS / "introspect.log"
-        pid = _start_detached([VENV / "bin/python", HERE / "introspect.py", str(port)], log)
-        state.update(introspect_port=port, introspect_pid=pid)
-        _wait(lambda: _http(f"http://127.0.0.1:{port}/health")[0] == 200, 5, pid,
-              _introspect_marker(port), log, "introspection stand-in")
+        proc = _start_detached([VENV / "bin/python", HERE / "introspect.py", str(port)], log)
+        state.update(introspect_port=port, introspect_pid=proc.pid)
+        _wait(lambda: _http(f"http://127.0.0.1:{port}/health")[0] == 200, 5, proc, log,
+              "introspection stand-in")
 
 
 def _status_ok(port: int | None) -> bool:
@@ -450,17 +449,21 @@ def _ensure_netbox(state: dict, timer: _Timer) -> None:
                 "--workers", "2", "--threads", "2", "--timeout", "300", "--graceful-timeout", "2",
                 "--max-requests", "0", "--no-control-socket", "--pid", GUNICORN_PIDFILE,
                 "--access-logfile", LOGS / "netbox-access.log", "--error-logfile", log, "--capture-output"]
-        pid = _start_detached(argv, log, env={"NETBOX_ROOT": str(NETBOX_ROOT)})
-        state.update(netbox_port=port, netbox_pid=pid, netbox_introspect_port=state["introspect_port"])
-        _wait(lambda: _status_ok(port), READY_TIMEOUT, pid, _gunicorn_marker(), log, "NetBox /api/status/")
+        proc = _start_detached(argv, log, env={"NETBOX_ROOT": str(NETBOX_ROOT)})
+        state.update(netbox_port=port, netbox_pid=proc.pid, netbox_introspect_port=state["introspect_port"])
+        _wait(lambda: _status_ok(port), READY_TIMEOUT, proc, log, "NetBox /api/status/")
 
 
-def _wait(ready, timeout: float, pid: int, marker: str, log: Path, what: str) -> None:
-    """Poll `ready` every 0.2 s; fail early if the process died."""
+def _wait(ready, timeout: float, proc: subprocess.Popen, log: Path, what: str) -> None:
+    """Poll `ready` every 0.2 s; fail early if the process we just started exited.
+
+    We are its parent, so poll() is exact. Not _alive(): until the kernel has finished loading
+    the new program, /proc/<pid>/cmdline can still read empty, and a marker check then
+    mistakes a process that is starting for one that died."""
     deadline = time.monotonic() + timeout
     while not ready():
-        if not _alive(pid, marker):
-            raise PeerError(f"{what}: process {pid} exited\n{_tail(log)}")
+        if proc.poll() is not None:
+            raise PeerError(f"{what}: process {proc.pid} exited with {proc.returncode}\n{_tail(log)}")
         if time.monotonic() > deadline:
             raise PeerError(f"{what}: not ready after {timeout:.0f}s\n{_tail(log)}")
         time.sleep(0.2)
