@@ -23,6 +23,7 @@ from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
 from .roles import Role
 from .settings import consumer_name
+from .streamgroup import group_info, text
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Consumer(Role):
         """Drop consumer names silent for hours with nothing pending (every restart leaves one)."""
         try:
             for info in self.redis.xinfo_consumers(self.stream, self.group):
-                name = _as_bytes(info["name"]).decode()
+                name = text(info["name"])
                 if name != self.consumer and info["pending"] == 0 and info["idle"] >= self.forget_idle_seconds * 1000:
                     self._forget(name, info["idle"] / 1000)
         except (redis.RedisError, OSError) as exc:
@@ -323,11 +324,11 @@ class Consumer(Role):
         summary = self.redis.xpending(self.stream, self.group)
         if summary["pending"]:
             return wire.stream_id_parts(_as_bytes(summary["min"]))
-        for group in self.redis.xinfo_groups(self.stream):
-            if _as_bytes(group["name"]) == self.group.encode():
-                ms, seq = wire.stream_id_parts(_as_bytes(group["last-delivered-id"]))
-                return ms, seq + 1
-        return None
+        group = group_info(self.redis, self.stream, self.group)
+        if group is None:
+            return None
+        ms, seq = wire.stream_id_parts(_as_bytes(group["last-delivered-id"]))
+        return ms, seq + 1
 
 
 def _as_bytes(value) -> bytes:

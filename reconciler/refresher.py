@@ -25,6 +25,7 @@ from .errors import BootError
 from .plugin import PluginClient, Unavailable
 from .roles import Role
 from .shared import PROXY_ERRORS
+from .streamgroup import group_info
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,8 @@ class Refresher(Role):
     def _backlog(self) -> tuple[int, int]:
         """(entries not yet delivered to the group, entries delivered and not acknowledged)."""
         stream, group = self.config.redis.stream, self.config.redis.group
-        for info in self.redis.xinfo_groups(stream):
-            name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
-            if name == group:
-                lag = info.get("lag")
-                return (lag if lag is not None else self.redis.xlen(stream)), info["pending"]
-        return 0, 0
+        info = group_info(self.redis, stream, group)
+        if info is None:
+            return 0, 0
+        lag = info.get("lag")
+        return (lag if lag is not None else self.redis.xlen(stream)), info["pending"]

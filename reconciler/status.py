@@ -20,6 +20,7 @@ from .errors import DatabaseError
 from .plugin import PluginClient, Unavailable
 from .ratelimit import SharedRateLimiter
 from .settings import Config
+from .streamgroup import group_info, text
 
 SOON_SECONDS = 60  # "PENDING_RETRY due soon": what the workers will pick up within a minute
 PLUGIN_TIMEOUT_SECONDS = 5.0  # the branch is one small GET; a NetBox that is slower counts as down
@@ -108,10 +109,6 @@ def _processes(db: Database, config: Config) -> dict:
     return {"within_seconds": within, "live": live}
 
 
-def _decode(value: Any) -> Any:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 def _stream(config: Config) -> dict:
     stream, group = config.redis.stream, config.redis.group
     client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
@@ -119,9 +116,8 @@ def _stream(config: Config) -> dict:
     try:
         if not client.exists(stream):
             return {"name": stream, "exists": False, "length": 0, "group": {"name": group, "exists": False}}
-        groups = {_decode(info["name"]): info for info in client.xinfo_groups(stream)}
         return {"name": stream, "exists": True, "length": client.xlen(stream),
-                "group": _group(group, groups.get(group))}
+                "group": _group(group, group_info(client, stream, group))}
     finally:
         client.close()
 
@@ -132,7 +128,7 @@ def _group(name: str, info: dict | None) -> dict:
     # `lag` came with Redis 7.0, and even there is null when entries were deleted before the group
     # read them: None means unknown, never zero.
     return {"name": name, "exists": True, "lag": info.get("lag"), "pending": info["pending"],
-            "consumers": info["consumers"], "last_delivered_id": _decode(info.get("last-delivered-id"))}
+            "consumers": info["consumers"], "last_delivered_id": text(info.get("last-delivered-id"))}
 
 
 def _default_branch(config: Config) -> dict:
