@@ -135,7 +135,8 @@ class Bench:
             "RECONCILER_POSTGRES_DSN": self.dsn, "RECONCILER_REDIS_URL": self.redis_url,
             "RECONCILER_NETBOX_URL": plugin_url, "RECONCILER_NETBOX_TOKEN": token,
             "RECONCILER_NETBOX_RATE_LIMIT_PER_SECOND": "0", "RECONCILER_WORKERS_COUNT": str(workers),
-            "RECONCILER_NETBOX_TIMEOUT_SECONDS": "120", "RECONCILER_WORKERS_BACKPRESSURE_THRESHOLD": "0",
+            "RECONCILER_NETBOX_TIMEOUT_SECONDS": "120", "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "180",
+            "RECONCILER_WORKERS_BACKPRESSURE_THRESHOLD": "0",
             "RECONCILER_WORKERS_BATCH_SIZE": str(self.args.batch_size)})
 
     # --- 1: instant plugin ---
@@ -234,7 +235,8 @@ class Bench:
         client.flushdb()
         env = {"PATH": os.environ["PATH"], **{f"RECONCILER_{k}": v for k, v in {
             "POSTGRES_DSN": self.dsn, "REDIS_URL": self.redis_url, "WORKERS_COUNT": "2",
-            "NETBOX_TIMEOUT_SECONDS": "300", "WORKERS_LEASE_SECONDS": "1500"}.items()}, **nb.env()}
+            "NETBOX_TIMEOUT_SECONDS": "300", "WORKERS_LEASE_SECONDS": "1500",
+            "SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "400"}.items()}, **nb.env()}
         log = open(f"/tmp/bench-process-{os.getpid()}.log", "wb")
         process = subprocess.Popen([sys.executable, str(ROOT / "bin" / "reconciler"), "run"], env=env,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -82,6 +82,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return errors.RET_CONFIG
+    _warn_about(config)
     if config.postgres.migrate_on_start:
         code = _migrate(config)
         if code:
@@ -98,7 +99,13 @@ def reload_config(args: argparse.Namespace) -> Config:
     (ConfigError) on the same checks as a start, so a reload cannot run what a start would not."""
     config = load_config(args)
     settings.check_runnable(config)
+    _warn_about(config)
     return config
+
+
+def _warn_about(config: Config) -> None:
+    for note in settings.advisories(config):
+        log.warning("configuration: %s", note)
 
 
 def _migrate(config: Config) -> int:
@@ -129,6 +136,8 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"reconciler: configuration error: {exc}", file=sys.stderr)
         return 1
+    for note in settings.advisories(config):
+        print(f"reconciler: warning: {note}", file=sys.stderr)
     where = config.path or "no file (defaults and environment)"
     changed = sum(1 for source in config.sources.values() if source != "default")
     print(f"configuration OK: {where}; {changed} of {len(SETTINGS)} settings differ from their defaults")

@@ -90,6 +90,13 @@ def _change_set_tuple(change_set_id: int, log_id: int, change_set: ChangeSet) ->
                      pgcopy.text(change_set.deviation_name)))
 
 
+def _fitting(value, bits: int) -> int | None:
+    """An integer the column (bigint: 64, integer: 32 bits) can hold, else None: the change's
+    `data` and `before` documents keep whatever the plugin sent."""
+    limit = 1 << (bits - 1)
+    return value if type(value) is int and -limit <= value < limit else None
+
+
 def _document(value) -> bytes | None:
     return None if value is None else orjson.dumps(value)
 
@@ -121,9 +128,9 @@ class _ChangeEncoder:
             self._short(change.get("change_type"), 50),
             self._short(change.get("object_type"), 255),
             pgcopy.text(str(change.get("object_primary_value") or "")[:255]),
-            pgcopy.bigint(object_id if type(object_id) is int else None),
+            pgcopy.bigint(_fitting(object_id, 64)),
             pgcopy.NULL if ref_id is None else pgcopy.text(str(ref_id)),
-            pgcopy.NULL if type(version) is not int else pgcopy.integer(version),
+            pgcopy.NULL if _fitting(version, 32) is None else pgcopy.integer(version),
             pgcopy.jsonb(_document(change.get("before"))),
             pgcopy.jsonb(_document(change.get("data"))),
             self._EMPTY_REFS if new_refs == [] else

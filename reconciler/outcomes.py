@@ -9,7 +9,8 @@ The rules are the reference's (diode-reconciler.md §7.3), with retries added:
 | changes                       | OPEN + change set           | APPLIED + change set              |
 | changes, apply error          | -                           | FAILED + change set (audit)       |
 | plugin unreachable, 5xx, 429, | PENDING_RETRY with backoff, ERRORED once attempts are spent;     |
-| timeout, apply deadlock       | nothing is said about the entity, so it is not FAILED            |
+| timeout, apply deadlock,      | nothing is said about the entity, so it is not FAILED            |
+| entity not reached            |                                                                  |
 
 A row re-observed after it was APPLIED (requeued_from_state = 3) is a drift check: a clean plan,
 or a plan error, puts it back to APPLIED; a plan with changes is drift, recorded as a new row (the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import datetime
 import random
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
@@ -159,6 +160,18 @@ def _stored_change_set(row: Claimed, change_set: dict) -> ChangeSet:
                      deviation_name(row.object_type, changes), changes)
 
 
+def _malformed(change_set: Any) -> str | None:
+    """Why the plugin's change set cannot be read as one (None: it can)."""
+    if not isinstance(change_set, dict):
+        return f"the change set is {type(change_set).__name__}, not an object"
+    changes = change_set.get("changes")
+    if changes is not None and not isinstance(changes, list):
+        return f"its changes are {type(changes).__name__}, not a list"
+    if changes and not all(isinstance(change, dict) for change in changes):
+        return "one of its changes is not an object"
+    return None
+
+
 def _has_changes(change_set: dict | None) -> bool:
     """A plan counts as changes unless it is empty or only noops (referenced objects that exist)."""
     changes = (change_set or {}).get("changes") or []
@@ -181,11 +194,17 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
     if result is None:
         return plan_failed(row, error(f"no result returned for ingestion log {row.id}", "ERR_OPS_GENERATE_DIFF"),
                            entity, branch_id)
+    if result.unavailable:
+        return unavailable(row, result.unavailable, retry, now)
     if result.plan_errors:
         return plan_failed(row, plugin_error("plan", result.plan_errors), entity, branch_id)
     if result.change_set is None:
         return plan_failed(row, error(f"no change set returned for ingestion log {row.id}", "ERR_OPS_GENERATE_DIFF"),
                            entity, branch_id)
+    problem = _malformed(result.change_set)
+    if problem:
+        return plan_failed(row, error(f"the plugin returned a malformed change set for ingestion log {row.id}: "
+                                      f"{problem}", "ERR_OPS_GENERATE_DIFF", result.change_set), entity, branch_id)
     if not _has_changes(result.change_set):
         return Decision(row.id, states.APPLIED if row.drift_check else states.NO_CHANGES)
     if apply and _transient_apply(result.apply_errors):
@@ -210,3 +229,14 @@ def unavailable(row: Claimed, reason: str, retry: RetryPolicy, now: datetime.dat
         return Decision(row.id, states.ERRORED, failure)
     return Decision(row.id, states.PENDING_RETRY, failure,
                     next_attempt_at=now + datetime.timedelta(seconds=retry.delay(row.attempts)))
+
+
+def unstorable(decision: Decision, reason: str) -> Decision:
+    """A decision whose change set or error Postgres refused to store, as one it can store: the same
+    outcome without the change set, and why in `error`. A plan that can no longer be reviewed (OPEN)
+    is FAILED; an apply that happened in NetBox stays APPLIED."""
+    failure = error(f"Postgres refused to store the plugin's answer for this row ({reason.replace(chr(0), '')}); "
+                    "recorded without its change set", "ERR_INTERNAL")
+    field_name = "drift_state" if decision.drift_state is not None else "state"
+    state = getattr(decision, field_name)
+    return replace(decision, error=failure, change_set=None, **{field_name: states.FAILED if state == states.OPEN else state})

@@ -2,9 +2,15 @@
 
 Two kinds of failure leave this module, and the worker treats them differently:
 - `Unavailable`: nothing said about the entities (connection refused, timeout, 429 or 5xx after
-  every retry, an authentication or authorisation problem). The rows are retried later.
+  every retry, an authentication or authorisation problem). The rows are retried later. On the
+  per-entity path, entities not reached once the plugin is unavailable come back as results with
+  `unavailable` set, beside the results of those already done.
 - per-entity `errors` in a result: the plugin planned or applied and refused. The rows fail.
 A whole-call refusal of the content (a 400 with JSON) is reported per entity as a plan error.
+
+No request starts that could not finish before the caller's deadline (the worker's lease) or
+once the caller's pacer (its role) is stopping, and each one, token requests included, beats the
+role's heartbeat first, so a long per-entity batch is not taken for a hung process.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import orjson
 import urllib3
@@ -22,11 +28,36 @@ import urllib3
 from . import metrics
 from .errors import ReconcilerError
 from .ratelimit import SharedRateLimiter
+from .settings import plugin_connect_seconds, plugin_request_seconds
 
 log = logging.getLogger(__name__)
 
 SCOPES = "netbox:read netbox:write"
 RETRY_AFTER_CAP = 60.0
+
+
+class Pacer(Protocol):
+    """What the client needs from the process it runs in (a Role provides it)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def beat(self) -> None: ...
+
+    def pause(self, seconds: float) -> bool: ...
+
+
+class Unpaced:
+    """A pacer for one-off callers (status, tests): plain sleeps, never stopping."""
+
+    stopping = False
+
+    def beat(self) -> None:
+        pass
+
+    def pause(self, seconds: float) -> bool:
+        time.sleep(seconds)
+        return True
 
 
 class Unavailable(ReconcilerError):
@@ -42,6 +73,7 @@ class Result:
     plan_errors: Any = None
     apply_errors: Any = None
     warnings: list = field(default_factory=list)
+    unavailable: str | None = None  # per-entity path: why this entity was not (fully) asked
 
 
 @dataclass(frozen=True)
@@ -58,11 +90,17 @@ class Response:
         self.status, self.body, self.headers = status, body, headers
 
     def json(self) -> Any:
-        """The parsed body; Unavailable if it is not JSON (a proxy page, a truncated answer)."""
+        """The parsed body; Unavailable if it is not JSON (a proxy page, a truncated answer).
+
+        Postgres text and jsonb cannot hold U+0000, yet an entity may carry one (the inbox keeps
+        entities as bytes) and the plugin echoes it in change sets and errors; it is replaced by
+        U+FFFD here, once for everything that is stored, or the batch could never be recorded.
+        """
         try:
-            return orjson.loads(self.body)
+            value = orjson.loads(self.body)
         except orjson.JSONDecodeError:
             raise Unavailable(f"HTTP {self.status} with a body that is not JSON: {self.body[:200]!r}") from None
+        return _without_nul(value) if b"\\u0000" in self.body else value
 
     def detail(self) -> str:
         try:
@@ -75,8 +113,8 @@ class TokenSource:
     """The bearer token: a static one, or OAuth2 client credentials cached until shortly before expiry."""
 
     def __init__(self, pool: urllib3.PoolManager, token_url: str, client_id: str, client_secret: str,
-                 static_token: str, timeout: urllib3.Timeout) -> None:
-        self.pool, self.token_url, self.timeout = pool, token_url, timeout
+                 static_token: str, timeout: urllib3.Timeout, pacer: Pacer) -> None:
+        self.pool, self.token_url, self.timeout, self.pacer = pool, token_url, timeout, pacer
         self.client_id, self.client_secret, self.static_token = client_id, client_secret, static_token
         self._token, self._renew_at = "", 0.0
 
@@ -97,6 +135,7 @@ class TokenSource:
     def _fetch(self) -> None:
         fields = {"grant_type": "client_credentials", "client_id": self.client_id,
                   "client_secret": self.client_secret, "scope": SCOPES}
+        self.pacer.beat()
         started = time.perf_counter()
         try:
             response = self.pool.request("POST", self.token_url, fields=fields, encode_multipart=False,
@@ -133,18 +172,20 @@ def retry_after(header: str | None) -> float | None:
 
 
 class PluginClient:
-    def __init__(self, netbox, limiter: SharedRateLimiter, sleep: Callable[[float], bool] | None = None) -> None:
-        """`netbox` is the [netbox] settings section; `sleep` may end early (returns False) when stopping."""
+    def __init__(self, netbox, limiter: SharedRateLimiter, pacer: Pacer | None = None) -> None:
+        """`netbox` is the [netbox] settings section; `pacer` the calling role (its pause ends early
+        when it stops)."""
         self.base = netbox.url.rstrip("/") + "/"
-        self.timeout = urllib3.Timeout(connect=5.0, read=netbox.timeout_seconds)
+        self.timeout = urllib3.Timeout(connect=plugin_connect_seconds(netbox), read=netbox.timeout_seconds)
+        self.attempt_seconds = plugin_request_seconds(netbox)
         self.max_attempts = netbox.max_attempts
         self.api = netbox.api
         self.limiter = limiter
-        self.sleep = sleep or (lambda seconds: time.sleep(seconds) or True)
+        self.pacer = pacer or Unpaced()
         self.pool = urllib3.PoolManager(num_pools=2, maxsize=2, retries=False,
                                         cert_reqs="CERT_REQUIRED" if netbox.verify_tls else "CERT_NONE")
         self.tokens = TokenSource(self.pool, netbox.token_url, netbox.client_id, _client_secret(netbox),
-                                  netbox.token, self.timeout)
+                                  netbox.token, self.timeout, self.pacer)
         self._bulk = {"auto": None, "bulk": True, "single": False}[netbox.api]
 
     # --- endpoints ---
@@ -160,19 +201,21 @@ class PluginClient:
             raise Unavailable(f"default-branch answered an unexpected body: {response.body[:200]!r}")
         return branch
 
-    def plan(self, items: list[Item], branch: str | None) -> dict[str, Result]:
-        """Plan only (bulk-plan/, or generate-diff/ per entity on plugins older than 1.12)."""
-        return self._bulk_or_single("bulk-plan/", items, branch, apply=False)
+    def plan(self, items: list[Item], branch: str | None, deadline: float | None = None) -> dict[str, Result]:
+        """Plan only (bulk-plan/, or generate-diff/ per entity on plugins older than 1.12).
+        `deadline`: time.monotonic() by which every request must have finished."""
+        return self._bulk_or_single("bulk-plan/", items, branch, apply=False, deadline=deadline)
 
-    def plan_apply(self, items: list[Item], branch: str | None) -> dict[str, Result]:
+    def plan_apply(self, items: list[Item], branch: str | None, deadline: float | None = None) -> dict[str, Result]:
         """Plan and apply (bulk-plan-apply/, or generate-diff/ + apply-change-set/ per entity)."""
-        return self._bulk_or_single("bulk-plan-apply/", items, branch, apply=True)
+        return self._bulk_or_single("bulk-plan-apply/", items, branch, apply=True, deadline=deadline)
 
     # --- bulk and single-entity paths ---
 
-    def _bulk_or_single(self, path: str, items: list[Item], branch: str | None, apply: bool) -> dict[str, Result]:
+    def _bulk_or_single(self, path: str, items: list[Item], branch: str | None, apply: bool,
+                        deadline: float | None) -> dict[str, Result]:
         if self._bulk is not False:
-            response = self._call("POST", path, {"entities": [vars(item) for item in items]}, branch)
+            response = self._call("POST", path, {"entities": [vars(item) for item in items]}, branch, deadline)
             if response.status != 404:
                 self._bulk = True
                 return self._bulk_results(response, path, items, apply)
@@ -180,7 +223,7 @@ class PluginClient:
                 raise Unavailable(f"{path} answered 404: is [netbox] url the plugin API base?")
             log.warning("%s answered 404: the plugin is older than 1.12; using generate-diff/ per entity", path)
             self._bulk = False
-        return {item.id: self._single(item, branch, apply) for item in items}
+        return self._singles(items, branch, apply, deadline)
 
     def _bulk_results(self, response: Response, path: str, items: list[Item], apply: bool) -> dict[str, Result]:
         if response.status == 400 and _is_json(response):
@@ -198,16 +241,34 @@ class PluginClient:
                 results[result.id] = result
         return results
 
-    def _single(self, item: Item, branch: str | None, apply: bool) -> Result:
-        planned = self._call("POST", "generate-diff/", {"object_type": item.object_type, "entity": item.entity}, branch)
+    def _singles(self, items: list[Item], branch: str | None, apply: bool,
+                 deadline: float | None) -> dict[str, Result]:
+        """One entity after the other. Once the plugin cannot be asked (down, a stop, the deadline), the
+        entities not done are reported unavailable; those done keep their results (some may be applied)."""
+        results: dict[str, Result] = {}
+        for position, item in enumerate(items):
+            try:
+                results[item.id] = self._single(item, branch, apply, deadline)
+            except Unavailable as exc:
+                if not results:
+                    raise
+                results.update((rest.id, Result(rest.id, unavailable=str(exc))) for rest in items[position:])
+                break
+        return results
+
+    def _single(self, item: Item, branch: str | None, apply: bool, deadline: float | None) -> Result:
+        planned = self._call("POST", "generate-diff/", {"object_type": item.object_type, "entity": item.entity},
+                             branch, deadline)
         if planned.status == 404:
             raise Unavailable("generate-diff/ answered 404: no diode plugin API at [netbox] url")
         body = self._expect_json(planned, "generate-diff", accept=(200, 400))
         result = Result(item.id, change_set=body.get("change_set"), plan_errors=body.get("errors"))
-        changes = (result.change_set or {}).get("changes") or []
+        changes = result.change_set.get("changes") if isinstance(result.change_set, dict) else None
         if not apply or result.plan_errors or not changes:
             return result
-        applied = self._call("POST", "apply-change-set/", result.change_set, branch)
+        # Not repeated once it may have reached the plugin (a timeout, a 5xx): replaying an old change
+        # set can create an object twice. The entity is planned afresh later instead.
+        applied = self._call("POST", "apply-change-set/", result.change_set, branch, deadline, replay_safe=False)
         answer = self._expect_json(applied, "apply-change-set", accept=(200, 400))
         result.apply_errors = answer.get("errors")
         result.warnings = answer.get("warnings") or []
@@ -222,10 +283,13 @@ class PluginClient:
 
     # --- one call, with rate limit, auth, retries ---
 
-    def _call(self, method: str, path: str, body: Any, branch: str | None) -> Response:
-        """Send with retries on transport errors, timeouts, 429 and 5xx; other answers are returned."""
+    def _call(self, method: str, path: str, body: Any, branch: str | None, deadline: float | None = None,
+              replay_safe: bool = True) -> Response:
+        """Send with retries on transport errors, timeouts, 429 and 5xx; other answers are returned.
+        Without `replay_safe`, only a request that surely did not reach the plugin is sent again."""
         failures, refreshed = 0, False
         while True:
+            self._may_start(path, deadline, 0.0)
             attempt = self._attempt(method, path, body, branch)
             if attempt.response is not None and attempt.response.status == 403:
                 if self._refresh_after_403(attempt.response, refreshed):
@@ -237,28 +301,40 @@ class PluginClient:
             failures += 1
             if failures >= self.max_attempts:
                 raise Unavailable(f"{path} failed after {failures} attempts: {attempt.problem}")
+            if attempt.sent and not replay_safe:
+                raise Unavailable(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
             delay = attempt.wait if attempt.wait is not None else _backoff(failures)
+            self._may_start(path, deadline, delay)
             log.debug("%s %s: %s; retrying in %.2f s", method, path, attempt.problem, delay)
-            if not self.sleep(delay):
+            if not self.pacer.pause(delay):
                 raise Unavailable(f"{path}: stopped while waiting to retry ({attempt.problem})")
 
+    def _may_start(self, path: str, deadline: float | None, wait: float) -> None:
+        """Unavailable unless a request may start after `wait` seconds: not stopping, and time left to finish."""
+        if self.pacer.stopping:
+            raise Unavailable(f"{path}: stopping before the request was sent")
+        if deadline is not None and time.monotonic() + wait + self.attempt_seconds > deadline:
+            raise Unavailable(f"{path}: not sent, it could outlast the claim's lease")
+
     def _attempt(self, method: str, path: str, body: Any, branch: str | None) -> "_Attempt":
-        self.limiter.acquire()
+        self.limiter.acquire(self.pacer.pause)
         headers = {"Authorization": self.tokens.header(), "Accept": "application/json",
                    "Content-Type": "application/json"}
         if branch:
             headers["X-NetBox-Branch"] = branch
+        self.pacer.beat()
         started = time.perf_counter()
         try:
             raw = self.pool.request(method, self.base + path, body=None if body is None else orjson.dumps(body),
                                     headers=headers, timeout=self.timeout, retries=False)
         except urllib3.exceptions.HTTPError as exc:
             metrics.plugin_request(path, None, time.perf_counter() - started)
-            return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}")
+            return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}",
+                            sent=not isinstance(exc, urllib3.exceptions.ConnectTimeoutError))
         metrics.plugin_request(path, raw.status, time.perf_counter() - started)
         response = Response(raw.status, raw.data, raw.headers)
         if raw.status == 429 or (raw.status >= 500 and raw.status != 501):
-            return _Attempt(response, retry=True, problem=f"HTTP {raw.status}",
+            return _Attempt(response, retry=True, problem=f"HTTP {raw.status}", sent=raw.status != 429,
                             wait=retry_after(raw.headers.get("Retry-After")))
         return _Attempt(response, retry=False)
 
@@ -277,11 +353,22 @@ class _Attempt:
     retry: bool
     problem: str = ""
     wait: float | None = None  # from Retry-After
+    sent: bool = True  # False: surely not acted on (no connection, or 429), safe to send again
 
 
 def _backoff(failures: int) -> float:
     """Jittered exponential delay before retry number `failures` (0.25 s doubling, 10 s at most)."""
     return min(10.0, 0.25 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
 
 
 def _is_json(response: Response) -> bool:

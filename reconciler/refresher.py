@@ -46,7 +46,7 @@ class Refresher(Role):
         self._behind = False
 
     def boot(self) -> None:
-        self.plugin = PluginClient(self.config.netbox, self.limiter, sleep=self.pause)
+        self.plugin = PluginClient(self.config.netbox, self.limiter, pacer=self)
         self.redis = redis.Redis.from_url(self.config.redis.url, socket_connect_timeout=5, socket_timeout=5,
                                           client_name="reconciler-refresher")
         # Only for its heartbeat row (roles.py); opened lazily, so Postgres being down does not stop

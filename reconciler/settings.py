@@ -26,6 +26,7 @@ DEFAULT_CONFIG_PATH = "/etc/reconciler/reconciler.ini"
 CONFIG_PATH_ENV = "RECONCILER_CONFIG"
 ENV_PREFIX = "RECONCILER_"
 CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd for LoadCredential=
+PLUGIN_CONNECT_SECONDS = 5.0  # connect timeout of a plugin request (the read timeout is a setting)
 
 
 # --- value parsers: each takes the raw string and returns the typed value or raises ValueError ---
@@ -211,7 +212,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "auto_apply", True, parse_bool,
             "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN for review."),
     Setting("workers", "lease_seconds", 600.0, seconds_above_zero,
-            "How long a claim is held; rows of a worker that died return to QUEUED after it. Must exceed "
+            "How long a claim is held; rows of a worker that died return to QUEUED after it (ERRORED once "
+            "[workers] max_attempts claims ended so). No plugin request starts that could outlast it. Must exceed "
             "[netbox] timeout_seconds x max_attempts."),
     Setting("workers", "max_attempts", 8, int_at_least(1),
             "Claims of one row (plugin unreachable, 5xx, 429, timeouts) before it becomes ERRORED."),
@@ -246,12 +248,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("netbox", "branch_refresh_seconds", 300.0, seconds_above_zero,
             "How often the refresher asks the plugin for its default branch."),
     # [supervisor]
-    Setting("supervisor", "drain_seconds", 30.0, seconds_above_zero,
-            "On stop, how long children may finish their batch before they are killed."),
+    Setting("supervisor", "drain_seconds", 75.0, seconds_above_zero,
+            "On stop, how long children may finish their batch before they are killed. Above one plugin "
+            "request (5 s connect + [netbox] timeout_seconds), so a batch in flight can finish."),
     Setting("supervisor", "max_boot_failures", 5, int_at_least(1),
             "Consecutive boot failures of one child before the supervisor gives up (exit 3)."),
     Setting("supervisor", "heartbeat_timeout_seconds", 120.0, seconds_above_zero,
-            "A child whose loop has not ticked for this long is considered hung and killed."),
+            "A child whose loop has not ticked for this long is considered hung and killed. Must exceed one "
+            "plugin request (5 s connect + [netbox] timeout_seconds) when workers run."),
     # [metrics]
     Setting("metrics", "listen", "127.0.0.1:9464", listen_address,
             "host:port of the HTTP endpoint with /metrics (Prometheus), /healthz and /readyz, served by the "
@@ -422,6 +426,33 @@ def check_runnable(config: Config) -> None:
     if config.workers.lease_seconds <= worst_call:
         raise ConfigError(f"[workers] lease_seconds ({config.workers.lease_seconds:g}) must exceed [netbox] "
                           f"timeout_seconds x max_attempts ({worst_call:g}), or live claims would be taken over")
+    longest_request = plugin_request_seconds(netbox)
+    if config.workers.count > 0 and config.supervisor.heartbeat_timeout_seconds <= longest_request:
+        raise ConfigError(f"[supervisor] heartbeat_timeout_seconds ({config.supervisor.heartbeat_timeout_seconds:g}) "
+                          f"must exceed one plugin request (connect and [netbox] timeout_seconds: "
+                          f"{longest_request:g} s), or a worker waiting for NetBox is killed as hung")
+
+
+def plugin_connect_seconds(netbox) -> float:
+    """Connect timeout of a plugin request: 5 s, or the read timeout if that is shorter."""
+    return min(PLUGIN_CONNECT_SECONDS, netbox.timeout_seconds)
+
+
+def plugin_request_seconds(netbox) -> float:
+    """The longest one plugin request can take: connecting, then reading."""
+    return plugin_connect_seconds(netbox) + netbox.timeout_seconds
+
+
+def advisories(config: Config) -> list[str]:
+    """Settings that work but probably not as meant: logged at start and reload, printed by check-config."""
+    notes = []
+    longest_request = plugin_request_seconds(config.netbox)
+    if config.workers.count > 0 and config.supervisor.drain_seconds < longest_request:
+        notes.append(f"[supervisor] drain_seconds ({config.supervisor.drain_seconds:g}) is shorter than one plugin "
+                     f"request ({longest_request:g} s): a worker stopped during a slow request is killed, and its "
+                     f"rows wait for their lease ([workers] lease_seconds, {config.workers.lease_seconds:g} s) "
+                     f"before they are planned again")
+    return notes
 
 
 def consumer_name(prefix: str = "diode-reconciler") -> str:

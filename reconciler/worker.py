@@ -14,13 +14,14 @@ import logging
 import os
 import socket
 import time
+import uuid
 
 from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from . import metrics, outbox, outcomes, protojson, shared, states
 from .db import Database
-from .errors import BootError, DatabaseError, ReconcilerError
+from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
 from .outcomes import Claimed, Decision, RetryPolicy
 from .plugin import Item, PluginClient, Unavailable
 from .roles import Role
@@ -32,6 +33,7 @@ LEASE_SWEEP_INTERVAL = 10.0
 IDLE_PAUSE = 1.0  # empty queue, cold branch cache, backpressure
 PARTIAL_BATCH_PAUSE = 0.1  # a batch smaller than batch_size: the queue is nearly empty
 SUMMARY_INTERVAL = 60.0
+LEASE_RECORD_MARGIN = 30.0  # seconds of a lease kept for recording the outcome after the plugin's answer
 
 
 class ProxyGone(ReconcilerError):
@@ -56,10 +58,11 @@ class Worker(Role):
 
     def boot(self) -> None:
         check_runnable(self.config)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:worker-{self.index}"
+        # Host names and pids repeat across containers; the suffix keeps two live workers' leases apart.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:worker-{self.index}:{uuid.uuid4().hex[:12]}"
         self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, f"reconciler worker {self.index}")
         self.db.check_schema()
-        self.plugin = PluginClient(self.config.netbox, self.limiter, sleep=self.pause)
+        self.plugin = PluginClient(self.config.netbox, self.limiter, pacer=self)
         try:
             shared.read(self.cache)
         except shared.PROXY_ERRORS as exc:
@@ -78,6 +81,7 @@ class Worker(Role):
             return
         try:
             self._sweep_expired_leases()
+            deadline = self._lease_deadline()
             rows = self._claim()
         except DatabaseError as exc:
             log.warning("cannot claim rows, will retry: %s", exc)
@@ -86,7 +90,7 @@ class Worker(Role):
         if not rows:
             self.pause(IDLE_PAUSE)
         else:
-            self._process(rows, view)
+            self._process(rows, view, deadline)
             if len(rows) < self.config.workers.batch_size:
                 self.pause(PARTIAL_BATCH_PAUSE)
         self._summarise()
@@ -115,10 +119,22 @@ class Worker(Role):
             return
         self._next_sweep = time.monotonic() + LEASE_SWEEP_INTERVAL
         with self.db.transaction() as tx:
-            released = tx.fetchall("release_expired_leases")
+            released = tx.fetchall("release_expired_leases", {"max_attempts": self.retry.max_attempts})
         if released:
-            owners = sorted({owner for _, owner in released})
-            log.warning("%d rows outlived their lease (held by %s); back to QUEUED", len(released), ", ".join(owners))
+            owners = ", ".join(sorted({owner for _, owner, _ in released}))
+            given_up = [row_id for row_id, _, state in released if state == states.ERRORED]
+            if len(given_up) < len(released):
+                log.warning("%d rows outlived their lease (held by %s); back to QUEUED",
+                            len(released) - len(given_up), owners)
+            if given_up:
+                log.error("%d rows outlived their lease on each of their %d attempts and are now ERRORED: %s",
+                          len(given_up), self.retry.max_attempts, given_up[:10])
+
+    def _lease_deadline(self) -> float:
+        """When plugin requests for a claim made now must have finished: its lease, less the time kept
+        to record the outcome (read before the claim, so it errs early)."""
+        lease = self.config.workers.lease_seconds
+        return time.monotonic() + lease - min(LEASE_RECORD_MARGIN, lease / 10)
 
     def _claim(self) -> list[Claimed]:
         in_flight = states.APPLYING if self.apply else states.OPEN
@@ -132,13 +148,13 @@ class Worker(Role):
 
     # --- one batch ---
 
-    def _process(self, rows: list[Claimed], view: shared.View) -> None:
+    def _process(self, rows: list[Claimed], view: shared.View, deadline: float) -> None:
         now = datetime.datetime.now(datetime.timezone.utc)
         metrics.claimed(row.object_type for row in rows)
         entities, decisions = self._entities(rows)
         items = [Item(str(row.id), row.object_type, entities[row.id]) for row in rows if row.id in entities]
         if items:
-            answered = self._ask_plugin(items, rows, view, now)
+            answered = self._ask_plugin(items, rows, view, now, deadline)
             if answered is None:
                 return  # stopping: the rows were given back
             decisions += answered
@@ -157,37 +173,41 @@ class Worker(Role):
         return dict(zip(parsed, protojson.batch_to_dicts(list(parsed.values())))), failed
 
     def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: shared.View,
-                    now: datetime.datetime) -> list[Decision] | None:
+                    now: datetime.datetime, deadline: float) -> list[Decision] | None:
+        """The decisions for the rows asked about; None when stopping gave them all back."""
         by_id = {row.id: row for row in rows}
         asked = [by_id[int(item.id)] for item in items]
         try:
             call = self.plugin.plan_apply if self.apply else self.plugin.plan
-            results = call(items, view.branch_id)
+            results = call(items, view.branch_id, deadline)
         except Unavailable as exc:
-            if self.stopping:
-                outbox.release(self.db, self.owner, [row.id for row in asked])
-                log.info("stopping: gave %d claimed rows back", len(asked))
+            if self._give_back_when_stopping(asked):
                 return None
             log.warning("plugin unavailable for a batch of %d: %s", len(asked), exc)
             return [outcomes.unavailable(row, str(exc), self.retry, now) for row in asked]
+        unreached = [row for row in asked if (result := results.get(str(row.id))) and result.unavailable]
+        if unreached:
+            log.warning("plugin unavailable for %d of a batch of %d: %s", len(unreached), len(asked),
+                        results[str(unreached[0].id)].unavailable)
+            if self._give_back_when_stopping(unreached):
+                given_back = {row.id for row in unreached}
+                asked = [row for row in asked if row.id not in given_back]
         entities = {int(item.id): item.entity for item in items}
         return [outcomes.decide(row, results.get(str(row.id)), self.apply, entities[row.id], view.branch_id,
                                 self.retry, now) for row in asked]
 
+    def _give_back_when_stopping(self, rows: list[Claimed]) -> bool:
+        """Stopping: release rows the plugin was not asked about, uncounted, for the next worker."""
+        if not self.stopping:
+            return False
+        outbox.release(self.db, self.owner, [row.id for row in rows])
+        log.info("stopping: gave %d claimed rows back", len(rows))
+        return True
+
     def _persist(self, decisions: list[Decision], view: shared.View, planned_before: set[int],
                  object_types: dict[int, str]) -> None:
-        while True:
-            try:
-                written = outbox.persist(self.db, self.owner, view.branch_scope, decisions, planned_before)
-                break
-            except DatabaseError as exc:
-                # The plugin's work is done; keep trying to record it (our lease protects the rows).
-                log.warning("cannot record a batch's outcome, will retry: %s", exc)
-                if not self.pause(2.0):
-                    log.error("stopping before the outcome of %d rows was recorded; their lease will expire "
-                              "and they will be planned again", len(decisions))
-                    return
-        lost = [d.row_id for d in decisions if d.row_id not in written]
+        written, unrecorded = self._record(decisions, view.branch_scope, planned_before)
+        lost = [d.row_id for d in decisions if d.row_id not in written and d.row_id not in unrecorded]
         if lost:
             log.warning("%d rows were taken over by another worker after our lease expired; their outcome "
                         "is theirs to record: %s", len(lost), lost[:10])
@@ -198,6 +218,43 @@ class Worker(Role):
                 self._counts[state] = self._counts.get(state, 0) + 1
                 recorded.append((object_types[decision.row_id], state))
         metrics.decided(recorded)
+
+    def _record(self, decisions: list[Decision], branch_scope: str,
+                planned_before: set[int]) -> tuple[set[int], set[int]]:
+        """Write the outcomes: (rows written, rows left unrecorded, to be planned again after their lease).
+
+        Outages are waited out: the plugin's work is done, and our lease protects the rows. Content
+        Postgres refuses is bisected down to the rows that carry it, so it costs no other row.
+        """
+        while True:
+            try:
+                return outbox.persist(self.db, self.owner, branch_scope, decisions, planned_before), set()
+            except ContentRejected as exc:
+                return self._record_refused(decisions, branch_scope, planned_before, exc)
+            except DatabaseError as exc:
+                log.warning("cannot record a batch's outcome, will retry: %s", exc)
+                if not self.pause(2.0):
+                    log.error("stopping before the outcome of %d rows was recorded; their lease will expire "
+                              "and they will be planned again", len(decisions))
+                    return set(), {d.row_id for d in decisions}
+
+    def _record_refused(self, decisions: list[Decision], branch_scope: str, planned_before: set[int],
+                        exc: ContentRejected) -> tuple[set[int], set[int]]:
+        if len(decisions) > 1:
+            middle = len(decisions) // 2
+            first = self._record(decisions[:middle], branch_scope, planned_before)
+            second = self._record(decisions[middle:], branch_scope, planned_before)
+            return first[0] | second[0], first[1] | second[1]
+        [decision] = decisions
+        log.error("Postgres refused the outcome of row %d (%s); recording it without its change set",
+                  decision.row_id, exc)
+        try:
+            return outbox.persist(self.db, self.owner, branch_scope, [outcomes.unstorable(decision, str(exc))],
+                                  planned_before), set()
+        except DatabaseError as again:
+            log.error("cannot record row %d even without its change set (%s); its lease will expire and it will "
+                      "be planned again", decision.row_id, again)
+            return set(), {decision.row_id}
 
     def _summarise(self) -> None:
         if time.monotonic() < self._next_summary:

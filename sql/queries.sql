@@ -103,6 +103,8 @@ WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s, %(seq)s)
 -- release_expired_leases --
 -- Rows whose claim outlived its lease (the worker died or hung) go back to QUEUED for another
 -- worker. Live claims have unexpired leases and are not touched, nor rows another transaction holds.
+-- A row that has used up %(max_attempts)s claims this way becomes ERRORED instead: one that kills
+-- or hangs every worker that plans it must not cycle forever (an operator can `reconciler retry` it).
 WITH expired AS (
     SELECT id, lease_owner FROM ingestion_logs
     WHERE lease_owner IS NOT NULL AND lease_expires_at < now()
@@ -110,10 +112,17 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE ingestion_logs AS l
-SET state = 1, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+SET state = CASE WHEN l.attempts >= %(max_attempts)s THEN 7 ELSE 1 END,
+    error = CASE WHEN l.attempts >= %(max_attempts)s
+                 THEN jsonb_build_object(
+                     'message', format('gave up after %%s attempts: each claim outlived its lease (the worker '
+                                       'died or hung while the plugin planned this row)', l.attempts),
+                     'code', 'ERR_LEASE_EXPIRED', 'details', NULL)
+                 ELSE l.error END,
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM expired
 WHERE l.id = expired.id
-RETURNING l.id, expired.lease_owner;
+RETURNING l.id, expired.lease_owner, l.state;
 
 -- claim_batch --
 -- Up to %(limit)s rows for one worker: PENDING_RETRY rows that are due first, then the oldest

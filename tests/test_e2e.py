@@ -31,7 +31,8 @@ def netbox():
 
 @pytest.fixture
 def run_env(env, netbox):
-    return {**env, **netbox.env(), "RECONCILER_WORKERS_COUNT": "2", "RECONCILER_NETBOX_TIMEOUT_SECONDS": "120"}
+    return {**env, **netbox.env(), "RECONCILER_WORKERS_COUNT": "2", "RECONCILER_NETBOX_TIMEOUT_SECONDS": "120",
+            "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "180"}
 
 
 def site_entries(site: int, cycle: int = 0, changed: float = 0.0):

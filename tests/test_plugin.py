@@ -160,6 +160,103 @@ def test_fallback_reports_plan_and_apply_errors_and_skips_empty_plans(server):
     assert server.calls("apply-change-set/") == [] and server.calls("bulk-plan-apply/") == []
 
 
+ITEMS3 = ITEMS + [Item("13", "dcim.site", {"site": {"name": "c"}})]
+
+
+def single_plans(server):
+    server.default("generate-diff/", Step(answer=lambda body: Step(200, {
+        "id": "x", "errors": None, "change_set": plan_for(body["entity"]["site"]["name"])})))
+
+
+@pytest.mark.parametrize("failure", [Step(503, b"busy"), Step(200, {"id": "cs-b", "errors": None}, delay=1.5)],
+                         ids=["5xx", "timeout"])
+def test_a_change_set_that_may_have_reached_the_plugin_is_not_applied_twice(server, failure):
+    """Replaying apply-change-set/ after a timeout or a 5xx could create an object twice: the entity
+    is reported unavailable (planned afresh later), the one done before keeps its result, and the
+    one after is not sent at all."""
+    single_plans(server)
+    server.script("apply-change-set/", Step(200, {"id": "cs-a", "errors": None}), failure)
+    results = client(server.url, api="single", timeout_seconds=0.5).plan_apply(ITEMS3, None)
+    assert results["11"].change_set["id"] == "cs-a" and results["11"].unavailable is None
+    assert "apply-change-set/" in results["12"].unavailable and "not sent again" in results["12"].unavailable
+    assert results["13"].unavailable == results["12"].unavailable
+    assert [c.body["id"] for c in server.calls("apply-change-set/")] == ["cs-a", "cs-b"]
+    assert [c.body["entity"]["site"]["name"] for c in server.calls("generate-diff/")] == ["a", "b"]
+
+
+def test_a_change_set_refused_with_429_or_no_connection_is_sent_again(server):
+    single_plans(server)
+    server.script("apply-change-set/", Step(429, {"detail": "slow"}, headers={"Retry-After": "0"}))
+    server.default("apply-change-set/", Step(answer=lambda body: Step(200, {"id": body["id"], "errors": None})))
+    results = client(server.url, api="single").plan_apply(ITEMS[:1], None)
+    assert results["11"].unavailable is None and len(server.calls("apply-change-set/")) == 2
+
+
+def test_the_first_entity_unavailable_makes_the_whole_batch_unavailable(server):
+    server.default("generate-diff/", Step(503, b"down"))
+    with pytest.raises(Unavailable, match="generate-diff/ failed after 2 attempts"):
+        client(server.url, api="single", max_attempts=2).plan(ITEMS, None)
+
+
+class CountingPacer:
+    """A role as the client sees it: counts heartbeats and can be told to stop after some."""
+
+    def __init__(self, stop_after_beats: int | None = None) -> None:
+        self.beats, self.stop_after_beats = 0, stop_after_beats
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_after_beats is not None and self.beats >= self.stop_after_beats
+
+    def beat(self) -> None:
+        self.beats += 1
+
+    def pause(self, seconds: float) -> bool:
+        time.sleep(seconds)
+        return not self.stopping
+
+
+def test_every_request_beats_the_heartbeat_so_a_long_fallback_batch_is_not_taken_for_a_hang(server):
+    single_plans(server)
+    server.default("apply-change-set/", Step(answer=lambda body: Step(200, {"id": body["id"], "errors": None})))
+    pacer = CountingPacer()
+    PluginClient(netbox(server.url, api="single"), SharedRateLimiter(0, 1), pacer).plan_apply(ITEMS3, None)
+    assert pacer.beats == 6  # generate-diff/ and apply-change-set/ for each of the three
+
+
+def test_a_stop_between_entities_sends_nothing_more(server):
+    single_plans(server)
+    pacer = CountingPacer(stop_after_beats=2)  # SIGTERM while the second entity is being planned
+    results = PluginClient(netbox(server.url, api="single"), SharedRateLimiter(0, 1), pacer).plan(ITEMS3, None)
+    assert results["11"].change_set and results["12"].change_set
+    assert "stopping" in results["13"].unavailable and len(server.calls("generate-diff/")) == 2
+
+
+def test_no_request_starts_that_could_outlast_the_deadline(server):
+    server.default("bulk-plan/", Step(answer=converge))
+    plugin = client(server.url, timeout_seconds=2.0)
+    with pytest.raises(Unavailable, match="could outlast the claim's lease"):
+        plugin.plan(ITEMS, None, deadline=time.monotonic() + 3.0)  # a request may take 2 s connect + 2 s read
+    assert server.calls("bulk-plan/") == []
+    assert set(plugin.plan(ITEMS, None, deadline=time.monotonic() + 5.0)) == {"11", "12"}
+
+
+def test_a_retry_wait_that_would_outlast_the_deadline_is_not_waited(server):
+    server.default("bulk-plan/", Step(503, b"busy", headers={"Retry-After": "30"}))
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="could outlast the claim's lease"):
+        client(server.url).plan(ITEMS, None, deadline=time.monotonic() + 20.0)
+    assert time.monotonic() - started < 5 and len(server.calls("bulk-plan/")) == 1
+
+
+def test_nul_characters_in_answers_are_replaced_so_they_can_be_stored(server):
+    plan = plan_for("11")
+    plan["changes"][0]["data"] = {"name": "a", "description": "before\x00after", "bad\x00key": ["x\x00"]}
+    server.script("bulk-plan/", Step(200, {"results": [{"id": "11", "change_set": plan, "errors": None}]}))
+    [change] = client(server.url).plan(ITEMS, None)["11"].change_set["changes"]
+    assert change["data"] == {"name": "a", "description": "before\ufffdafter", "bad\ufffdkey": ["x\ufffd"]}
+
+
 def test_default_branch(server):
     server.script("default-branch/", Step(200, {"branch": {"id": "td5smq0f", "name": "staging"}}),
                   Step(200, {"branch": None}), Step(404, b"<html>Not Found</html>"))

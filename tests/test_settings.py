@@ -88,6 +88,24 @@ def test_lease_must_outlast_the_longest_plugin_call():
         settings.check_runnable(config)
 
 
+def test_a_worker_waiting_for_one_plugin_request_is_not_taken_for_a_hung_one():
+    config = settings.load(None, {"RECONCILER_NETBOX_TOKEN": "t", "RECONCILER_NETBOX_TIMEOUT_SECONDS": "50",
+                                  "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "55"})
+    with pytest.raises(ConfigError, match=r"heartbeat_timeout_seconds \(55\) must exceed one plugin request .* 55 s"):
+        settings.check_runnable(config)
+    settings.check_runnable(settings.load(None, {**{"RECONCILER_NETBOX_TOKEN": "t"}, "RECONCILER_WORKERS_COUNT": "0",
+                                                "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "5"}))
+
+
+def test_a_drain_shorter_than_a_plugin_request_is_a_warning(tmp_path, capsys):
+    assert settings.advisories(settings.load(None, {})) == []  # the defaults fit together
+    short = write_ini(tmp_path, "[netbox]\ntoken = t\n[supervisor]\ndrain_seconds = 30\n")
+    assert cli.main(["check-config", "-c", short]) == 0
+    err = capsys.readouterr().err
+    assert "warning: [supervisor] drain_seconds (30) is shorter than one plugin request (65 s)" in err
+    assert cli.main(["check-config", "-c", short, "-w", "0"]) == 0 and capsys.readouterr().err == ""
+
+
 def test_cross_setting_rules(tmp_path):
     with pytest.raises(ConfigError, match="client_id: required when"):
         settings.load(None, {"RECONCILER_NETBOX_TOKEN_URL": "https://auth/token"})

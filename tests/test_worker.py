@@ -184,6 +184,104 @@ def test_at_most_five_change_sets_per_row(worker, plugin, dsn):
     assert [i for (i,) in query(dsn, "SELECT id FROM change_sets ORDER BY id")] == created[-5:]  # the newest five
 
 
+# --- answers Postgres could refuse, and answers that are not change sets ---
+
+
+def answer_with(*change_sets) -> Step:
+    return Step(200, {"results": [{"id": str(n), "change_set": cs, "errors": None}
+                                  for n, cs in enumerate(change_sets, start=1)]})
+
+
+def test_nul_characters_and_huge_integers_in_a_change_set_are_stored(worker, plugin, dsn):
+    """An entity may carry U+0000 (kept as bytes in the inbox) and the plugin echoes it: Postgres text
+    and jsonb refuse it, which would stall the worker on the same batch for ever."""
+    odd = plan_for("1")
+    odd["changes"][0].update(object_primary_value="a\x00b", object_id=2 ** 70, object_version=2 ** 40,
+                             data={"name": "a", "description": "x\x00y"})
+    plugin.script("bulk-plan-apply/", answer_with(odd, plan_for("2")))
+    enqueue(dsn, *sites("a", "b"))
+    worker.run_once()
+    assert [s for s, _, _ in row_states(dsn)] == [states.APPLIED, states.APPLIED]
+    stored = query(dsn, "SELECT object_primary_value, object_id, object_version, after FROM changes ORDER BY change_set_id")
+    assert stored[0] == ("a\ufffdb", None, None, {"name": "a", "description": "x\ufffdy"})
+    assert len(stored) == 2
+
+
+@pytest.mark.parametrize("auto_apply, state", [("true", states.APPLIED), ("false", states.FAILED)])
+def test_an_outcome_postgres_refuses_costs_no_other_row(env, plugin, shared, dsn, auto_apply, state, caplog):
+    """The batch is bisected down to the refused row, which is recorded without its change set: an
+    apply that happened stays APPLIED, a plan nobody could review is FAILED. Nothing stalls."""
+    query(dsn, "ALTER TABLE changes ADD CONSTRAINT test_refuses CHECK (object_primary_value <> 'obj-3')")
+    path = "bulk-plan-apply/" if auto_apply == "true" else "bulk-plan/"
+    plugin.script(path, answer_with(*[plan_for(str(n)) for n in range(1, 6)]))
+    role = Worker(make_config(env, plugin, workers_auto_apply=auto_apply), 1, shared.cache, shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("a", "b", "c", "d", "e"))
+    role.run_once()
+    role.shutdown()
+    fine = states.APPLIED if auto_apply == "true" else states.OPEN
+    assert [s for s, _, owner in row_states(dsn) if owner is None] == [fine, fine, state, fine, fine]
+    assert [i for (i,) in query(dsn, "SELECT ingestion_log_id FROM change_sets ORDER BY 1")] == [1, 2, 4, 5]
+    error = scalar(dsn, "SELECT error FROM ingestion_logs WHERE id = 3")
+    assert error["code"] == "ERR_INTERNAL" and "test_refuses" in error["message"]
+    assert "Postgres refused the outcome of row 3" in caplog.text
+
+
+@pytest.mark.parametrize("change_set, problem", [
+    (["not", "an", "object"], "the change set is list, not an object"),
+    ({"id": "x", "changes": {"0": {}}}, "its changes are dict, not a list"),
+    ({"id": "x", "changes": [{"change_type": "create"}, "create"]}, "one of its changes is not an object"),
+], ids=["list", "changes-dict", "change-string"])
+def test_a_malformed_change_set_fails_its_row_alone(worker, plugin, dsn, change_set, problem):
+    plugin.script("bulk-plan-apply/", answer_with(change_set, plan_for("2")))
+    enqueue(dsn, *sites("a", "b"))
+    worker.run_once()
+    assert [s for s, _, _ in row_states(dsn)] == [states.FAILED, states.APPLIED]
+    error = scalar(dsn, "SELECT error FROM ingestion_logs WHERE id = 1")
+    assert error["code"] == "ERR_OPS_GENERATE_DIFF" and error["message"].endswith(problem)
+
+
+# --- the per-entity path (plugins older than 1.12) ---
+
+
+def single_plugin(plugin) -> None:
+    plugin.default("generate-diff/", Step(answer=lambda body: Step(200, {
+        "id": "x", "errors": None, "change_set": plan_for(body["entity"]["site"]["name"])})))
+
+
+def test_an_apply_that_may_have_happened_is_planned_again_not_replayed(env, plugin, shared, dsn):
+    single_plugin(plugin)
+    plugin.script("apply-change-set/", Step(200, {"id": "cs-a", "errors": None}), Step(503, b"busy"))
+    role = Worker(make_config(env, plugin, netbox_api="single"), 1, shared.cache, shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("a", "b", "c"))
+    role.run_once()
+    role.shutdown()
+    assert [s for s, _, _ in row_states(dsn)] == [states.APPLIED, states.PENDING_RETRY, states.PENDING_RETRY]
+    assert len(plugin.calls("apply-change-set/")) == 2 and len(plugin.calls("generate-diff/")) == 2
+    assert "not sent again" in scalar(dsn, "SELECT error->>'message' FROM ingestion_logs WHERE id = 2")
+
+
+def test_a_stop_between_entities_gives_the_unsent_rows_back(env, plugin, shared, dsn):
+    single_plugin(plugin)
+    role = Worker(make_config(env, plugin, netbox_api="single", workers_auto_apply="false"), 1, shared.cache,
+                  shared.limiter)
+    role.boot()
+
+    def stop_after_this_one(body):
+        role.request_stop()  # SIGTERM while the plugin plans the second entity
+        return Step(200, {"id": "x", "errors": None, "change_set": plan_for("b")})
+
+    plugin.script("generate-diff/", Step(answer=lambda body: Step(200, {"id": "x", "errors": None,
+                                                                        "change_set": plan_for("a")})),
+                  Step(answer=stop_after_this_one))
+    enqueue(dsn, *sites("a", "b", "c"))
+    role.run_once()
+    role.shutdown()
+    assert query(dsn, "SELECT state, attempts, lease_owner FROM ingestion_logs ORDER BY id") == [
+        (states.OPEN, 1, None), (states.OPEN, 1, None), (states.QUEUED, 0, None)]
+
+
 # --- leases ---
 
 
@@ -197,6 +295,31 @@ def test_expired_leases_return_to_queued_and_live_ones_are_left_alone(worker, pl
     worker.run_once()
     assert row_states(dsn) == [(states.APPLIED, None, None), (states.APPLYING, None, "otherhost:2:worker-1")]
     assert [e["id"] for e in plugin.calls("bulk-plan-apply/")[0].body["entities"]] == ["1"]
+
+
+def test_a_row_whose_every_claim_outlived_its_lease_becomes_errored(env, plugin, shared, dsn, caplog):
+    """A row that kills or hangs each worker that plans it must not cycle through QUEUED forever."""
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    role = Worker(make_config(env, plugin, workers_max_attempts=3), 1, shared.cache, shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("poison", "innocent"))
+    query(dsn, "UPDATE ingestion_logs SET state = 8, lease_owner = 'gone:1:worker-1:x', "
+               "lease_expires_at = now() - interval '1 second', attempts = CASE WHEN id = 1 THEN 3 ELSE 2 END")
+    role.run_once()
+    [(state, error, owner)] = query(dsn, "SELECT state, error, lease_owner FROM ingestion_logs WHERE id = 1")
+    assert (state, error["code"], owner) == (states.ERRORED, "ERR_LEASE_EXPIRED", None)
+    assert error["message"].startswith("gave up after 3 attempts")
+    assert scalar(dsn, "SELECT state FROM ingestion_logs WHERE id = 2") == states.APPLIED  # back to QUEUED, then done
+    assert [e["id"] for e in plugin.calls("bulk-plan-apply/")[0].body["entities"]] == ["2"]
+    assert "1 rows outlived their lease on each of their 3 attempts and are now ERRORED: [1]" in caplog.text
+    role.shutdown()
+
+
+def test_worker_lease_owners_are_unique_even_with_the_same_host_and_pid(worker, env, plugin, shared):
+    twin = Worker(make_config(env, plugin), 1, shared.cache, shared.limiter)
+    twin.boot()
+    assert twin.owner != worker.owner and twin.owner.rsplit(":", 1)[0] == worker.owner.rsplit(":", 1)[0]
+    twin.shutdown()
 
 
 def test_a_lost_lease_drops_the_outcome(worker, plugin, dsn):
