@@ -129,7 +129,7 @@ def deviation_name(object_type: str, changes: list[dict]) -> str:
         return f"{kind} unchanged"
     value = primary.get("object_primary_value")
     verb = "discovered" if primary.get("change_type") == "create" else "modified"
-    return " ".join(part for part in (kind, value, verb) if part)[:255]
+    return " ".join(str(part) for part in (kind, value, verb) if part)[:255]
 
 
 def _primary_value(object_type: str, entity: dict | None) -> str | None:
@@ -138,7 +138,9 @@ def _primary_value(object_type: str, entity: dict | None) -> str | None:
         return None
     message = pb.Entity.DESCRIPTOR.fields_by_name[member].message_type.name
     value = (entity.get(member) or {}).get(PRIMARY_VALUE_MAP.get(message, "name"))
-    return str(value) if value not in (None, "") else None
+    # From the stored entity, which may hold a NUL that Postgres text cannot (plugin answers are
+    # cleaned when parsed; this value is not from one).
+    return str(value).replace("\x00", "\ufffd") if value not in (None, "") else None
 
 
 def placeholder(row: Claimed, entity: dict | None, branch_id: str | None) -> ChangeSet:

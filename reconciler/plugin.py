@@ -2,15 +2,17 @@
 
 Two kinds of failure leave this module, and the worker treats them differently:
 - `Unavailable`: nothing said about the entities (connection refused, timeout, 429 or 5xx after
-  every retry, an authentication or authorisation problem). The rows are retried later. On the
-  per-entity path, entities not reached once the plugin is unavailable come back as results with
-  `unavailable` set, beside the results of those already done.
+  every retry, an authentication or authorisation problem). The rows are retried later. Its
+  subclass `NotSent`: nothing was sent at all (stopping, or no time left before the deadline).
+  On the per-entity path, entities not done once the plugin is unavailable come back as results
+  with `unavailable` set (and `sent` False for those never sent), beside the results of those done.
 - per-entity `errors` in a result: the plugin planned or applied and refused. The rows fail.
 A whole-call refusal of the content (a 400 with JSON) is reported per entity as a plan error.
 
 No request starts that could not finish before the caller's deadline (the worker's lease) or
-once the caller's pacer (its role) is stopping, and each one, token requests included, beats the
-role's heartbeat first, so a long per-entity batch is not taken for a hung process.
+once the caller's pacer (its role) is stopping: both are checked after the rate-limit and token
+waits, right before sending. Each request, token requests included, beats the role's heartbeat
+first, so a long per-entity batch is not taken for a hung process.
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ class Unavailable(ReconcilerError):
     """The plugin could not be asked (or would not answer); the entities were not judged."""
 
 
+class NotSent(Unavailable):
+    """No request was sent (stopping, or it could outlast the deadline): the rows used no attempt."""
+
+
 @dataclass
 class Result:
     """The plugin's answer for one entity, whatever the endpoint."""
@@ -73,7 +79,8 @@ class Result:
     plan_errors: Any = None
     apply_errors: Any = None
     warnings: list = field(default_factory=list)
-    unavailable: str | None = None  # per-entity path: why this entity was not (fully) asked
+    unavailable: str | None = None  # per-entity path: why this entity has no outcome
+    sent: bool = True  # False: nothing about this entity was sent
 
 
 @dataclass(frozen=True)
@@ -252,7 +259,11 @@ class PluginClient:
             except Unavailable as exc:
                 if not results:
                     raise
-                results.update((rest.id, Result(rest.id, unavailable=str(exc))) for rest in items[position:])
+                first_unsent = position if isinstance(exc, NotSent) else position + 1
+                if first_unsent > position:  # this entity's request may have reached the plugin
+                    results[item.id] = Result(item.id, unavailable=str(exc))
+                results.update((rest.id, Result(rest.id, unavailable=str(exc), sent=False))
+                               for rest in items[first_unsent:])
                 break
         return results
 
@@ -263,8 +274,7 @@ class PluginClient:
             raise Unavailable("generate-diff/ answered 404: no diode plugin API at [netbox] url")
         body = self._expect_json(planned, "generate-diff", accept=(200, 400))
         result = Result(item.id, change_set=body.get("change_set"), plan_errors=body.get("errors"))
-        changes = result.change_set.get("changes") if isinstance(result.change_set, dict) else None
-        if not apply or result.plan_errors or not changes:
+        if not apply or result.plan_errors or not _applicable(result.change_set):
             return result
         # Not repeated once it may have reached the plugin (a timeout, a 5xx): replaying an old change
         # set can create an object twice. The entity is planned afresh later instead.
@@ -289,8 +299,12 @@ class PluginClient:
         Without `replay_safe`, only a request that surely did not reach the plugin is sent again."""
         failures, refreshed = 0, False
         while True:
-            self._may_start(path, deadline, 0.0)
-            attempt = self._attempt(method, path, body, branch)
+            try:
+                attempt = self._attempt(method, path, body, branch, deadline)
+            except NotSent as exc:
+                if failures:  # earlier attempts did reach the plugin: the rows used an attempt
+                    raise Unavailable(f"{exc}, after {failures} failed attempts") from None
+                raise
             if attempt.response is not None and attempt.response.status == 403:
                 if self._refresh_after_403(attempt.response, refreshed):
                     refreshed = True
@@ -304,24 +318,24 @@ class PluginClient:
             if attempt.sent and not replay_safe:
                 raise Unavailable(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
             delay = attempt.wait if attempt.wait is not None else _backoff(failures)
-            self._may_start(path, deadline, delay)
+            if deadline is not None and time.monotonic() + delay + self.attempt_seconds > deadline:
+                raise Unavailable(f"{path}: {attempt.problem}; no time left to retry within the claim's lease")
             log.debug("%s %s: %s; retrying in %.2f s", method, path, attempt.problem, delay)
             if not self.pacer.pause(delay):
                 raise Unavailable(f"{path}: stopped while waiting to retry ({attempt.problem})")
 
-    def _may_start(self, path: str, deadline: float | None, wait: float) -> None:
-        """Unavailable unless a request may start after `wait` seconds: not stopping, and time left to finish."""
-        if self.pacer.stopping:
-            raise Unavailable(f"{path}: stopping before the request was sent")
-        if deadline is not None and time.monotonic() + wait + self.attempt_seconds > deadline:
-            raise Unavailable(f"{path}: not sent, it could outlast the claim's lease")
-
-    def _attempt(self, method: str, path: str, body: Any, branch: str | None) -> "_Attempt":
-        self.limiter.acquire(self.pacer.pause)
+    def _attempt(self, method: str, path: str, body: Any, branch: str | None, deadline: float | None) -> "_Attempt":
+        if not self.limiter.acquire(self.pacer.pause):
+            raise NotSent(f"{path}: stopping before the request was sent")
         headers = {"Authorization": self.tokens.header(), "Accept": "application/json",
                    "Content-Type": "application/json"}
         if branch:
             headers["X-NetBox-Branch"] = branch
+        # Checked last: waiting for the rate limit or a token may have used the time.
+        if self.pacer.stopping:
+            raise NotSent(f"{path}: stopping before the request was sent")
+        if deadline is not None and time.monotonic() + self.attempt_seconds > deadline:
+            raise NotSent(f"{path}: not sent, it could outlast the claim's lease")
         self.pacer.beat()
         started = time.perf_counter()
         try:
@@ -359,6 +373,12 @@ class _Attempt:
 def _backoff(failures: int) -> float:
     """Jittered exponential delay before retry number `failures` (0.25 s doubling, 10 s at most)."""
     return min(10.0, 0.25 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
+def _applicable(change_set: Any) -> bool:
+    """Whether a planned change set is worth sending to apply-change-set/: a list of changes."""
+    changes = change_set.get("changes") if isinstance(change_set, dict) else None
+    return isinstance(changes, list) and bool(changes) and all(isinstance(change, dict) for change in changes)
 
 
 def _without_nul(value: Any) -> Any:

@@ -30,9 +30,12 @@ class SharedRateLimiter:
             self._bucket[0] = tokens
             return (1 - tokens) / self.rate
 
-    def acquire(self, sleep: Callable[[float], object] = time.sleep) -> None:
-        """Block until this process may send one request."""
+    def acquire(self, sleep: Callable[[float], object] = time.sleep) -> bool:
+        """Block until this process may send one request: True. False if `sleep` returns False (the
+        caller is stopping), without a token taken."""
         if self.rate <= 0:
-            return  # unlimited
+            return True  # unlimited
         while (wait := self._take()) > 0:
-            sleep(wait)
+            if sleep(wait) is False:
+                return False
+        return True

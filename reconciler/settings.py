@@ -27,6 +27,7 @@ CONFIG_PATH_ENV = "RECONCILER_CONFIG"
 ENV_PREFIX = "RECONCILER_"
 CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd for LoadCredential=
 PLUGIN_CONNECT_SECONDS = 5.0  # connect timeout of a plugin request (the read timeout is a setting)
+LEASE_RECORD_MARGIN = 30.0  # seconds of a lease kept for recording a batch's outcome after the plugin's answer
 
 
 # --- value parsers: each takes the raw string and returns the typed value or raises ValueError ---
@@ -212,8 +213,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "auto_apply", True, parse_bool,
             "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN for review."),
     Setting("workers", "lease_seconds", 600.0, seconds_above_zero,
-            "How long a claim is held; rows of a worker that died return to QUEUED after it (ERRORED once "
-            "[workers] max_attempts claims ended so). No plugin request starts that could outlast it. Must exceed "
+            "How long a claim is held; rows of a worker that died return to QUEUED after it (ERRORED after "
+            "[workers] max_attempts such expiries). No plugin request starts that could outlast it. Must exceed "
             "[netbox] timeout_seconds x max_attempts."),
     Setting("workers", "max_attempts", 8, int_at_least(1),
             "Claims of one row (plugin unreachable, 5xx, 429, timeouts) before it becomes ERRORED."),
@@ -427,10 +428,21 @@ def check_runnable(config: Config) -> None:
         raise ConfigError(f"[workers] lease_seconds ({config.workers.lease_seconds:g}) must exceed [netbox] "
                           f"timeout_seconds x max_attempts ({worst_call:g}), or live claims would be taken over")
     longest_request = plugin_request_seconds(netbox)
+    budget = lease_budget_seconds(config.workers)
+    if config.workers.count > 0 and budget <= longest_request:
+        raise ConfigError(f"[workers] lease_seconds ({config.workers.lease_seconds:g}) leaves {budget:g} s for plugin "
+                          f"requests once the time to record the outcome is kept, not enough for one request "
+                          f"({longest_request:g} s): no batch could ever be sent")
     if config.workers.count > 0 and config.supervisor.heartbeat_timeout_seconds <= longest_request:
         raise ConfigError(f"[supervisor] heartbeat_timeout_seconds ({config.supervisor.heartbeat_timeout_seconds:g}) "
                           f"must exceed one plugin request (connect and [netbox] timeout_seconds: "
                           f"{longest_request:g} s), or a worker waiting for NetBox is killed as hung")
+
+
+def lease_budget_seconds(workers) -> float:
+    """How long after a claim its plugin requests may run: the lease, less the time kept to record
+    the outcome (a tenth of the lease, at most LEASE_RECORD_MARGIN)."""
+    return workers.lease_seconds - min(LEASE_RECORD_MARGIN, workers.lease_seconds / 10)
 
 
 def plugin_connect_seconds(netbox) -> float:

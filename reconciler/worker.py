@@ -23,9 +23,9 @@ from . import metrics, outbox, outcomes, protojson, shared, states
 from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
 from .outcomes import Claimed, Decision, RetryPolicy
-from .plugin import Item, PluginClient, Unavailable
+from .plugin import Item, NotSent, PluginClient, Unavailable
 from .roles import Role
-from .settings import check_runnable
+from .settings import check_runnable, lease_budget_seconds
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ LEASE_SWEEP_INTERVAL = 10.0
 IDLE_PAUSE = 1.0  # empty queue, cold branch cache, backpressure
 PARTIAL_BATCH_PAUSE = 0.1  # a batch smaller than batch_size: the queue is nearly empty
 SUMMARY_INTERVAL = 60.0
-LEASE_RECORD_MARGIN = 30.0  # seconds of a lease kept for recording the outcome after the plugin's answer
 
 
 class ProxyGone(ReconcilerError):
@@ -127,14 +126,13 @@ class Worker(Role):
                 log.warning("%d rows outlived their lease (held by %s); back to QUEUED",
                             len(released) - len(given_up), owners)
             if given_up:
-                log.error("%d rows outlived their lease on each of their %d attempts and are now ERRORED: %s",
-                          len(given_up), self.retry.max_attempts, given_up[:10])
+                log.error("%d rows outlived their lease %d times (each kills or hangs whoever plans it) and are "
+                          "now ERRORED: %s", len(given_up), self.retry.max_attempts, given_up[:10])
 
     def _lease_deadline(self) -> float:
-        """When plugin requests for a claim made now must have finished: its lease, less the time kept
-        to record the outcome (read before the claim, so it errs early)."""
-        lease = self.config.workers.lease_seconds
-        return time.monotonic() + lease - min(LEASE_RECORD_MARGIN, lease / 10)
+        """When plugin requests for a claim made now must have finished (read before the claim, so it
+        errs early)."""
+        return time.monotonic() + lease_budget_seconds(self.config.workers)
 
     def _claim(self) -> list[Claimed]:
         in_flight = states.APPLYING if self.apply else states.OPEN
@@ -154,12 +152,10 @@ class Worker(Role):
         entities, decisions = self._entities(rows)
         items = [Item(str(row.id), row.object_type, entities[row.id]) for row in rows if row.id in entities]
         if items:
-            answered = self._ask_plugin(items, rows, view, now, deadline)
-            if answered is None:
-                return  # stopping: the rows were given back
-            decisions += answered
-        self._persist(decisions, view, {row.id for row in rows if row.planned_before},
-                      {row.id: row.object_type for row in rows})
+            decisions += self._ask_plugin(items, rows, view, now, deadline)
+        if decisions:
+            self._persist(decisions, view, {row.id for row in rows if row.planned_before},
+                          {row.id: row.object_type for row in rows})
 
     def _entities(self, rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:
         """Each row's entity as protojson with proto field names; a row whose bytes do not parse fails."""
@@ -173,88 +169,87 @@ class Worker(Role):
         return dict(zip(parsed, protojson.batch_to_dicts(list(parsed.values())))), failed
 
     def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: shared.View,
-                    now: datetime.datetime, deadline: float) -> list[Decision] | None:
-        """The decisions for the rows asked about; None when stopping gave them all back."""
+                    now: datetime.datetime, deadline: float) -> list[Decision]:
+        """The decisions for the rows asked about. Rows nothing was sent for (a stop, no time left in
+        the lease) are given back uncounted instead; so is the whole batch on a stop."""
         by_id = {row.id: row for row in rows}
         asked = [by_id[int(item.id)] for item in items]
         try:
             call = self.plugin.plan_apply if self.apply else self.plugin.plan
             results = call(items, view.branch_id, deadline)
+        except NotSent as exc:
+            self._give_back(asked, str(exc))
+            return []
         except Unavailable as exc:
-            if self._give_back_when_stopping(asked):
-                return None
+            if self.stopping:
+                self._give_back(asked, f"stopping: {exc}")
+                return []
             log.warning("plugin unavailable for a batch of %d: %s", len(asked), exc)
             return [outcomes.unavailable(row, str(exc), self.retry, now) for row in asked]
-        unreached = [row for row in asked if (result := results.get(str(row.id))) and result.unavailable]
-        if unreached:
-            log.warning("plugin unavailable for %d of a batch of %d: %s", len(unreached), len(asked),
-                        results[str(unreached[0].id)].unavailable)
-            if self._give_back_when_stopping(unreached):
-                given_back = {row.id for row in unreached}
-                asked = [row for row in asked if row.id not in given_back]
+        unsent = {row.id for row in asked if (result := results.get(str(row.id))) and not result.sent}
+        if unsent:
+            self._give_back([by_id[row_id] for row_id in sorted(unsent)], results[str(min(unsent))].unavailable)
         entities = {int(item.id): item.entity for item in items}
         return [outcomes.decide(row, results.get(str(row.id)), self.apply, entities[row.id], view.branch_id,
-                                self.retry, now) for row in asked]
+                                self.retry, now) for row in asked if row.id not in unsent]
 
-    def _give_back_when_stopping(self, rows: list[Claimed]) -> bool:
-        """Stopping: release rows the plugin was not asked about, uncounted, for the next worker."""
-        if not self.stopping:
-            return False
-        outbox.release(self.db, self.owner, [row.id for row in rows])
-        log.info("stopping: gave %d claimed rows back", len(rows))
-        return True
+    def _give_back(self, rows: list[Claimed], reason: str) -> None:
+        """Release claimed rows the plugin was sent nothing about, uncounted, for the next claim."""
+        try:
+            outbox.release(self.db, self.owner, [row.id for row in rows])
+        except DatabaseError as exc:
+            log.warning("could not give %d unsent rows back (%s); they return after their lease", len(rows), exc)
+            return
+        log.info("gave %d claimed rows back unsent: %s", len(rows), reason)
 
     def _persist(self, decisions: list[Decision], view: shared.View, planned_before: set[int],
                  object_types: dict[int, str]) -> None:
         written, unrecorded = self._record(decisions, view.branch_scope, planned_before)
-        lost = [d.row_id for d in decisions if d.row_id not in written and d.row_id not in unrecorded]
+        done = {d.row_id for d in written} | unrecorded
+        lost = [d.row_id for d in decisions if d.row_id not in done]
         if lost:
             log.warning("%d rows were taken over by another worker after our lease expired; their outcome "
                         "is theirs to record: %s", len(lost), lost[:10])
         recorded = []
-        for decision in decisions:
-            if decision.row_id in written:
-                state = decision.drift_state if decision.drift_state is not None else decision.state
-                self._counts[state] = self._counts.get(state, 0) + 1
-                recorded.append((object_types[decision.row_id], state))
+        for decision in written:
+            state = decision.drift_state if decision.drift_state is not None else decision.state
+            self._counts[state] = self._counts.get(state, 0) + 1
+            recorded.append((object_types[decision.row_id], state))
         metrics.decided(recorded)
 
     def _record(self, decisions: list[Decision], branch_scope: str,
-                planned_before: set[int]) -> tuple[set[int], set[int]]:
-        """Write the outcomes: (rows written, rows left unrecorded, to be planned again after their lease).
+                planned_before: set[int]) -> tuple[list[Decision], set[int]]:
+        """Write the outcomes: (the decisions written, ids of rows left unrecorded, to be planned again
+        after their lease). Rows missing from both were taken over by another worker.
 
         Outages are waited out: the plugin's work is done, and our lease protects the rows. Content
-        Postgres refuses is bisected down to the rows that carry it, so it costs no other row.
+        Postgres refuses is bisected down to the row that carries it, which is then recorded without
+        its change set (outcomes.unstorable), so it costs no other row.
         """
+        degraded = False
         while True:
             try:
-                return outbox.persist(self.db, self.owner, branch_scope, decisions, planned_before), set()
+                written = outbox.persist(self.db, self.owner, branch_scope, decisions, planned_before)
+                return [d for d in decisions if d.row_id in written], set()
             except ContentRejected as exc:
-                return self._record_refused(decisions, branch_scope, planned_before, exc)
+                if len(decisions) > 1:
+                    middle = len(decisions) // 2
+                    first = self._record(decisions[:middle], branch_scope, planned_before)
+                    second = self._record(decisions[middle:], branch_scope, planned_before)
+                    return first[0] + second[0], first[1] | second[1]
+                if degraded:
+                    log.error("cannot record row %d even without its change set (%s); it returns after its lease "
+                              "and is planned again", decisions[0].row_id, exc)
+                    return [], {decisions[0].row_id}
+                log.error("Postgres refused the outcome of row %d (%s); recording it without its change set",
+                          decisions[0].row_id, exc)
+                decisions, degraded = [outcomes.unstorable(decisions[0], str(exc))], True
             except DatabaseError as exc:
-                log.warning("cannot record a batch's outcome, will retry: %s", exc)
+                log.warning("cannot record the outcome of %d rows, will retry: %s", len(decisions), exc)
                 if not self.pause(2.0):
-                    log.error("stopping before the outcome of %d rows was recorded; their lease will expire "
-                              "and they will be planned again", len(decisions))
-                    return set(), {d.row_id for d in decisions}
-
-    def _record_refused(self, decisions: list[Decision], branch_scope: str, planned_before: set[int],
-                        exc: ContentRejected) -> tuple[set[int], set[int]]:
-        if len(decisions) > 1:
-            middle = len(decisions) // 2
-            first = self._record(decisions[:middle], branch_scope, planned_before)
-            second = self._record(decisions[middle:], branch_scope, planned_before)
-            return first[0] | second[0], first[1] | second[1]
-        [decision] = decisions
-        log.error("Postgres refused the outcome of row %d (%s); recording it without its change set",
-                  decision.row_id, exc)
-        try:
-            return outbox.persist(self.db, self.owner, branch_scope, [outcomes.unstorable(decision, str(exc))],
-                                  planned_before), set()
-        except DatabaseError as again:
-            log.error("cannot record row %d even without its change set (%s); its lease will expire and it will "
-                      "be planned again", decision.row_id, again)
-            return set(), {decision.row_id}
+                    log.error("stopping before the outcome of %d rows was recorded; they return after their "
+                              "lease and are planned again", len(decisions))
+                    return [], {d.row_id for d in decisions}
 
     def _summarise(self) -> None:
         if time.monotonic() < self._next_summary:

@@ -84,6 +84,7 @@ SET duplicate_count = l.duplicate_count + d.increment,
                                ELSE l.state END,
     error = CASE WHEN d.requeue THEN NULL ELSE l.error END,
     attempts = CASE WHEN d.requeue THEN 0 ELSE l.attempts END,
+    lease_expiries = CASE WHEN d.requeue THEN 0 ELSE l.lease_expiries END,
     next_attempt_at = CASE WHEN d.requeue THEN NULL ELSE l.next_attempt_at END
 FROM unnest(%(ids)s::bigint[], %(increments)s::integer[], %(requeue)s::boolean[]) AS d (id, increment, requeue)
 WHERE l.id = d.id;
@@ -103,8 +104,8 @@ WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s, %(seq)s)
 -- release_expired_leases --
 -- Rows whose claim outlived its lease (the worker died or hung) go back to QUEUED for another
 -- worker. Live claims have unexpired leases and are not touched, nor rows another transaction holds.
--- A row that has used up %(max_attempts)s claims this way becomes ERRORED instead: one that kills
--- or hangs every worker that plans it must not cycle forever (an operator can `reconciler retry` it).
+-- A row whose claim expired %(max_attempts)s times becomes ERRORED instead: it kills or hangs
+-- whoever plans it, and must not cycle for ever (an operator can `reconciler retry` it).
 WITH expired AS (
     SELECT id, lease_owner FROM ingestion_logs
     WHERE lease_owner IS NOT NULL AND lease_expires_at < now()
@@ -112,11 +113,13 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE ingestion_logs AS l
-SET state = CASE WHEN l.attempts >= %(max_attempts)s THEN 7 ELSE 1 END,
-    error = CASE WHEN l.attempts >= %(max_attempts)s
+SET lease_expiries = l.lease_expiries + 1,
+    state = CASE WHEN l.lease_expiries + 1 >= %(max_attempts)s THEN 7 ELSE 1 END,
+    error = CASE WHEN l.lease_expiries + 1 >= %(max_attempts)s
                  THEN jsonb_build_object(
-                     'message', format('gave up after %%s attempts: each claim outlived its lease (the worker '
-                                       'died or hung while the plugin planned this row)', l.attempts),
+                     'message', format('gave up: its claim outlived the lease %%s times (the worker died or '
+                                       'hung while the plugin planned it; it was planned alone after the '
+                                       'first time)', l.lease_expiries + 1),
                      'code', 'ERR_LEASE_EXPIRED', 'details', NULL)
                  ELSE l.error END,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
@@ -127,30 +130,35 @@ RETURNING l.id, expired.lease_owner, l.state;
 -- claim_batch --
 -- Up to %(limit)s rows for one worker: PENDING_RETRY rows that are due first, then the oldest
 -- QUEUED ones. Committed at once, so no lock is held while the plugin works on them; the lease
--- (owner, expiry) marks them in flight. attempts counts claims, for the retry budget.
+-- (owner, expiry) marks them in flight. attempts counts claims, for the retry budget. A row whose
+-- claim outlived its lease before may be what kills or hangs a worker: it is claimed alone, so that
+-- only it spends its lease budget (0007), not the rows that would share its batch.
 WITH due AS (
-    SELECT id, 0 AS rank FROM ingestion_logs
+    SELECT id, 0 AS rank, lease_expiries > 0 AS suspect FROM ingestion_logs
     WHERE state = 9 AND next_attempt_at <= now()
     ORDER BY next_attempt_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), queued AS (
-    SELECT id, 1 AS rank FROM ingestion_logs
+    SELECT id, 1 AS rank, lease_expiries > 0 AS suspect FROM ingestion_logs
     WHERE state = 1
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT id FROM (SELECT * FROM due UNION ALL SELECT * FROM queued) AS candidates
+    SELECT id, suspect FROM (SELECT * FROM due UNION ALL SELECT * FROM queued) AS candidates
     ORDER BY rank, id
     LIMIT %(limit)s
+), chosen AS (
+    SELECT id FROM picked
+    WHERE NOT EXISTS (SELECT FROM picked WHERE suspect) OR id = (SELECT min(id) FROM picked WHERE suspect)
 )
 UPDATE ingestion_logs AS l
 SET state = %(state)s, lease_owner = %(owner)s,
     lease_expires_at = now() + %(lease_seconds)s::float8 * interval '1 second',
     attempts = l.attempts + 1, updated_at = now()
-FROM picked
-WHERE l.id = picked.id
+FROM chosen
+WHERE l.id = chosen.id
 RETURNING l.id, l.object_type, l.entity, l.requeued_from_state, l.attempts;
 
 -- commit_claims_asynchronously --
@@ -305,8 +313,8 @@ WITH picked AS (
 UPDATE ingestion_logs AS l
 SET state = 1,
     requeued_from_state = CASE WHEN picked.state = 7 THEN coalesce(l.requeued_from_state, 7) ELSE picked.state END,
-    error = NULL, attempts = 0, next_attempt_at = NULL, lease_owner = NULL, lease_expires_at = NULL,
-    updated_at = now()
+    error = NULL, attempts = 0, lease_expiries = 0, next_attempt_at = NULL, lease_owner = NULL,
+    lease_expires_at = NULL, updated_at = now()
 FROM picked
 WHERE l.id = picked.id
 RETURNING l.id, picked.state, l.object_type;

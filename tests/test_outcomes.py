@@ -117,3 +117,23 @@ def test_change_set_records_the_branch_it_was_planned_in():
     change_set["branch"] = {"id": "td5smq0f", "name": "staging"}
     decision = decide(Result("7", change_set=change_set))
     assert decision.change_set.branch_id == "staging (td5smq0f)" and decision.change_set.external_id == "cs-7"
+
+
+@pytest.mark.parametrize("requeued_from, apply, expected", [
+    (None, False, (states.FAILED, None, "ERR_INTERNAL", False)),  # a plan nobody can review
+    (None, True, (states.APPLIED, None, "ERR_INTERNAL", False)),  # applied in NetBox all the same
+    (states.APPLIED, False, (states.APPLIED, states.FAILED, "ERR_INTERNAL", False)),  # drift: the clone
+    (states.APPLIED, True, (states.APPLIED, states.APPLIED, "ERR_INTERNAL", False)),
+])
+def test_an_unstorable_outcome_keeps_what_happened_without_its_change_set(requeued_from, apply, expected):
+    decision = outcomes.unstorable(decide(CHANGES, apply, requeued_from), "a CHECK \x00 refused it")
+    assert summary(decision) == expected
+    assert "a CHECK  refused it" in decision.error["message"]
+
+
+def test_odd_values_in_names_do_not_break_them():
+    change = {"change_type": "update", "object_type": "dcim.site", "object_primary_value": 42}
+    assert outcomes.deviation_name("dcim.site", [change]) == "Site 42 modified"
+    entity = {"site": {"name": "dc\x001"}}
+    name = outcomes.placeholder(row(), entity, None).deviation_name
+    assert name == "Site dc\ufffd1 reported"

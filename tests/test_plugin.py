@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from reconciler.plugin import Item, PluginClient, Unavailable, retry_after
+from reconciler.plugin import Item, NotSent, PluginClient, Unavailable, retry_after
 from reconciler.ratelimit import SharedRateLimiter
 
 from .faultserver import FaultServer, Step, converge, plan_for
@@ -33,8 +33,8 @@ def netbox(url: str, **overrides) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def client(url: str, **overrides) -> PluginClient:
-    return PluginClient(netbox(url, **overrides), SharedRateLimiter(0, 1))
+def client(url: str, pacer=None, limiter=None, **overrides) -> PluginClient:
+    return PluginClient(netbox(url, **overrides), limiter or SharedRateLimiter(0, 1), pacer)
 
 
 def test_bulk_plan_apply_sends_protojson_entities_and_matches_results_by_id(server):
@@ -190,6 +190,10 @@ def test_a_change_set_refused_with_429_or_no_connection_is_sent_again(server):
     server.default("apply-change-set/", Step(answer=lambda body: Step(200, {"id": body["id"], "errors": None})))
     results = client(server.url, api="single").plan_apply(ITEMS[:1], None)
     assert results["11"].unavailable is None and len(server.calls("apply-change-set/")) == 2
+    url = server.url
+    server.close()
+    with pytest.raises(Unavailable, match="failed after 2 attempts: NewConnectionError"):  # retried: never arrived
+        client(url, max_attempts=2)._call("POST", "apply-change-set/", {"id": "cs-a"}, None, replay_safe=False)
 
 
 def test_the_first_entity_unavailable_makes_the_whole_batch_unavailable(server):
@@ -212,30 +216,57 @@ class CountingPacer:
         self.beats += 1
 
     def pause(self, seconds: float) -> bool:
+        if self.stopping:  # as Role.pause: a stop ends the wait at once
+            return False
         time.sleep(seconds)
-        return not self.stopping
+        return True
 
 
 def test_every_request_beats_the_heartbeat_so_a_long_fallback_batch_is_not_taken_for_a_hang(server):
+    pacer, beats_seen = CountingPacer(), []
+
+    def applied(body):
+        beats_seen.append(pacer.beats)
+        return Step(200, {"id": body["id"], "errors": None})
+
     single_plans(server)
-    server.default("apply-change-set/", Step(answer=lambda body: Step(200, {"id": body["id"], "errors": None})))
-    pacer = CountingPacer()
-    PluginClient(netbox(server.url, api="single"), SharedRateLimiter(0, 1), pacer).plan_apply(ITEMS3, None)
+    server.default("apply-change-set/", Step(answer=applied))
+    client(server.url, pacer, api="single").plan_apply(ITEMS3, None)
     assert pacer.beats == 6  # generate-diff/ and apply-change-set/ for each of the three
+    assert beats_seen == [2, 4, 6]  # each beat came before its request, not after
+
+
+def test_a_token_request_beats_the_heartbeat_too(server, tokens, tmp_path):
+    server.default("bulk-plan/", Step(answer=converge))
+    pacer = CountingPacer()
+    oauth_client(server, tokens, tmp_path, pacer=pacer).plan(ITEMS, None)
+    assert pacer.beats == 2 and len(tokens.requests) == 1
 
 
 def test_a_stop_between_entities_sends_nothing_more(server):
     single_plans(server)
     pacer = CountingPacer(stop_after_beats=2)  # SIGTERM while the second entity is being planned
-    results = PluginClient(netbox(server.url, api="single"), SharedRateLimiter(0, 1), pacer).plan(ITEMS3, None)
+    results = client(server.url, pacer, api="single").plan(ITEMS3, None)
     assert results["11"].change_set and results["12"].change_set
-    assert "stopping" in results["13"].unavailable and len(server.calls("generate-diff/")) == 2
+    assert "stopping" in results["13"].unavailable and not results["13"].sent
+    assert len(server.calls("generate-diff/")) == 2
+
+
+def test_a_stop_while_waiting_for_the_rate_limit_sends_nothing(server):
+    server.default("bulk-plan/", Step(answer=converge))
+    pacer = CountingPacer(stop_after_beats=1)
+    plugin = client(server.url, pacer, limiter=SharedRateLimiter(0.2, 1))  # the next token in 5 s
+    plugin.plan(ITEMS, None)
+    started = time.monotonic()
+    with pytest.raises(NotSent, match="stopping before the request was sent"):
+        plugin.plan(ITEMS, None)
+    assert time.monotonic() - started < 1 and len(server.calls("bulk-plan/")) == 1
 
 
 def test_no_request_starts_that_could_outlast_the_deadline(server):
     server.default("bulk-plan/", Step(answer=converge))
     plugin = client(server.url, timeout_seconds=2.0)
-    with pytest.raises(Unavailable, match="could outlast the claim's lease"):
+    with pytest.raises(NotSent, match="could outlast the claim's lease"):
         plugin.plan(ITEMS, None, deadline=time.monotonic() + 3.0)  # a request may take 2 s connect + 2 s read
     assert server.calls("bulk-plan/") == []
     assert set(plugin.plan(ITEMS, None, deadline=time.monotonic() + 5.0)) == {"11", "12"}
@@ -244,8 +275,9 @@ def test_no_request_starts_that_could_outlast_the_deadline(server):
 def test_a_retry_wait_that_would_outlast_the_deadline_is_not_waited(server):
     server.default("bulk-plan/", Step(503, b"busy", headers={"Retry-After": "30"}))
     started = time.monotonic()
-    with pytest.raises(Unavailable, match="could outlast the claim's lease"):
+    with pytest.raises(Unavailable, match="HTTP 503; no time left to retry within the claim's lease") as raised:
         client(server.url).plan(ITEMS, None, deadline=time.monotonic() + 20.0)
+    assert not isinstance(raised.value, NotSent)  # the first attempt was sent: the rows used an attempt
     assert time.monotonic() - started < 5 and len(server.calls("bulk-plan/")) == 1
 
 

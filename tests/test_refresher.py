@@ -6,6 +6,8 @@ import os
 import signal
 
 import pytest
+from netboxlabs.diode.sdk import ingester as sdk
+from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from reconciler import sample, settings
 from reconciler.refresher import Refresher
@@ -121,3 +123,34 @@ def test_worker_killed_mid_batch_its_rows_are_taken_over_after_the_lease(env, tm
         [(shape.entity_count(), shape.entity_count())]  # one change set per row: applied once
     attempts = dict(query(dsn, "SELECT id::text, attempts FROM ingestion_logs"))
     assert {attempts[i] for i in first} == {2}  # the killed batch was claimed twice
+
+
+def test_a_row_that_kills_every_worker_that_plans_it_ends_errored_alone(env, tmp_path, redis_client, dsn, plugin):
+    """The rows of a killed batch are planned one at a time afterwards: the poison row spends its lease
+    budget ([workers] max_attempts expiries) and ends ERRORED; its batch-mates are applied."""
+    plugin.default("default-branch/", Step(200, {"branch": None}))
+    env = {**env, "RECONCILER_WORKERS_COUNT": "1", "RECONCILER_NETBOX_URL": plugin.url, "RECONCILER_NETBOX_TOKEN": "t",
+           "RECONCILER_NETBOX_TIMEOUT_SECONDS": "1", "RECONCILER_NETBOX_MAX_ATTEMPTS": "2",
+           "RECONCILER_WORKERS_LEASE_SECONDS": "3", "RECONCILER_WORKERS_MAX_ATTEMPTS": "2"}
+    names = ["a", "b", "poison", "c", "d"]
+    request = pb.IngestRequest(entities=[sdk.Entity(site=sdk.Site(name=n, slug=n)) for n in names], id="r",
+                               producer_app_name="p", producer_app_version="1", sdk_name="s", sdk_version="1.0.0")
+    with reconciler(env, tmp_path) as run:
+        def kill_whoever_plans_the_poison(body):
+            if any(e["entity"]["site"]["name"] == "poison" for e in body["entities"]):
+                os.kill(role_pid(run, "worker 1"), signal.SIGKILL)
+            return converge(body)
+
+        plugin.default("bulk-plan-apply/", Step(answer=kill_whoever_plans_the_poison))
+        push(redis_client, [sample.stream_fields(request)])
+        wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state IN (3, 7)") == len(names),
+                   timeout=60, interval=0.5, what="every row applied or errored")
+        run.signal(signal.SIGTERM)
+        assert run.wait(20) == 0
+    rows = query(dsn, "SELECT position(convert_to('poison', 'UTF8') in entity) > 0, state, lease_expiries, "
+                      "error->>'code' FROM ingestion_logs ORDER BY id")
+    assert rows == [(False, 3, 1, None), (False, 3, 1, None), (True, 7, 2, "ERR_LEASE_EXPIRED"),
+                    (False, 3, 1, None), (False, 3, 1, None)]
+    calls = [[e["id"] for e in call.body["entities"]] for call in plugin.calls("bulk-plan-apply/")]
+    assert len(calls[0]) == 5 and all(len(batch) == 1 for batch in calls[1:])
+    assert "now ERRORED: [3]" in run.log

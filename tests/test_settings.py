@@ -88,6 +88,13 @@ def test_lease_must_outlast_the_longest_plugin_call():
         settings.check_runnable(config)
 
 
+def test_the_lease_must_leave_time_for_one_plugin_request():
+    config = settings.load(None, {"RECONCILER_NETBOX_TOKEN": "t", "RECONCILER_NETBOX_MAX_ATTEMPTS": "1",
+                                  "RECONCILER_WORKERS_LEASE_SECONDS": "61"})
+    with pytest.raises(ConfigError, match=r"lease_seconds \(61\) leaves 54.9 s .* one request \(65 s\)"):
+        settings.check_runnable(config)
+
+
 def test_a_worker_waiting_for_one_plugin_request_is_not_taken_for_a_hung_one():
     config = settings.load(None, {"RECONCILER_NETBOX_TOKEN": "t", "RECONCILER_NETBOX_TIMEOUT_SECONDS": "50",
                                   "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "55"})

@@ -227,6 +227,18 @@ def test_an_outcome_postgres_refuses_costs_no_other_row(env, plugin, shared, dsn
     assert "Postgres refused the outcome of row 3" in caplog.text
 
 
+def test_an_outcome_refused_even_without_its_change_set_is_left_to_its_lease(worker, plugin, dsn, caplog):
+    query(dsn, "ALTER TABLE changes ADD CONSTRAINT test_refuses CHECK (object_primary_value <> 'obj-2')")
+    query(dsn, "ALTER TABLE ingestion_logs ADD CONSTRAINT test_refuses_too "
+               "CHECK (error IS NULL OR error->>'code' <> 'ERR_INTERNAL')")
+    plugin.script("bulk-plan-apply/", answer_with(plan_for("1"), plan_for("2")))
+    enqueue(dsn, *sites("a", "b"))
+    worker.run_once()
+    assert row_states(dsn) == [(states.APPLIED, None, None), (states.APPLYING, None, worker.owner)]
+    assert "cannot record row 2 even without its change set" in caplog.text
+    assert "taken over by another worker" not in caplog.text
+
+
 @pytest.mark.parametrize("change_set, problem", [
     (["not", "an", "object"], "the change set is list, not an object"),
     ({"id": "x", "changes": {"0": {}}}, "its changes are dict, not a list"),
@@ -257,7 +269,8 @@ def test_an_apply_that_may_have_happened_is_planned_again_not_replayed(env, plug
     enqueue(dsn, *sites("a", "b", "c"))
     role.run_once()
     role.shutdown()
-    assert [s for s, _, _ in row_states(dsn)] == [states.APPLIED, states.PENDING_RETRY, states.PENDING_RETRY]
+    assert query(dsn, "SELECT state, attempts FROM ingestion_logs ORDER BY id") == [
+        (states.APPLIED, 1), (states.PENDING_RETRY, 1), (states.QUEUED, 0)]  # the third was never sent
     assert len(plugin.calls("apply-change-set/")) == 2 and len(plugin.calls("generate-diff/")) == 2
     assert "not sent again" in scalar(dsn, "SELECT error->>'message' FROM ingestion_logs WHERE id = 2")
 
@@ -282,6 +295,33 @@ def test_a_stop_between_entities_gives_the_unsent_rows_back(env, plugin, shared,
         (states.OPEN, 1, None), (states.OPEN, 1, None), (states.QUEUED, 0, None)]
 
 
+def test_rows_there_is_no_lease_left_for_are_given_back_unsent(env, plugin, shared, dsn):
+    """Per entity, a slow plugin: no request starts that could outlast the claim's lease (12 s, less
+    1.2 s kept to record the outcome; a request may take 5 + 5 s), so the rows the lease cannot
+    cover go back to QUEUED, uncounted, while those done are recorded."""
+    plugin.default("generate-diff/", Step(delay=0.6, answer=lambda body: Step(200, {
+        "id": "x", "errors": None, "change_set": plan_for(body["entity"]["site"]["name"])})))
+    role = Worker(make_config(env, plugin, netbox_api="single", workers_auto_apply="false",
+                              workers_lease_seconds=12), 1, shared.cache, shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("a", "b", "c", "d"))
+    role.run_once()
+    role.shutdown()
+    assert query(dsn, "SELECT state, attempts, lease_owner FROM ingestion_logs ORDER BY id") == [
+        (states.OPEN, 1, None), (states.OPEN, 1, None), (states.QUEUED, 0, None), (states.QUEUED, 0, None)]
+    assert len(plugin.calls("generate-diff/")) == 2
+
+
+def test_a_stop_gives_the_batch_back_but_records_rows_that_failed_without_the_plugin(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(503, b"down", headers={"Retry-After": "5"}))
+    enqueue(dsn, *sites("good", "bad"))
+    query(dsn, "UPDATE ingestion_logs SET entity = '\\x0a0b' WHERE id = 2")
+    threading.Timer(0.3, worker.request_stop).start()
+    worker.run_once()
+    assert query(dsn, "SELECT state, attempts, lease_owner FROM ingestion_logs ORDER BY id") == [
+        (states.QUEUED, 0, None), (states.FAILED, 1, None)]
+
+
 # --- leases ---
 
 
@@ -297,22 +337,35 @@ def test_expired_leases_return_to_queued_and_live_ones_are_left_alone(worker, pl
     assert [e["id"] for e in plugin.calls("bulk-plan-apply/")[0].body["entities"]] == ["1"]
 
 
-def test_a_row_whose_every_claim_outlived_its_lease_becomes_errored(env, plugin, shared, dsn, caplog):
-    """A row that kills or hangs each worker that plans it must not cycle through QUEUED forever."""
+def test_a_row_whose_claim_outlived_its_lease_max_attempts_times_becomes_errored(env, plugin, shared, dsn, caplog):
+    """Lease expiries are counted apart from claims: a row that met an unreachable plugin many times
+    and then one worker crash is not given up on."""
     plugin.default("bulk-plan-apply/", Step(answer=converge))
     role = Worker(make_config(env, plugin, workers_max_attempts=3), 1, shared.cache, shared.limiter)
     role.boot()
-    enqueue(dsn, *sites("poison", "innocent"))
+    enqueue(dsn, *sites("poison", "unlucky"))
     query(dsn, "UPDATE ingestion_logs SET state = 8, lease_owner = 'gone:1:worker-1:x', "
-               "lease_expires_at = now() - interval '1 second', attempts = CASE WHEN id = 1 THEN 3 ELSE 2 END")
+               "lease_expires_at = now() - interval '1 second', attempts = 7, "
+               "lease_expiries = CASE WHEN id = 1 THEN 2 ELSE 0 END")
     role.run_once()
-    [(state, error, owner)] = query(dsn, "SELECT state, error, lease_owner FROM ingestion_logs WHERE id = 1")
-    assert (state, error["code"], owner) == (states.ERRORED, "ERR_LEASE_EXPIRED", None)
-    assert error["message"].startswith("gave up after 3 attempts")
-    assert scalar(dsn, "SELECT state FROM ingestion_logs WHERE id = 2") == states.APPLIED  # back to QUEUED, then done
-    assert [e["id"] for e in plugin.calls("bulk-plan-apply/")[0].body["entities"]] == ["2"]
-    assert "1 rows outlived their lease on each of their 3 attempts and are now ERRORED: [1]" in caplog.text
+    [(state, error, owner, expiries)] = query(
+        dsn, "SELECT state, error, lease_owner, lease_expiries FROM ingestion_logs WHERE id = 1")
+    assert (state, error["code"], owner, expiries) == (states.ERRORED, "ERR_LEASE_EXPIRED", None, 3)
+    assert error["message"].startswith("gave up: its claim outlived the lease 3 times")
+    assert query(dsn, "SELECT state, lease_expiries FROM ingestion_logs WHERE id = 2") == [(states.APPLIED, 1)]
+    assert "1 rows outlived their lease 3 times (each kills or hangs whoever plans it) and are now ERRORED: [1]" \
+        in caplog.text
     role.shutdown()
+
+
+def test_a_row_whose_claim_outlived_its_lease_is_claimed_alone(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    enqueue(dsn, *sites("a", "b", "c", "d"))
+    query(dsn, "UPDATE ingestion_logs SET lease_expiries = 1 WHERE id IN (2, 3)")
+    for _ in range(3):
+        worker.run_once()
+    assert [[e["id"] for e in c.body["entities"]] for c in plugin.calls("bulk-plan-apply/")] == [["2"], ["3"], ["1", "4"]]
+    assert query(dsn, "SELECT state, attempts FROM ingestion_logs ORDER BY id") == [(states.APPLIED, 1)] * 4
 
 
 def test_worker_lease_owners_are_unique_even_with_the_same_host_and_pid(worker, env, plugin, shared):
