@@ -10,9 +10,10 @@ Four measurements in one run, printed as figures and ratios:
     one commit per batch: the ceiling the consumer is compared with (ratio = 1 / 2).
  3. latency: a producer XADDs 20 requests/s (2,000 entities/s) with ingestion_ts = time of XADD;
     a LISTEN on a bench-only trigger records when each entry's receipt commits; p50/p99.
- 4. claim cost: 1,000,000 rows pass through QUEUED -> claimed -> finished; the claim statement's
-    time is compared between the first and the last 100,000 rows, with the table's autovacuum
-    settings (migration 0001) and with Postgres defaults.
+ 4. claim cost: 1,000,000 rows pass through QUEUED -> claimed -> finished by the workers' own
+    claim_batch and finish_rows statements; the claim's time is compared between the first and
+    the last 100,000 rows: nothing vacuuming, the consumer's own VACUUM, and server autovacuum
+    with the table's settings (migration 0001).
 It creates and drops its own database and uses Redis db 11 (flushed).
 """
 
@@ -43,14 +44,8 @@ STREAM, GROUP = "diode.v1.ingest-stream", "diode-reconciler"
 MP = multiprocessing.get_context("fork")
 
 # The claim and finish a poll worker runs (one statement each, as perf-limits.md §5 measured).
-CLAIM = """
-WITH picked AS (SELECT id FROM ingestion_logs WHERE state = 1 ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED)
-UPDATE ingestion_logs AS l SET state = 8, lease_owner = 'bench', lease_expires_at = now() + interval '5 minutes',
-       attempts = l.attempts + 1, updated_at = now()
-FROM picked WHERE l.id = picked.id RETURNING l.id, l.entity"""
-FINISH = """
-UPDATE ingestion_logs AS l SET state = 3, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-FROM unnest(%s::bigint[]) AS u (id) WHERE l.id = u.id"""
+# The workers' own statements (sql/queries.sql), as a worker runs them in auto-apply mode.
+CLAIM = ("claim_batch", {"limit": 100, "state": 8, "owner": "bench", "lease_seconds": 300})
 NOTIFY_TRIGGER = """
 CREATE FUNCTION bench_notify_receipts() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -291,7 +286,9 @@ class Bench:
                 tx.copy("copy_ingestion_logs", self._churn_payload(entities))
             while ids := self._claim(database, buckets, done):
                 with database.transaction() as tx:
-                    tx.cursor.execute(FINISH, (ids,))
+                    tx.fetchall("finish_rows", {"owner": "bench", "branch": "", "ids": ids, "states": [3] * len(ids),
+                                                "errors": [None] * len(ids), "next_attempt_at": [None] * len(ids),
+                                                "superseded": [False] * len(ids)})
                 done += len(ids)
         database.close()
         return buckets
@@ -300,8 +297,7 @@ class Bench:
     def _claim(database: Database, buckets: list[list[float]], done: int) -> list[int]:
         with database.transaction() as tx:
             started = time.perf_counter()
-            tx.cursor.execute(CLAIM)
-            ids = [row[0] for row in tx.cursor.fetchall()]
+            ids = sorted(row[0] for row in tx.fetchall(*CLAIM))
             elapsed_ms = (time.perf_counter() - started) * 1000
         if ids:
             while len(buckets) <= done // 100_000:
