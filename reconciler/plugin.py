@@ -2,8 +2,9 @@
 
 Two kinds of failure leave this module, and the worker treats them differently:
 - `Unavailable`: nothing said about the entities (connection refused, timeout, 429 or 5xx after
-  every retry, an authentication or authorisation problem). The rows are retried later. Its
-  subclass `NotSent`: nothing was sent at all (stopping, or no time left before the deadline).
+  every retry, an authentication or authorisation problem, no time left before the caller's
+  deadline). The rows are retried later. Its subclass `NotSent`: the caller is stopping and nothing
+  was sent at all.
   On the per-entity path, entities not done once the plugin is unavailable come back as results
   with `unavailable` set (and `sent` False for those never sent), beside the results of those done.
 - per-entity `errors` in a result: the plugin planned or applied and refused. The rows fail.
@@ -11,7 +12,7 @@ A whole-call refusal of the content (a 400 with JSON) is reported per entity as 
 
 No request starts that could not finish before the caller's deadline (the worker's lease) or
 once the caller's pacer (its role) is stopping: both are checked after the rate-limit and token
-waits, right before sending. Each request, token requests included, beats the role's heartbeat
+waits, right before sending (and stopping before a token request too). Each request, token requests included, beats the role's heartbeat
 first, so a long per-entity batch is not taken for a hung process.
 """
 
@@ -67,7 +68,7 @@ class Unavailable(ReconcilerError):
 
 
 class NotSent(Unavailable):
-    """No request was sent (stopping, or it could outlast the deadline): the rows used no attempt."""
+    """The caller is stopping and no request was sent: the rows used no attempt."""
 
 
 @dataclass
@@ -302,7 +303,7 @@ class PluginClient:
             try:
                 attempt = self._attempt(method, path, body, branch, deadline)
             except NotSent as exc:
-                if failures:  # earlier attempts did reach the plugin: the rows used an attempt
+                if failures:  # the failed attempts count, even if this one was never sent
                     raise Unavailable(f"{exc}, after {failures} failed attempts") from None
                 raise
             if attempt.response is not None and attempt.response.status == 403:
@@ -327,15 +328,17 @@ class PluginClient:
     def _attempt(self, method: str, path: str, body: Any, branch: str | None, deadline: float | None) -> "_Attempt":
         if not self.limiter.acquire(self.pacer.pause):
             raise NotSent(f"{path}: stopping before the request was sent")
+        self._unless_stopping(path)
         headers = {"Authorization": self.tokens.header(), "Accept": "application/json",
                    "Content-Type": "application/json"}
         if branch:
             headers["X-NetBox-Branch"] = branch
-        # Checked last: waiting for the rate limit or a token may have used the time.
-        if self.pacer.stopping:
-            raise NotSent(f"{path}: stopping before the request was sent")
+        # Checked again last: waiting for the rate limit or a token may have used the time. Out of
+        # time is counted against the rows (Unavailable), or a batch could be claimed and given
+        # back for ever.
+        self._unless_stopping(path)
         if deadline is not None and time.monotonic() + self.attempt_seconds > deadline:
-            raise NotSent(f"{path}: not sent, it could outlast the claim's lease")
+            raise Unavailable(f"{path}: not sent, it could outlast the claim's lease")
         self.pacer.beat()
         started = time.perf_counter()
         try:
@@ -351,6 +354,10 @@ class PluginClient:
             return _Attempt(response, retry=True, problem=f"HTTP {raw.status}", sent=raw.status != 429,
                             wait=retry_after(raw.headers.get("Retry-After")))
         return _Attempt(response, retry=False)
+
+    def _unless_stopping(self, path: str) -> None:
+        if self.pacer.stopping:
+            raise NotSent(f"{path}: stopping before the request was sent")
 
     def _refresh_after_403(self, response: Response, refreshed: bool) -> bool:
         """A renewable token rejected once ("Invalid token": expired, revoked, auth restarted) is renewed."""

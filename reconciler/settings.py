@@ -214,10 +214,12 @@ SETTINGS: tuple[Setting, ...] = (
             "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN for review."),
     Setting("workers", "lease_seconds", 600.0, seconds_above_zero,
             "How long a claim is held; rows of a worker that died return to QUEUED after it (ERRORED after "
-            "[workers] max_attempts such expiries). No plugin request starts that could outlast it. Must exceed "
-            "[netbox] timeout_seconds x max_attempts."),
+            "[workers] max_attempts such expiries). No plugin request starts that could outlast it, less a tenth "
+            "(at most 30 s) kept to record the outcome: that must hold one request (5 s connect + [netbox] "
+            "timeout_seconds), and the lease must exceed [netbox] timeout_seconds x max_attempts."),
     Setting("workers", "max_attempts", 8, int_at_least(1),
-            "Claims of one row (plugin unreachable, 5xx, 429, timeouts) before it becomes ERRORED."),
+            "Claims of one row (plugin unreachable, 5xx, 429, timeouts) before it becomes ERRORED; also how many "
+            "times its claim may outlive the lease (a worker died or hung planning it)."),
     Setting("workers", "retry_base_seconds", 30.0, seconds_above_zero,
             "First delay of a row in PENDING_RETRY; doubles with each attempt, with jitter."),
     Setting("workers", "retry_max_seconds", 3600.0, seconds_above_zero, "Longest delay of a row in PENDING_RETRY."),

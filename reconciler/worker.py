@@ -170,8 +170,8 @@ class Worker(Role):
 
     def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: shared.View,
                     now: datetime.datetime, deadline: float) -> list[Decision]:
-        """The decisions for the rows asked about. Rows nothing was sent for (a stop, no time left in
-        the lease) are given back uncounted instead; so is the whole batch on a stop."""
+        """The decisions for the rows asked about. On a stop, the rows without an outcome are given
+        back uncounted instead (per entity, those not sent; in bulk, the whole batch)."""
         by_id = {row.id: row for row in rows}
         asked = [by_id[int(item.id)] for item in items]
         try:
@@ -194,13 +194,14 @@ class Worker(Role):
                                 self.retry, now) for row in asked if row.id not in unsent]
 
     def _give_back(self, rows: list[Claimed], reason: str) -> None:
-        """Release claimed rows the plugin was sent nothing about, uncounted, for the next claim."""
+        """Release claimed rows that have no outcome, uncounted, for the next claim. (A row whose
+        request timed out before the stop may have been applied: it is planned afresh, never replayed.)"""
         try:
             outbox.release(self.db, self.owner, [row.id for row in rows])
         except DatabaseError as exc:
             log.warning("could not give %d unsent rows back (%s); they return after their lease", len(rows), exc)
             return
-        log.info("gave %d claimed rows back unsent: %s", len(rows), reason)
+        log.info("gave %d claimed rows back without an outcome: %s", len(rows), reason)
 
     def _persist(self, decisions: list[Decision], view: shared.View, planned_before: set[int],
                  object_types: dict[int, str]) -> None:

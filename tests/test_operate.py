@@ -247,7 +247,7 @@ def failed_rows(dsn):
     set_row(dsn, old_failed, "state = 4, error = '{\"message\": \"refused\"}', attempts = 1, "
                              "updated_at = now() - interval '2 hours'")
     set_row(dsn, errored, "state = 7, attempts = 8, requeued_from_state = 3, next_attempt_at = now(), "
-                          "error = '{\"message\": \"plugin down\"}'")
+                          "lease_expiries = 2, error = '{\"message\": \"plugin down\"}'")
     set_row(dsn, fresh_device, "state = 4, attempts = 1")
     set_row(dsn, applied, "state = 3")
     set_row(dsn, superseded, "state = 4, is_head = false")
@@ -299,6 +299,7 @@ def test_retry_requeues_like_a_fresh_row_and_leaves_the_rest_alone(env, dsn, fai
     assert row(dsn, failed_rows["errored"]) == {"state": states.QUEUED, "attempts": 0, "error": None,
                                                 "next_attempt_at": None, "lease_owner": None,
                                                 "requeued_from_state": states.APPLIED}
+    assert scalar(dsn, "SELECT lease_expiries FROM ingestion_logs WHERE id = %s", (failed_rows["errored"],)) == 0
     assert row(dsn, failed_rows["applied"])["state"] == states.APPLIED
     assert row(dsn, failed_rows["superseded"])["state"] == states.FAILED
     assert cli(env, "retry").stdout.startswith("no matching FAILED or ERRORED rows to requeue; nothing changed")

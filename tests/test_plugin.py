@@ -252,6 +252,21 @@ def test_a_stop_between_entities_sends_nothing_more(server):
     assert len(server.calls("generate-diff/")) == 2
 
 
+class StopOnPause(CountingPacer):
+    """SIGTERM arrives while the client waits to retry, just as the wait ends."""
+
+    def pause(self, seconds: float) -> bool:
+        self.stop_after_beats = 0
+        return True
+
+
+def test_a_stop_after_failed_attempts_still_counts_them(server):
+    server.default("bulk-plan/", Step(503, b"busy", headers={"Retry-After": "0"}))
+    with pytest.raises(Unavailable, match="stopping before the request was sent, after 1 failed attempts") as raised:
+        client(server.url, StopOnPause()).plan(ITEMS, None)
+    assert not isinstance(raised.value, NotSent) and len(server.calls("bulk-plan/")) == 1
+
+
 def test_a_stop_while_waiting_for_the_rate_limit_sends_nothing(server):
     server.default("bulk-plan/", Step(answer=converge))
     pacer = CountingPacer(stop_after_beats=1)
@@ -266,8 +281,9 @@ def test_a_stop_while_waiting_for_the_rate_limit_sends_nothing(server):
 def test_no_request_starts_that_could_outlast_the_deadline(server):
     server.default("bulk-plan/", Step(answer=converge))
     plugin = client(server.url, timeout_seconds=2.0)
-    with pytest.raises(NotSent, match="could outlast the claim's lease"):
+    with pytest.raises(Unavailable, match="not sent, it could outlast the claim's lease") as raised:
         plugin.plan(ITEMS, None, deadline=time.monotonic() + 3.0)  # a request may take 2 s connect + 2 s read
+    assert not isinstance(raised.value, NotSent)  # counted against the rows: NotSent is for a stop
     assert server.calls("bulk-plan/") == []
     assert set(plugin.plan(ITEMS, None, deadline=time.monotonic() + 5.0)) == {"11", "12"}
 

@@ -295,20 +295,23 @@ def test_a_stop_between_entities_gives_the_unsent_rows_back(env, plugin, shared,
         (states.OPEN, 1, None), (states.OPEN, 1, None), (states.QUEUED, 0, None)]
 
 
-def test_rows_there_is_no_lease_left_for_are_given_back_unsent(env, plugin, shared, dsn):
-    """Per entity, a slow plugin: no request starts that could outlast the claim's lease (12 s, less
-    1.2 s kept to record the outcome; a request may take 5 + 5 s), so the rows the lease cannot
-    cover go back to QUEUED, uncounted, while those done are recorded."""
-    plugin.default("generate-diff/", Step(delay=0.6, answer=lambda body: Step(200, {
+def test_no_request_starts_that_could_outlast_the_lease(env, plugin, shared, dsn):
+    """Per entity, a slow plugin. A lease of 6.5 s leaves 5.85 s for requests (a tenth is kept to
+    record the outcome) and a request may take 4 s (2 s connect + 2 s read): the entities whose
+    request starts by 1.85 s are planned, the next one waits for a later claim (PENDING_RETRY,
+    counted: being out of time must not let a batch be claimed and given back for ever) and the
+    rest go back to QUEUED uncounted."""
+    plugin.default("generate-diff/", Step(delay=1.0, answer=lambda body: Step(200, {
         "id": "x", "errors": None, "change_set": plan_for(body["entity"]["site"]["name"])})))
-    role = Worker(make_config(env, plugin, netbox_api="single", workers_auto_apply="false",
-                              workers_lease_seconds=12), 1, shared.cache, shared.limiter)
+    role = Worker(make_config(env, plugin, netbox_api="single", workers_auto_apply="false", netbox_timeout_seconds=2,
+                              workers_lease_seconds=6.5), 1, shared.cache, shared.limiter)
     role.boot()
     enqueue(dsn, *sites("a", "b", "c", "d"))
     role.run_once()
     role.shutdown()
     assert query(dsn, "SELECT state, attempts, lease_owner FROM ingestion_logs ORDER BY id") == [
-        (states.OPEN, 1, None), (states.OPEN, 1, None), (states.QUEUED, 0, None), (states.QUEUED, 0, None)]
+        (states.OPEN, 1, None), (states.OPEN, 1, None), (states.PENDING_RETRY, 1, None), (states.QUEUED, 0, None)]
+    assert "could outlast the claim's lease" in scalar(dsn, "SELECT error->>'message' FROM ingestion_logs WHERE id = 3")
     assert len(plugin.calls("generate-diff/")) == 2
 
 
@@ -352,10 +355,12 @@ def test_a_row_whose_claim_outlived_its_lease_max_attempts_times_becomes_errored
         dsn, "SELECT state, error, lease_owner, lease_expiries FROM ingestion_logs WHERE id = 1")
     assert (state, error["code"], owner, expiries) == (states.ERRORED, "ERR_LEASE_EXPIRED", None, 3)
     assert error["message"].startswith("gave up: its claim outlived the lease 3 times")
-    assert query(dsn, "SELECT state, lease_expiries FROM ingestion_logs WHERE id = 2") == [(states.APPLIED, 1)]
+    assert query(dsn, "SELECT state, lease_expiries FROM ingestion_logs WHERE id = 2") == [(states.APPLIED, 0)]
     assert "1 rows outlived their lease 3 times (each kills or hangs whoever plans it) and are now ERRORED: [1]" \
         in caplog.text
     role.shutdown()
+    enqueue(dsn, *sites("poison"))  # observed again: requeued, still a suspect
+    assert query(dsn, "SELECT state, lease_expiries FROM ingestion_logs WHERE id = 1") == [(states.QUEUED, 3)]
 
 
 def test_a_row_whose_claim_outlived_its_lease_is_claimed_alone(worker, plugin, dsn):
@@ -365,7 +370,8 @@ def test_a_row_whose_claim_outlived_its_lease_is_claimed_alone(worker, plugin, d
     for _ in range(3):
         worker.run_once()
     assert [[e["id"] for e in c.body["entities"]] for c in plugin.calls("bulk-plan-apply/")] == [["2"], ["3"], ["1", "4"]]
-    assert query(dsn, "SELECT state, attempts FROM ingestion_logs ORDER BY id") == [(states.APPLIED, 1)] * 4
+    # A worker lived through planning them: no longer suspects.
+    assert query(dsn, "SELECT state, attempts, lease_expiries FROM ingestion_logs ORDER BY id") == [(states.APPLIED, 1, 0)] * 4
 
 
 def test_worker_lease_owners_are_unique_even_with_the_same_host_and_pid(worker, env, plugin, shared):
