@@ -6,7 +6,7 @@ Two kinds of failure leave this module, and the worker treats them differently:
   deadline). The rows are retried later. Its subclass `NotSent`: the caller is stopping and nothing
   was sent at all.
   On the per-entity path, entities not done once the plugin is unavailable come back as results
-  with `unavailable` set (and `sent` False for those never sent), beside the results of those done.
+  with `unavailable` set (`sent` False for those never sent), beside the results of those done.
 - per-entity `errors` in a result: the plugin planned or applied and refused. The rows fail.
 A whole-call refusal of the content (a 400 with JSON) is reported per entity as a plan error.
 
@@ -130,10 +130,15 @@ class TokenSource:
     def renewable(self) -> bool:
         return bool(self.token_url)
 
+    @property
+    def due(self) -> bool:
+        """Whether the next header() requests a new token first."""
+        return self.renewable and (not self._token or time.monotonic() >= self._renew_at)
+
     def header(self) -> str:
         if not self.renewable:
             return f"Bearer {self.static_token}"
-        if not self._token or time.monotonic() >= self._renew_at:
+        if self.due:
             self._fetch()
         return f"Bearer {self._token}"
 
@@ -329,16 +334,14 @@ class PluginClient:
         if not self.limiter.acquire(self.pacer.pause):
             raise NotSent(f"{path}: stopping before the request was sent")
         self._unless_stopping(path)
+        self._within(path, deadline, requests=2 if self.tokens.due else 1)  # a token request first
         headers = {"Authorization": self.tokens.header(), "Accept": "application/json",
                    "Content-Type": "application/json"}
         if branch:
             headers["X-NetBox-Branch"] = branch
-        # Checked again last: waiting for the rate limit or a token may have used the time. Out of
-        # time is counted against the rows (Unavailable), or a batch could be claimed and given
-        # back for ever.
+        # Checked again last: waiting for the rate limit or a token may have used the time.
         self._unless_stopping(path)
-        if deadline is not None and time.monotonic() + self.attempt_seconds > deadline:
-            raise Unavailable(f"{path}: not sent, it could outlast the claim's lease")
+        self._within(path, deadline, requests=1)
         self.pacer.beat()
         started = time.perf_counter()
         try:
@@ -358,6 +361,12 @@ class PluginClient:
     def _unless_stopping(self, path: str) -> None:
         if self.pacer.stopping:
             raise NotSent(f"{path}: stopping before the request was sent")
+
+    def _within(self, path: str, deadline: float | None, requests: int) -> None:
+        """Unavailable unless `requests` requests could finish before the deadline. Counted against the
+        rows, unlike a stop: or a batch could be claimed and given back for ever."""
+        if deadline is not None and time.monotonic() + requests * self.attempt_seconds > deadline:
+            raise Unavailable(f"{path}: not sent, it could outlast the claim's lease")
 
     def _refresh_after_403(self, response: Response, refreshed: bool) -> bool:
         """A renewable token rejected once ("Invalid token": expired, revoked, auth restarted) is renewed."""

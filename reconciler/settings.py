@@ -216,7 +216,8 @@ SETTINGS: tuple[Setting, ...] = (
             "How long a claim is held; rows of a worker that died return to QUEUED after it (ERRORED after "
             "[workers] max_attempts such expiries). No plugin request starts that could outlast it, less a tenth "
             "(at most 30 s) kept to record the outcome: that must hold one request (5 s connect + [netbox] "
-            "timeout_seconds), and the lease must exceed [netbox] timeout_seconds x max_attempts."),
+            "timeout_seconds; two with token_url), and the lease must exceed [netbox] timeout_seconds x "
+            "max_attempts."),
     Setting("workers", "max_attempts", 8, int_at_least(1),
             "Claims of one row (plugin unreachable, 5xx, 429, timeouts) before it becomes ERRORED; also how many "
             "times its claim may outlive the lease (a worker died or hung planning it)."),
@@ -431,10 +432,12 @@ def check_runnable(config: Config) -> None:
                           f"timeout_seconds x max_attempts ({worst_call:g}), or live claims would be taken over")
     longest_request = plugin_request_seconds(netbox)
     budget = lease_budget_seconds(config.workers)
-    if config.workers.count > 0 and budget <= longest_request:
+    needed, what = (2 * longest_request, "a token request and one request") if netbox.token_url else \
+        (longest_request, "one request")
+    if config.workers.count > 0 and budget <= needed:
         raise ConfigError(f"[workers] lease_seconds ({config.workers.lease_seconds:g}) leaves {budget:g} s for plugin "
-                          f"requests once the time to record the outcome is kept, not enough for one request "
-                          f"({longest_request:g} s): no batch could ever be sent")
+                          f"requests once the time to record the outcome is kept, not enough for {what} "
+                          f"({needed:g} s): no batch could ever be sent")
     if config.workers.count > 0 and config.supervisor.heartbeat_timeout_seconds <= longest_request:
         raise ConfigError(f"[supervisor] heartbeat_timeout_seconds ({config.supervisor.heartbeat_timeout_seconds:g}) "
                           f"must exceed one plugin request (connect and [netbox] timeout_seconds: "

@@ -199,7 +199,7 @@ class Worker(Role):
         try:
             outbox.release(self.db, self.owner, [row.id for row in rows])
         except DatabaseError as exc:
-            log.warning("could not give %d unsent rows back (%s); they return after their lease", len(rows), exc)
+            log.warning("could not give %d claimed rows back (%s); they return after their lease", len(rows), exc)
             return
         log.info("gave %d claimed rows back without an outcome: %s", len(rows), reason)
 

@@ -117,9 +117,9 @@ SET lease_expiries = l.lease_expiries + 1,
     state = CASE WHEN l.lease_expiries + 1 >= %(max_attempts)s THEN 7 ELSE 1 END,
     error = CASE WHEN l.lease_expiries + 1 >= %(max_attempts)s
                  THEN jsonb_build_object(
-                     'message', format('gave up: its claim outlived the lease %%s times (the worker died or '
-                                       'hung while the plugin planned it; it was planned alone after the '
-                                       'first time)', l.lease_expiries + 1),
+                     'message', format('gave up: its claim outlived the lease %%s times, planned alone after '
+                                       'the first (a worker holding it died, hung or was killed; most likely '
+                                       'planning this row does that)', l.lease_expiries + 1),
                      'code', 'ERR_LEASE_EXPIRED', 'details', NULL)
                  ELSE l.error END,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
@@ -177,9 +177,10 @@ WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
 -- and that another worker took over is left to it: the lease test is re-checked on the row's latest
 -- version); the ids written are returned, and only their change sets are stored. PENDING_RETRY and
 -- ERRORED keep requeued_from_state (a later attempt still follows the drift rules); final states
--- clear it. A drift prior stops being the head: its clone is. The worker lived through planning
--- these rows, so none of them is what killed an earlier one: lease_expiries is cleared (0007), and
--- rows that only shared a killed batch are claimed in batches again. No explicit row lock first: it
+-- clear it. A drift prior stops being the head: its clone is. A row the plugin planned (any state
+-- but PENDING_RETRY and ERRORED, which mean it could not be asked) did not kill this worker:
+-- lease_expiries is cleared (0007), so rows that only shared a killed batch are claimed in batches
+-- again, while a suspect the plugin never got to stays one. No explicit row lock first: it
 -- would write a WAL record per row before the update rewrites the row anyway (measured: 6.5 ms ->
 -- 2.9 ms per 100 rows); the rows come locked in the order of the id array, which is sorted.
 UPDATE ingestion_logs AS l
@@ -191,7 +192,7 @@ SET state = u.state,
     planned_branch = CASE WHEN u.state IN (7, 9) THEN l.planned_branch ELSE %(branch)s END,
     lease_owner = NULL,
     lease_expires_at = NULL,
-    lease_expiries = 0,
+    lease_expiries = CASE WHEN u.state IN (7, 9) THEN l.lease_expiries ELSE 0 END,
     updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[], %(next_attempt_at)s::timestamptz[],
             %(superseded)s::boolean[]) AS u (id, state, error, next_attempt_at, superseded)

@@ -236,6 +236,26 @@ def test_every_request_beats_the_heartbeat_so_a_long_fallback_batch_is_not_taken
     assert beats_seen == [2, 4, 6]  # each beat came before its request, not after
 
 
+def test_no_token_request_once_stopping(server, tokens, tmp_path):
+    server.default("bulk-plan/", Step(answer=converge))
+    with pytest.raises(NotSent, match="stopping before the request was sent"):
+        oauth_client(server, tokens, tmp_path, pacer=CountingPacer(stop_after_beats=0)).plan(ITEMS, None)
+    assert tokens.requests == [] and server.calls("bulk-plan/") == []
+
+
+def test_a_token_request_counts_against_the_deadline(server, tokens, tmp_path):
+    """A token due first means two requests before the answer: 2 x (2 s + 2 s) do not fit in 6 s."""
+    server.default("bulk-plan/", Step(answer=converge))
+    plugin = oauth_client(server, tokens, tmp_path, timeout_seconds=2.0)
+    with pytest.raises(Unavailable, match="could outlast the claim's lease"):
+        plugin.plan(ITEMS, None, deadline=time.monotonic() + 6.0)
+    assert tokens.requests == []
+    plugin.plan(ITEMS, None, deadline=time.monotonic() + 9.0)
+    assert len(tokens.requests) == 1
+    plugin.plan(ITEMS, None, deadline=time.monotonic() + 5.0)  # token cached: one request fits
+    assert len(server.calls("bulk-plan/")) == 2
+
+
 def test_a_token_request_beats_the_heartbeat_too(server, tokens, tmp_path):
     server.default("bulk-plan/", Step(answer=converge))
     pacer = CountingPacer()

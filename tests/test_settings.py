@@ -93,6 +93,11 @@ def test_the_lease_must_leave_time_for_one_plugin_request():
                                   "RECONCILER_WORKERS_LEASE_SECONDS": "61"})
     with pytest.raises(ConfigError, match=r"lease_seconds \(61\) leaves 54.9 s .* one request \(65 s\)"):
         settings.check_runnable(config)
+    oauth = settings.load(None, {"RECONCILER_NETBOX_TOKEN_URL": "https://auth/token", "RECONCILER_NETBOX_CLIENT_ID": "c",
+                                 "RECONCILER_NETBOX_CLIENT_SECRET": "s", "RECONCILER_WORKERS_LEASE_SECONDS": "140",
+                                 "RECONCILER_NETBOX_MAX_ATTEMPTS": "2"})
+    with pytest.raises(ConfigError, match=r"not enough for a token request and one request \(130 s\)"):
+        settings.check_runnable(oauth)
 
 
 def test_a_worker_waiting_for_one_plugin_request_is_not_taken_for_a_hung_one():

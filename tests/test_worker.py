@@ -315,6 +315,28 @@ def test_no_request_starts_that_could_outlast_the_lease(env, plugin, shared, dsn
     assert len(plugin.calls("generate-diff/")) == 2
 
 
+def test_a_retry_wait_the_lease_cannot_cover_counts_against_the_batch(env, plugin, shared, dsn):
+    plugin.default("bulk-plan-apply/", Step(503, b"busy", headers={"Retry-After": "5"}))
+    role = Worker(make_config(env, plugin, netbox_timeout_seconds=2, workers_lease_seconds=6.5), 1, shared.cache,
+                  shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("a", "b"))
+    started = time.monotonic()
+    role.run_once()
+    role.shutdown()
+    assert time.monotonic() - started < 3  # the 5 s wait was not even begun
+    assert query(dsn, "SELECT state, attempts FROM ingestion_logs ORDER BY id") == [(states.PENDING_RETRY, 1)] * 2
+    assert "no time left to retry" in scalar(dsn, "SELECT error->>'message' FROM ingestion_logs WHERE id = 1")
+
+
+def test_a_suspect_the_plugin_never_got_to_stays_a_suspect(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(503, b"down"))
+    enqueue(dsn, *sites("a"))
+    query(dsn, "UPDATE ingestion_logs SET lease_expiries = 3")
+    worker.run_once()
+    assert query(dsn, "SELECT state, lease_expiries FROM ingestion_logs") == [(states.PENDING_RETRY, 3)]
+
+
 def test_a_stop_gives_the_batch_back_but_records_rows_that_failed_without_the_plugin(worker, plugin, dsn):
     plugin.default("bulk-plan-apply/", Step(503, b"down", headers={"Retry-After": "5"}))
     enqueue(dsn, *sites("good", "bad"))
