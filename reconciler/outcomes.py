@@ -30,7 +30,7 @@ from netboxlabs.diode.sdk.ingester import PRIMARY_VALUE_MAP
 
 from . import states
 from .objecttypes import DISPLAY_NAMES, MEMBERS
-from .plugin import Result
+from .plugin import Result, malformed_change_set, without_nul
 
 TRANSIENT_APPLY_ERRORS = {"db_deadlock_after_retries", "db_error"}  # the plugin's stable codes for DB trouble
 
@@ -138,9 +138,9 @@ def _primary_value(object_type: str, entity: dict | None) -> str | None:
         return None
     message = pb.Entity.DESCRIPTOR.fields_by_name[member].message_type.name
     value = (entity.get(member) or {}).get(PRIMARY_VALUE_MAP.get(message, "name"))
-    # From the stored entity, which may hold a NUL that Postgres text cannot (plugin answers are
-    # cleaned when parsed; this value is not from one).
-    return str(value).replace("\x00", "\ufffd") if value not in (None, "") else None
+    # From the stored entity, which may hold a NUL (plugin answers are cleaned when parsed; this
+    # value is not from one).
+    return without_nul(str(value)) if value not in (None, "") else None
 
 
 def placeholder(row: Claimed, entity: dict | None, branch_id: str | None) -> ChangeSet:
@@ -160,18 +160,6 @@ def _stored_change_set(row: Claimed, change_set: dict) -> ChangeSet:
     changes = change_set.get("changes") or []
     return ChangeSet(str(change_set.get("id") or uuid.uuid4()), branch_id,
                      deviation_name(row.object_type, changes), changes)
-
-
-def _malformed(change_set: Any) -> str | None:
-    """Why the plugin's change set cannot be read as one (None: it can)."""
-    if not isinstance(change_set, dict):
-        return f"the change set is {type(change_set).__name__}, not an object"
-    changes = change_set.get("changes")
-    if changes is not None and not isinstance(changes, list):
-        return f"its changes are {type(changes).__name__}, not a list"
-    if changes and not all(isinstance(change, dict) for change in changes):
-        return "one of its changes is not an object"
-    return None
 
 
 def _has_changes(change_set: dict | None) -> bool:
@@ -203,7 +191,7 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
     if result.change_set is None:
         return plan_failed(row, error(f"no change set returned for ingestion log {row.id}", "ERR_OPS_GENERATE_DIFF"),
                            entity, branch_id)
-    problem = _malformed(result.change_set)
+    problem = malformed_change_set(result.change_set)
     if problem:
         return plan_failed(row, error(f"the plugin returned a malformed change set for ingestion log {row.id}: "
                                       f"{problem}", "ERR_OPS_GENERATE_DIFF", result.change_set), entity, branch_id)

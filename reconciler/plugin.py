@@ -12,8 +12,9 @@ A whole-call refusal of the content (a 400 with JSON) is reported per entity as 
 
 No request starts that could not finish before the caller's deadline (the worker's lease) or
 once the caller's pacer (its role) is stopping: both are checked after the rate-limit and token
-waits, right before sending (and stopping before a token request too). Each request, token requests included, beats the role's heartbeat
-first, so a long per-entity batch is not taken for a hung process.
+waits, right before sending (and stopping before a token request too). Each request, token
+requests included, beats the role's heartbeat first, so a long per-entity batch is not taken for a
+hung process.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class Response:
             value = orjson.loads(self.body)
         except orjson.JSONDecodeError:
             raise Unavailable(f"HTTP {self.status} with a body that is not JSON: {self.body[:200]!r}") from None
-        return _without_nul(value) if b"\\u0000" in self.body else value
+        return without_nul(value) if b"\\u0000" in self.body else value
 
     def detail(self) -> str:
         try:
@@ -280,7 +281,8 @@ class PluginClient:
             raise Unavailable("generate-diff/ answered 404: no diode plugin API at [netbox] url")
         body = self._expect_json(planned, "generate-diff", accept=(200, 400))
         result = Result(item.id, change_set=body.get("change_set"), plan_errors=body.get("errors"))
-        if not apply or result.plan_errors or not _applicable(result.change_set):
+        if not apply or result.plan_errors or malformed_change_set(result.change_set) \
+                or not result.change_set.get("changes"):
             return result
         # Not repeated once it may have reached the plugin (a timeout, a 5xx): replaying an old change
         # set can create an object twice. The entity is planned afresh later instead.
@@ -324,15 +326,14 @@ class PluginClient:
             if attempt.sent and not replay_safe:
                 raise Unavailable(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
             delay = attempt.wait if attempt.wait is not None else _backoff(failures)
-            if deadline is not None and time.monotonic() + delay + self.attempt_seconds > deadline:
+            if not self._time_left(deadline, delay + self.attempt_seconds):
                 raise Unavailable(f"{path}: {attempt.problem}; no time left to retry within the claim's lease")
             log.debug("%s %s: %s; retrying in %.2f s", method, path, attempt.problem, delay)
             if not self.pacer.pause(delay):
                 raise Unavailable(f"{path}: stopped while waiting to retry ({attempt.problem})")
 
     def _attempt(self, method: str, path: str, body: Any, branch: str | None, deadline: float | None) -> "_Attempt":
-        if not self.limiter.acquire(self.pacer.pause):
-            raise NotSent(f"{path}: stopping before the request was sent")
+        self.limiter.acquire(self.pacer.pause)  # ends early on a stop, which the next line catches
         self._unless_stopping(path)
         self._within(path, deadline, requests=2 if self.tokens.due else 1)  # a token request first
         headers = {"Authorization": self.tokens.header(), "Accept": "application/json",
@@ -365,8 +366,12 @@ class PluginClient:
     def _within(self, path: str, deadline: float | None, requests: int) -> None:
         """Unavailable unless `requests` requests could finish before the deadline. Counted against the
         rows, unlike a stop: or a batch could be claimed and given back for ever."""
-        if deadline is not None and time.monotonic() + requests * self.attempt_seconds > deadline:
+        if not self._time_left(deadline, requests * self.attempt_seconds):
             raise Unavailable(f"{path}: not sent, it could outlast the claim's lease")
+
+    @staticmethod
+    def _time_left(deadline: float | None, seconds: float) -> bool:
+        return deadline is None or time.monotonic() + seconds <= deadline
 
     def _refresh_after_403(self, response: Response, refreshed: bool) -> bool:
         """A renewable token rejected once ("Invalid token": expired, revoked, auth restarted) is renewed."""
@@ -391,19 +396,27 @@ def _backoff(failures: int) -> float:
     return min(10.0, 0.25 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
 
 
-def _applicable(change_set: Any) -> bool:
-    """Whether a planned change set is worth sending to apply-change-set/: a list of changes."""
-    changes = change_set.get("changes") if isinstance(change_set, dict) else None
-    return isinstance(changes, list) and bool(changes) and all(isinstance(change, dict) for change in changes)
+def malformed_change_set(change_set: Any) -> str | None:
+    """Why the plugin's change set cannot be read as one (None: it can): not sent to
+    apply-change-set/, and its row fails (outcomes.decide)."""
+    if not isinstance(change_set, dict):
+        return f"the change set is {type(change_set).__name__}, not an object"
+    changes = change_set.get("changes")
+    if changes is not None and not isinstance(changes, list):
+        return f"its changes are {type(changes).__name__}, not a list"
+    if changes and not all(isinstance(change, dict) for change in changes):
+        return "one of its changes is not an object"
+    return None
 
 
-def _without_nul(value: Any) -> Any:
+def without_nul(value: Any) -> Any:
+    """`value` with U+0000, which Postgres text and jsonb cannot hold, replaced by U+FFFD throughout."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
     if isinstance(value, list):
-        return [_without_nul(item) for item in value]
+        return [without_nul(item) for item in value]
     if isinstance(value, dict):
-        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
     return value
 
 

@@ -30,12 +30,11 @@ class SharedRateLimiter:
             self._bucket[0] = tokens
             return (1 - tokens) / self.rate
 
-    def acquire(self, sleep: Callable[[float], object] = time.sleep) -> bool:
-        """Block until this process may send one request: True. False if `sleep` returns False (the
-        caller is stopping), without a token taken."""
+    def acquire(self, sleep: Callable[[float], object] = time.sleep) -> None:
+        """Block until this process may send one request, or until `sleep` returns False (the caller
+        is stopping, and checks that itself), without a token taken."""
         if self.rate <= 0:
-            return True  # unlimited
+            return  # unlimited
         while (wait := self._take()) > 0:
             if sleep(wait) is False:
-                return False
-        return True
+                return

@@ -23,7 +23,7 @@ from . import metrics, outbox, outcomes, protojson, shared, states
 from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
 from .outcomes import Claimed, Decision, RetryPolicy
-from .plugin import Item, NotSent, PluginClient, Unavailable
+from .plugin import Item, PluginClient, Unavailable
 from .roles import Role
 from .settings import check_runnable, lease_budget_seconds
 
@@ -177,11 +177,8 @@ class Worker(Role):
         try:
             call = self.plugin.plan_apply if self.apply else self.plugin.plan
             results = call(items, view.branch_id, deadline)
-        except NotSent as exc:
-            self._give_back(asked, str(exc))
-            return []
         except Unavailable as exc:
-            if self.stopping:
+            if self.stopping:  # NotSent included: it is only raised on a stop
                 self._give_back(asked, f"stopping: {exc}")
                 return []
             log.warning("plugin unavailable for a batch of %d: %s", len(asked), exc)

@@ -82,30 +82,31 @@ def test_bad_env_and_unknown_env_are_named():
         settings.load(None, {"RECONCILER_WORKER_COUNT": "2"})
 
 
-def test_lease_must_outlast_the_longest_plugin_call():
-    config = settings.load(None, {"RECONCILER_WORKERS_LEASE_SECONDS": "100", "RECONCILER_NETBOX_TOKEN": "t"})
-    with pytest.raises(ConfigError, match=r"lease_seconds \(100\) must exceed .* \(240\)"):
-        settings.check_runnable(config)
+TOKEN = {"RECONCILER_NETBOX_TOKEN": "t"}
+OAUTH = {"RECONCILER_NETBOX_TOKEN_URL": "https://auth/token", "RECONCILER_NETBOX_CLIENT_ID": "c",
+         "RECONCILER_NETBOX_CLIENT_SECRET": "s"}
 
 
-def test_the_lease_must_leave_time_for_one_plugin_request():
-    config = settings.load(None, {"RECONCILER_NETBOX_TOKEN": "t", "RECONCILER_NETBOX_MAX_ATTEMPTS": "1",
-                                  "RECONCILER_WORKERS_LEASE_SECONDS": "61"})
-    with pytest.raises(ConfigError, match=r"lease_seconds \(61\) leaves 54.9 s .* one request \(65 s\)"):
-        settings.check_runnable(config)
-    oauth = settings.load(None, {"RECONCILER_NETBOX_TOKEN_URL": "https://auth/token", "RECONCILER_NETBOX_CLIENT_ID": "c",
-                                 "RECONCILER_NETBOX_CLIENT_SECRET": "s", "RECONCILER_WORKERS_LEASE_SECONDS": "140",
-                                 "RECONCILER_NETBOX_MAX_ATTEMPTS": "2"})
-    with pytest.raises(ConfigError, match=r"not enough for a token request and one request \(130 s\)"):
-        settings.check_runnable(oauth)
+@pytest.mark.parametrize("environ, refusal", [
+    # The longest plugin call, with every retry, must end before the lease does.
+    ({**TOKEN, "RECONCILER_WORKERS_LEASE_SECONDS": "100"}, r"lease_seconds \(100\) must exceed .* \(240\)"),
+    # The lease, less the time kept to record the outcome, must hold one request ...
+    ({**TOKEN, "RECONCILER_NETBOX_MAX_ATTEMPTS": "1", "RECONCILER_WORKERS_LEASE_SECONDS": "61"},
+     r"lease_seconds \(61\) leaves 54.9 s .* one request \(65 s\)"),
+    # ... two with OAuth, when a token request comes first.
+    ({**OAUTH, "RECONCILER_WORKERS_LEASE_SECONDS": "140", "RECONCILER_NETBOX_MAX_ATTEMPTS": "2"},
+     r"not enough for a token request and one request \(130 s\)"),
+    # A worker waiting for one plugin request must not be taken for a hung one.
+    ({**TOKEN, "RECONCILER_NETBOX_TIMEOUT_SECONDS": "50", "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "55"},
+     r"heartbeat_timeout_seconds \(55\) must exceed one plugin request .* 55 s"),
+], ids=["retries-outlast-lease", "no-time-for-one-request", "no-time-for-token-and-request", "heartbeat-too-short"])
+def test_time_limits_that_cannot_work_together_are_refused(environ, refusal):
+    with pytest.raises(ConfigError, match=refusal):
+        settings.check_runnable(settings.load(None, environ))
 
 
-def test_a_worker_waiting_for_one_plugin_request_is_not_taken_for_a_hung_one():
-    config = settings.load(None, {"RECONCILER_NETBOX_TOKEN": "t", "RECONCILER_NETBOX_TIMEOUT_SECONDS": "50",
-                                  "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "55"})
-    with pytest.raises(ConfigError, match=r"heartbeat_timeout_seconds \(55\) must exceed one plugin request .* 55 s"):
-        settings.check_runnable(config)
-    settings.check_runnable(settings.load(None, {**{"RECONCILER_NETBOX_TOKEN": "t"}, "RECONCILER_WORKERS_COUNT": "0",
+def test_a_short_heartbeat_is_fine_without_workers():
+    settings.check_runnable(settings.load(None, {**TOKEN, "RECONCILER_WORKERS_COUNT": "0",
                                                 "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "5"}))
 
 
