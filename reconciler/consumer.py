@@ -312,8 +312,7 @@ class Consumer(Role):
         try:
             boundary = self._oldest_unacknowledged()
             if boundary is not None:
-                # An id beyond bigint (a dead letter, wire.receipt_key) is above every receipt: clamp it.
-                ms, seq = (min(part, wire.INT64_MAX) for part in boundary)
+                ms, seq = boundary
                 with self.db.transaction() as tx:
                     tx.execute("prune_receipts", {"stream": self.stream, "ms": ms, "seq": seq,
                                                   "keep_seconds": RECEIPT_RETENTION})

@@ -108,16 +108,12 @@ def _write_batch(db: Database, stream: str, messages: list[wire.Message], branch
 
 
 def _claim_receipts(tx: Tx, stream: str, messages: list[wire.Message]) -> list[wire.Message]:
-    """The entries not committed before. An entry whose id does not fit a receipt (decode_entry made it
-    a dead letter) gets none: a crash between commit and XACK may store its dead letter twice."""
-    keys = [wire.receipt_key(m.stream_id) for m in messages]
-    keyed = [(m, key) for m, key in zip(messages, keys) if key is not None]
-    if not keyed:
-        return list(messages)
-    claimed = set(tx.fetchall("claim_receipts", {
-        "stream": stream, "ms": [key[0] for _, key in keyed], "seq": [key[1] for _, key in keyed],
-        "entities": [m.entity_count for m, _ in keyed]}))
-    return [m for m, key in zip(messages, keys) if key is None or key in claimed]
+    """The entries not committed before."""
+    keys = [wire.stream_id_parts(m.stream_id) for m in messages]
+    claimed = {(int(ms), int(seq)) for ms, seq in tx.fetchall("claim_receipts", {
+        "stream": stream, "ms": [ms for ms, _ in keys], "seq": [seq for _, seq in keys],
+        "entities": [m.entity_count for m in messages]})}
+    return [m for m, key in zip(messages, keys) if key in claimed]
 
 
 class Head(NamedTuple):

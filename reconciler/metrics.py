@@ -54,7 +54,6 @@ DEAD_LETTER_KINDS = (
     ("ingestion_ts", "malformed_entry"),
     ("no 'request' field", "malformed_entry"),
     ("carries no entities", "malformed_entry"),
-    ("does not fit a receipt", "malformed_entry"),
     ("could not be decoded: unexpected", "unexpected_error"),
 )
 

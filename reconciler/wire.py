@@ -90,24 +90,9 @@ class Unreadable(Exception):
 
 
 def stream_id_parts(stream_id: bytes) -> tuple[int, int]:
+    """(ms, seq) of a stream entry id: each part an unsigned 64-bit number, as receipts keep them."""
     ms, _, seq = stream_id.partition(b"-")
     return int(ms), int(seq or 0)
-
-
-def receipt_key(stream_id: bytes) -> tuple[int, int] | None:
-    """(ms, seq) as a receipt stores them (bigint), or None when the id does not fit.
-
-    Redis allows each part up to 2**64-1 (an id given explicitly to XADD); decode_entry rejects such
-    entries, so the consumer never sends Postgres a key it would refuse for the whole batch.
-    """
-    ms, seq = stream_id_parts(stream_id)
-    return (ms, seq) if ms <= INT64_MAX and seq <= INT64_MAX else None
-
-
-def _check_stream_id(stream_id: bytes) -> None:
-    if receipt_key(stream_id) is None:
-        raise Unreadable(f"stream entry id {_id_text(stream_id)} does not fit a receipt: each part "
-                         f"must be at most {INT64_MAX} (a bigint); the producer gave XADD an explicit id")
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -309,7 +294,6 @@ def _id_text(stream_id) -> str:
 def _decode(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits) -> Message:
     message = Message(stream_id=stream_id, fields=fields)
     try:
-        _check_stream_id(stream_id)
         message.ingestion_ts = _ingestion_ts(fields)
         message.header, entities = split_request(_request_bytes(fields, limits))
         _read_header(message)

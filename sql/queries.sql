@@ -34,7 +34,7 @@ INSERT INTO schema_migrations (version, name, checksum) VALUES (%(version)s, %(n
 -- A concurrent transaction holding the same entry makes this one wait for its outcome.
 INSERT INTO stream_receipts (stream, ms, seq, entities)
 SELECT %(stream)s, u.ms, u.seq, u.entities
-FROM unnest(%(ms)s::bigint[], %(seq)s::bigint[], %(entities)s::integer[]) AS u (ms, seq, entities)
+FROM unnest(%(ms)s::numeric[], %(seq)s::numeric[], %(entities)s::integer[]) AS u (ms, seq, entities)
 ON CONFLICT DO NOTHING
 RETURNING ms, seq;
 
@@ -98,7 +98,7 @@ INSERT INTO dead_letters (stream, stream_id, entity_index, reason, field_names, 
 -- Postgres outage may still hold it in memory, retrying, after the original owner committed,
 -- acknowledged and would have pruned it.
 DELETE FROM stream_receipts
-WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s, %(seq)s)
+WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s::numeric, %(seq)s::numeric)
   AND committed_at < now() - %(keep_seconds)s * interval '1 second';
 
 -- release_expired_leases --

@@ -14,7 +14,7 @@ from pathlib import Path
 import brotli
 import pytest
 
-from reconciler import sample, wire
+from reconciler import inbox, sample, wire
 from reconciler.consumer import Consumer
 
 from .support import GROUP, STREAM, push, query, reconciler, scalar, wait_until
@@ -144,19 +144,24 @@ def test_only_consumers_silent_for_hours_with_nothing_pending_are_forgotten(cons
     assert f"forgot consumer {dead}" in caplog.text and f"forgot consumer {live}" not in caplog.text
 
 
-def test_an_entry_id_beyond_bigint_becomes_a_dead_letter_and_consuming_goes_on(consumer, redis_client, dsn):
-    """Redis stream ids go up to 2**64-1 per part; receipts keep them as bigint. Such an entry must
-    not make the consumer retry its read forever, nor stop receipts from being pruned after it."""
-    good, other = list(sample.entries(sample.Shape(devices_per_site=1)))
+def test_entry_ids_beyond_bigint_become_rows_and_so_do_the_auto_ids_after_them(consumer, redis_client, dsn):
+    """Redis stream ids go up to 2**64-1 per part. Once a producer XADDs one explicitly, every later
+    auto id is above it too: each such entry must become rows like any other (it once became a dead
+    letter, and so did everything after it), and receipts must still be pruned after them."""
+    entries = list(sample.entries(sample.Shape(devices_per_site=2)))
     consumer.boot()
-    push(redis_client, [good])
-    redis_client.xadd(STREAM, other, id=b"9223372036854775808-0")
+    redis_client.xadd(STREAM, entries[0], id=b"18446744073709551614-1")
+    for fields in entries[1:]:
+        redis_client.xadd(STREAM, fields)  # auto ids: 18446744073709551614-2, -3, ...
     with stop_after(consumer, 20):
         drain(consumer, redis_client, timeout=20)
-    [(stream_id, reason)] = query(dsn, "SELECT stream_id, reason FROM dead_letters")
-    assert stream_id == "9223372036854775808-0" and "9223372036854775808-0" in reason
-    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == len(wire.decode_entry(b"1-0", good).rows)
+    assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
+    expected = sum(len(wire.decode_entry(b"1-0", fields).rows) for fields in entries)
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == expected
+    assert scalar(dsn, "SELECT max(ms)::text FROM stream_receipts") == "18446744073709551614"
 
+    # A redelivery of the first entry is a no-op: its receipt is found.
+    assert inbox.write(consumer.db, STREAM, [wire.decode_entry(b"18446744073709551614-1", entries[0])]).redelivered == 1
     query(dsn, "UPDATE stream_receipts SET committed_at = now() - interval '1 day'")
     consumer._prune_receipts()
     assert scalar(dsn, "SELECT count(*) FROM stream_receipts") == 0
