@@ -17,12 +17,14 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
+import orjson
+
 from . import pgcopy, wire
 from .db import Database, Tx
 from .errors import ContentRejected, DatabaseError
 from .states import REQUEUE_ON_DUPLICATE
 
-COPY_COLUMNS = 11  # the column list of copy_ingestion_logs
+COPY_COLUMNS = 12  # the column list of copy_ingestion_logs
 
 
 @dataclass
@@ -202,10 +204,12 @@ def _find_refused(tx: Tx, items: list) -> list[tuple[list, str]]:
 
 
 def _request_prefix(message: wire.Message) -> bytes:
+    # source_metadata says which request fields were cleaned to be storable (wire._read_header).
+    metadata = orjson.dumps({"cleaned_request_fields": message.cleaned}) if message.cleaned else None
     return b"".join((
         pgcopy.tuple_start(COPY_COLUMNS), pgcopy.text(message.request_id), pgcopy.bigint(message.ingestion_ts),
         pgcopy.text(message.producer_app_name), pgcopy.text(message.producer_app_version),
-        pgcopy.text(message.sdk_name), pgcopy.text(message.sdk_version)))
+        pgcopy.text(message.sdk_name), pgcopy.text(message.sdk_version), pgcopy.jsonb(metadata)))
 
 
 _TIMESTAMP_AND_ENTITY_LENGTH = struct.Struct(">iqi")  # source_ts (length 8, value), then len(entity)

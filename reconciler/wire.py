@@ -29,6 +29,11 @@ ENTITIES_FIELD = 2  # IngestRequest.entities
 INT64_MAX = 2**63 - 1
 INT64_MIN = -(2**63)
 UNEXPECTED_ERROR_CHARS = 300  # of the error's text kept in a dead letter's reason
+TEXT_COLUMN_CHARS = 255  # request_id, producer and SDK names are varchar(255) in ingestion_logs
+# IngestRequest's text fields that every row of the request records, by field number -> Message attribute.
+_REQUEST_TEXT_FIELDS = {pb.IngestRequest.DESCRIPTOR.fields_by_name[name].number: attribute for name, attribute in (
+    ("id", "request_id"), ("producer_app_name", "producer_app_name"),
+    ("producer_app_version", "producer_app_version"), ("sdk_name", "sdk_name"), ("sdk_version", "sdk_version"))}
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Message:
     producer_app_version: str = ""
     sdk_name: str = ""
     sdk_version: str = ""
+    cleaned: dict[str, str] = field(default_factory=dict)  # request field -> how it was made storable
     rows: list[EntityRow] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
 
@@ -133,10 +139,8 @@ def _field_end(data: bytes, wire_type: int, pos: int, start: int) -> tuple[int, 
     raise Unreadable(f"request is not a diode.v1.IngestRequest: wire type {wire_type} at byte {start}")
 
 
-def split_request(data: bytes) -> tuple[bytes, list[bytes]]:
-    """(the request without its entities, [the bytes of each entity]) from a serialized IngestRequest."""
-    header = bytearray()
-    entities: list[bytes] = []
+def _fields(data: bytes):
+    """(field number, wire type, field start, payload start, field end) of each top-level field."""
     pos = 0
     while pos < len(data):
         start = pos
@@ -146,10 +150,18 @@ def split_request(data: bytes) -> tuple[bytes, list[bytes]]:
         payload, pos = _field_end(data, key & 7, pos, start)
         if pos > len(data):
             raise Unreadable(f"request is not a diode.v1.IngestRequest: truncated field at byte {start}")
-        if key == (ENTITIES_FIELD << 3 | 2):
-            entities.append(data[payload:pos])
+        yield key >> 3, key & 7, start, payload, pos
+
+
+def split_request(data: bytes) -> tuple[bytes, list[bytes]]:
+    """(the request without its entities, [the bytes of each entity]) from a serialized IngestRequest."""
+    header = bytearray()
+    entities: list[bytes] = []
+    for number, wire_type, start, payload, end in _fields(data):
+        if number == ENTITIES_FIELD and wire_type == 2:
+            entities.append(data[payload:end])
         else:
-            header += data[start:pos]
+            header += data[start:end]
     return bytes(header), entities
 
 
@@ -196,16 +208,40 @@ def _ingestion_ts(fields: dict[bytes, bytes]) -> int:
     return value
 
 
+def _clean_text(raw: bytes) -> tuple[str, list[str]]:
+    """A request's text field as a row can hold it (varchar(255), no NUL), and what was changed."""
+    value = raw.decode("utf-8", "replace")
+    changes = [] if value.encode("utf-8") == raw else ["invalid UTF-8 replaced by U+FFFD"]
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+        changes.append("NUL replaced by U+FFFD")
+    if len(value) > TEXT_COLUMN_CHARS:
+        changes.append(f"truncated from {len(value)} to {TEXT_COLUMN_CHARS} characters")
+        value = value[:TEXT_COLUMN_CHARS]
+    return value, changes
+
+
 def _read_header(message: Message) -> None:
+    """The request's own fields. Its id, producer and SDK names are metadata of every row: a value a row
+    cannot hold (not UTF-8, a NUL, too long) is cleaned and the row says so (Message.cleaned), rather
+    than costing the request's entities. The other fields must parse as an IngestRequest."""
+    texts: dict[str, bytes] = {}
+    rest = bytearray()
+    for number, wire_type, start, payload, end in _fields(message.header):
+        name = _REQUEST_TEXT_FIELDS.get(number)
+        if name is not None and wire_type == 2:
+            texts[name] = message.header[payload:end]  # the last occurrence wins, as in protobuf
+        else:
+            rest += message.header[start:end]
     try:
-        request = pb.IngestRequest.FromString(message.header)
+        pb.IngestRequest.FromString(bytes(rest))
     except (DecodeError, UnicodeDecodeError) as exc:
         raise Unreadable(f"request is not a diode.v1.IngestRequest: {exc}") from None
-    message.request_id = request.id
-    message.producer_app_name = request.producer_app_name
-    message.producer_app_version = request.producer_app_version
-    message.sdk_name = request.sdk_name
-    message.sdk_version = request.sdk_version
+    for name in _REQUEST_TEXT_FIELDS.values():
+        value, changes = _clean_text(texts.get(name, b""))
+        setattr(message, name, value)
+        if changes:
+            message.cleaned[name] = "; ".join(changes)
 
 
 def _source_ts(entity) -> int | None:

@@ -63,7 +63,7 @@ UPDATE ingestion_logs SET is_head = false, updated_at = now() WHERE id = ANY(%(i
 -- copy_ingestion_logs --
 -- New QUEUED rows (binary COPY; pgcopy encodes the tuples in exactly this column order).
 COPY ingestion_logs (request_id, ingestion_ts, producer_app_name, producer_app_version, sdk_name,
-                     sdk_version, object_type, source_ts, entity, entity_hash, duplicate_count)
+                     sdk_version, source_metadata, object_type, source_ts, entity, entity_hash, duplicate_count)
 FROM STDIN WITH (FORMAT binary);
 
 -- mark_duplicates --

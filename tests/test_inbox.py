@@ -136,10 +136,14 @@ def test_decode_rejections_become_dead_letters_with_their_fields(db, dsn):
 
 
 def test_rows_postgres_refuses_become_dead_letters_and_nothing_else_is_lost(db, dsn):
-    """A NUL in a text column and a value too long for its column: only those entities are refused."""
+    """A NUL in a text column and a value too long for its column: only those entities are refused.
+    (Decoding cleans such request fields, test_request_fields_a_row_cannot_hold_are_cleaned_and_noted;
+    the messages are altered after it, to reach the refusals this guards against.)"""
     good = [entry(site(f"g{i}")) for i in range(6)]
-    nul = entry(site("nul"), producer_app_name="bad\x00name")
-    long = entry(site("long"), sdk_version="1." + "9" * 300)
+    nul = entry(site("nul"))
+    nul.producer_app_name = "bad\x00name"
+    long = entry(site("long"))
+    long.sdk_version = "1." + "9" * 300
     in_batch_copy = entry(site("nul"))  # same entity as the refused one, from a clean request
     outcome = inbox.write(db, STREAM, good[:3] + [nul] + good[3:] + [long, in_batch_copy])
 
@@ -153,6 +157,32 @@ def test_rows_postgres_refuses_become_dead_letters_and_nothing_else_is_lost(db, 
     assert all(row[1] == 0 and row[2].startswith("Postgres refused the row") for row in stored)
     names = sorted(pb.Entity.FromString(bytes(e)).site.name for (e,) in query(dsn, "SELECT entity FROM ingestion_logs"))
     assert names == ["g0", "g1", "g2", "g3", "g4", "g5", "nul"]
+
+
+def test_request_fields_a_row_cannot_hold_are_cleaned_and_noted(db, dsn):
+    """A NUL, over 255 characters or invalid UTF-8 in a request's id, producer or SDK fields once cost
+    every entity of the request (or the whole entry): the entities are kept, the fields cleaned, and
+    each row says what was cleaned in source_metadata."""
+    clean = entry(site("clean"))
+    nul = entry(site("nul-1"), site("nul-2"), producer_app_name="bad\x00name")
+    long = entry(site("long"), id="r" * 300)
+    req = pb.IngestRequest(entities=[site("latin")], id="req-latin", producer_app_name="x")
+    raw = req.SerializeToString().replace(b"\x22\x01x", b"\x22\x04caf\xe9")  # field 4, "café" in Latin-1
+    latin = wire.decode_entry(b"99-0", sample.stream_fields(pb.IngestRequest.FromString(req.SerializeToString()))
+                              | {b"request": raw, b"encoding": b""})
+    outcome = inbox.write(db, STREAM, [clean, nul, long, latin])
+
+    assert outcome.dead_letters == [] and outcome.inserted == 5
+    stored = {pb.Entity.FromString(bytes(e)).site.name: (request_id, producer, metadata) for e, request_id, producer, metadata
+              in query(dsn, "SELECT entity, request_id, producer_app_name, source_metadata FROM ingestion_logs")}
+    assert stored["clean"] == ("req", "disco", None)
+    for name in ("nul-1", "nul-2"):
+        assert stored[name] == ("req", "bad\ufffdname",
+                                {"cleaned_request_fields": {"producer_app_name": "NUL replaced by U+FFFD"}})
+    assert stored["long"] == ("r" * 255, "disco",
+                              {"cleaned_request_fields": {"request_id": "truncated from 300 to 255 characters"}})
+    assert stored["latin"] == ("req-latin", "caf\ufffd",
+                               {"cleaned_request_fields": {"producer_app_name": "invalid UTF-8 replaced by U+FFFD"}})
 
 
 def test_concurrent_writers_never_create_two_rows_for_one_entity(dsn):
