@@ -15,17 +15,14 @@ per batch or per plugin request (`.inc(n)`), never per entity.
 
 from __future__ import annotations
 
-import atexit
 import glob
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from typing import Iterable
 
-from . import states
+from . import scratch, states
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +101,6 @@ class _Metrics:
 
 
 _metrics: _Metrics | None = None
-_directory_owner: int | None = None
 
 
 def _m() -> _Metrics:
@@ -126,9 +122,8 @@ def prepare_directory(config) -> str | None:
 
     An operator's PROMETHEUS_MULTIPROC_DIR (e.g. under systemd's RuntimeDirectory) is used and
     emptied of the last run's files (even with metrics off: the children write there all the same);
-    otherwise a private directory is made and removed at exit; none when metrics are off.
+    otherwise the supervisor's scratch directory (scratch.py); none when metrics are off.
     """
-    global _directory_owner
     if not enabled(config) and ENV not in os.environ:
         return None
     if _metrics is not None or "prometheus_client.values" in sys.modules and ENV not in os.environ:
@@ -140,19 +135,10 @@ def prepare_directory(config) -> str | None:
         for stale in glob.glob(os.path.join(path, "*.db")):
             os.remove(stale)
     else:
-        runtime = (os.environ.get("RUNTIME_DIRECTORY") or "").split(":")[0] or None
-        path = tempfile.mkdtemp(prefix="reconciler-metrics-", dir=runtime)
-        os.environ[ENV] = path
-        _directory_owner = os.getpid()
-        atexit.register(_remove_directory, path)
+        path = os.environ[ENV] = scratch.directory()
     _m()  # the supervisor's own metrics, before any child inherits the module
     log.debug("metrics of every process in %s", path)
     return path
-
-
-def _remove_directory(path: str) -> None:
-    if os.getpid() == _directory_owner:  # never from a forked child that happens to run atexit
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def directory() -> str | None:

@@ -18,6 +18,7 @@ import signal
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
 
+from . import scratch
 from .ratelimit import SharedRateLimiter
 
 # The one multiprocessing context of the service. Pinned to fork: the roles are handed to their
@@ -67,15 +68,19 @@ class View:
 class Shared:
     """The Manager and its cache, and the rate limiter."""
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.manager = SyncManager(ctx=MP)
+    def __init__(self, rate: float, burst: int, address: str | None = None) -> None:
+        """`address`: the Manager's Unix socket path (the supervisor's scratch directory, so nothing is
+        left in the temp folder when the supervisor is killed); None for multiprocessing's own."""
+        self.manager = SyncManager(address=address, ctx=MP)
         self.manager.start(_manager_init, (os.getpid(),))
         self.cache = self.manager.dict(branch_known=False, branch=None, behind=False)
         self.limiter = SharedRateLimiter(rate, burst, MP)
 
     @classmethod
     def for_config(cls, config) -> "Shared":
-        return cls(config.netbox.rate_limit_per_second, config.netbox.rate_limit_burst)
+        """The supervisor's: its Manager listens in the scratch directory."""
+        return cls(config.netbox.rate_limit_per_second, config.netbox.rate_limit_burst,
+                   scratch.socket_path("cache.sock"))
 
     @property
     def sentinel(self) -> int:
