@@ -4,23 +4,42 @@ A token bucket in shared memory, created by the supervisor before it forks: N wo
 send at most `rate` requests per second (bursts of `burst`), which is what protects NetBox, rather
 than N times the limit. CLOCK_MONOTONIC is system-wide, so every process refills the same bucket
 by the same clock.
+
+The bucket is guarded by a POSIX record lock (fcntl.lockf) on an unlinked temporary file that the
+children inherit, not by a multiprocessing lock: the kernel releases a record lock when the process
+holding it dies, so a worker killed inside the bucket cannot leave every other worker blocked for
+ever. (Record locks belong to the process, not to the inherited descriptor, so each worker's lock
+excludes the others'.) A process killed between the two stores leaves a bucket at most one token
+off, which the next refill absorbs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import multiprocessing
+import tempfile
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 class SharedRateLimiter:
     def __init__(self, rate: float, burst: int, context=multiprocessing.get_context("fork")) -> None:
         self.rate, self.burst = rate, burst
-        self._bucket = context.Array("d", [float(burst), time.monotonic()], lock=True)  # tokens, last refill
+        self._bucket = context.RawArray("d", [float(burst), time.monotonic()])  # tokens, last refill
+        self._lock_file = tempfile.TemporaryFile()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._lock_file, fcntl.LOCK_UN)
 
     def _take(self) -> float:
         """Take a token if there is one; otherwise the seconds until there will be."""
-        with self._bucket.get_lock():
+        with self._locked():
             now = time.monotonic()
             tokens = min(self.burst, self._bucket[0] + (now - self._bucket[1]) * self.rate)
             self._bucket[1] = now
