@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reconciler import inbox, sample, settings, wire  # noqa: E402
 from reconciler.consumer import Consumer  # noqa: E402
 from reconciler.db import Database  # noqa: E402
-from reconciler.roles import serve  # noqa: E402
+from reconciler.roles import Link, serve  # noqa: E402
 
 STREAM, GROUP = "diode.v1.ingest-stream", "diode-reconciler"
 MP = multiprocessing.get_context("fork")
@@ -117,11 +117,14 @@ class Bench:
     # --- the consumer under test: the production role in a forked process ---
 
     def start_consumer(self):
-        heartbeat, booted = MP.Value("d", 0.0, lock=False), MP.Event()
-        process = MP.Process(target=serve, args=(Consumer, self.config, heartbeat, booted, os.getpid()), daemon=True)
+        link = Link.create(MP)
+        process = MP.Process(target=serve, args=(Consumer, self.config, link, os.getpid()), daemon=True)
         process.start()
-        if not booted.wait(30):
-            raise SystemExit("the consumer did not boot")
+        deadline = time.monotonic() + 30
+        while not link.booted.value:
+            if time.monotonic() > deadline or not process.is_alive():
+                raise SystemExit("the consumer did not boot")
+            time.sleep(0.05)
         return process
 
     @staticmethod

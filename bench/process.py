@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from peer import netbox as peer  # noqa: E402
 from reconciler import inbox, sample, settings, wire  # noqa: E402
 from reconciler.db import Database  # noqa: E402
-from reconciler.roles import serve  # noqa: E402
+from reconciler.roles import Link, serve  # noqa: E402
 from reconciler.shared import Shared  # noqa: E402
 from reconciler.worker import Worker  # noqa: E402
 
@@ -170,9 +170,8 @@ class Bench:
         processes = []
         started = time.perf_counter()
         for n in range(1, workers + 1):
-            heartbeat, booted = MP.Value("d", 0.0, lock=False), MP.Event()
             factory = lambda config, n=n: Worker(config, n, shared.cache, shared.limiter)  # noqa: E731
-            process = MP.Process(target=serve, args=(factory, config, heartbeat, booted, os.getpid()), daemon=True)
+            process = MP.Process(target=serve, args=(factory, config, Link.create(MP), os.getpid()), daemon=True)
             process.start()
             processes.append(process)
         while self.sql("SELECT EXISTS (SELECT FROM ingestion_logs WHERE state = 1) "

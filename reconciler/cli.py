@@ -20,7 +20,7 @@ from .errors import ConfigError, DatabaseError, SchemaError
 from .settings import SETTINGS, Config
 from .shared import Shared
 from .supervisor import RoleSpec, Supervisor
-from .worker import Worker
+from .worker import Worker, release_after_exit
 
 log = logging.getLogger("reconciler")
 
@@ -30,7 +30,8 @@ def role_specs(config: Config, shared: Shared) -> list[RoleSpec]:
     specs = [RoleSpec("consumer", partial(Consumer, cache=shared.cache))]
     if config.workers.count > 0:
         specs.append(RoleSpec("refresher", partial(Refresher, cache=shared.cache, limiter=shared.limiter)))
-        specs += [RoleSpec(f"worker {n}", partial(Worker, index=n, cache=shared.cache, limiter=shared.limiter))
+        specs += [RoleSpec(f"worker {n}", partial(Worker, index=n, cache=shared.cache, limiter=shared.limiter),
+                           after_exit=partial(release_after_exit, config, n))
                   for n in range(1, config.workers.count + 1)]
     return specs
 

@@ -13,13 +13,16 @@ A role (consumer, poll worker, branch refresher) implements `boot()`, `run_once(
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-from abc import ABC, abstractmethod
 import signal
 import sys
 import time
-from typing import Callable
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import setproctitle
 
@@ -34,6 +37,28 @@ logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+@dataclass
+class Link:
+    """What a child process shares with its supervisor. Plain values in shared memory, read and written
+    without locks: a child killed at any instruction cannot leave a lock held that the supervisor, or
+    the child's successor, would wait on for ever.
+    """
+
+    heartbeat: Any  # c_double: time.monotonic() of the child's last sign of progress
+    booted: Any  # c_bool: boot() succeeded
+    request_until: Any  # c_double: time.time() until which a plugin request it sent may still run (0: none)
+    token: str  # tells this process's claims apart from those of an earlier process with the same pid
+
+    @classmethod
+    def create(cls, context=None) -> "Link":
+        """Shared with children forked from `context`; None: values of this process only."""
+        value = context.RawValue if context is not None else lambda code, initial: _CTYPES[code](initial)
+        return cls(value("d", time.monotonic()), value("b", False), value("d", 0.0), uuid.uuid4().hex[:12])
+
+
+_CTYPES = {"d": ctypes.c_double, "b": ctypes.c_bool}
+
+
 class Role(ABC):
     """Base class of a process role. Subclasses implement boot, run_once and shutdown."""
 
@@ -43,7 +68,7 @@ class Role(ABC):
     def __init__(self, config: Config) -> None:
         self.config = config
         self._stop_requested = False
-        self._heartbeat = None
+        self.link = Link.create()  # serve() replaces it with the one the supervisor shares
 
     # --- implemented by roles ---
 
@@ -68,8 +93,12 @@ class Role(ABC):
 
     def beat(self) -> None:
         """Tell the supervisor this process is alive and making progress."""
-        if self._heartbeat is not None:
-            self._heartbeat.value = time.monotonic()
+        self.link.heartbeat.value = time.monotonic()
+
+    def in_flight(self, until: float) -> None:
+        """Tell the supervisor until when (time.time()) a plugin request this process sent may still run
+        in NetBox (0: none): if this process dies, its claimed rows are not released before then."""
+        self.link.request_until.value = until
 
     def pause(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early on stop; False when the role should stop."""
@@ -103,14 +132,14 @@ def _install_child_signals(role: Role) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def _boot(role: Role, booted) -> None:
+def _boot(role: Role) -> None:
     try:
         role.boot()
     except Exception as exc:
         logger.error("boot failed: %s", exc, exc_info=not isinstance(exc, errors.ReconcilerError))
         _shutdown_quietly(role)
         sys.exit(errors.RET_BOOT)
-    booted.set()
+    role.link.booted.value = True
     logger.info("booted")
 
 
@@ -133,7 +162,7 @@ def set_title(name: str) -> None:
     setproctitle.setproctitle(f"reconciler: {name}")
 
 
-def serve(factory: Callable[[Config], Role], config: Config, heartbeat, booted, parent: int) -> None:
+def serve(factory: Callable[[Config], Role], config: Config, link: Link, parent: int) -> None:
     """Child-process entry point: run one role until it is told to stop.
 
     `parent` is the supervisor's pid as the supervisor knew it: read here with getppid(), it would
@@ -143,10 +172,10 @@ def serve(factory: Callable[[Config], Role], config: Config, heartbeat, booted, 
     set_title(role.name)
     logsetup.set_role(role.name)
     logsetup.setup(config.log.level, config.log.format)
-    role._heartbeat = heartbeat
+    role.link = link
     _install_child_signals(role)
     role.beat()
-    _boot(role, booted)
+    _boot(role)
     try:
         while not role.stopping:
             if os.getppid() != parent:

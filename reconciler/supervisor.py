@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import errors, health, metrics
-from .roles import STOP_SIGNALS, Role, serve
+from .roles import STOP_SIGNALS, Link, Role, serve
 from .settings import Config
 from .shared import MP, Shared
 from .systemd import Notifier
@@ -34,18 +34,19 @@ MAX_CRASHES = 5  # crashes within the window before the supervisor gives up
 
 @dataclass(frozen=True)
 class RoleSpec:
-    """A process the supervisor keeps running: its name and how to build its role."""
+    """A process the supervisor keeps running: its name, how to build its role, and what to do once
+    the process is gone (with its pid and Link) before it is restarted."""
 
     name: str
     factory: Callable[[Config], Role]
+    after_exit: Callable[[int, Link], None] | None = None
 
 
 @dataclass
 class Child:
     spec: RoleSpec
     process: multiprocessing.process.BaseProcess | None = None
-    heartbeat: object = None
-    booted: object = None
+    link: Link | None = None
     boot_failures: int = 0
     crashes: deque = field(default_factory=deque)
     start_at: float = 0.0  # monotonic time of the next (re)start
@@ -149,11 +150,9 @@ class Supervisor:
     # --- spawning ---
 
     def _spawn(self, child: Child) -> None:
-        child.heartbeat = MP.Value("d", time.monotonic(), lock=False)
-        child.booted = MP.Event()
+        child.link = Link.create(MP)
         child.process = MP.Process(target=serve, name=child.spec.name, daemon=True,
-                                   args=(child.spec.factory, self.config, child.heartbeat, child.booted,
-                                         os.getpid()))
+                                   args=(child.spec.factory, self.config, child.link, os.getpid()))
         # Blocked across fork so a signal cannot reach the child before its own handlers exist;
         # the child unblocks once they are installed.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -178,17 +177,27 @@ class Supervisor:
                 self._on_exit(child)
 
     def _on_exit(self, child: Child) -> None:
-        process, booted = child.process, child.booted.is_set()
+        process, booted = child.process, child.link.booted.value
         process.join()
         metrics.child_exited(process.pid)
         child.process = None
         log.warning("%s (pid %d) %s", child.spec.name, process.pid, describe_exit(process.exitcode))
+        self._after_exit(child, process)
         delay = self._boot_failed(child) if not booted else self._crashed(child)
         if self._give_up is None:
             self._restarts += 1
             metrics.child_restarted(child.spec.name, booted, process.exitcode)
             log.info("restarting %s in %.1f s", child.spec.name, delay)
             child.start_at = time.monotonic() + delay
+
+    @staticmethod
+    def _after_exit(child: Child, process) -> None:
+        """The role's own clean-up once a process that did not stop cleanly is reaped (a worker's claims)."""
+        if child.spec.after_exit is not None and process.exitcode != 0:
+            try:
+                child.spec.after_exit(process.pid, child.link)
+            except Exception:
+                log.exception("clean-up after %s (pid %d) failed", child.spec.name, process.pid)
 
     def _boot_failed(self, child: Child) -> float:
         child.boot_failures += 1
@@ -213,9 +222,9 @@ class Supervisor:
         timeout = self.config.supervisor.heartbeat_timeout_seconds
         now = time.monotonic()
         for child in self.children:
-            if child.running and now - child.heartbeat.value > timeout:
+            if child.running and now - child.link.heartbeat.value > timeout:
                 log.error("%s (pid %d) made no progress for %.0f s; killing it", child.spec.name,
-                          child.process.pid, now - child.heartbeat.value)
+                          child.process.pid, now - child.link.heartbeat.value)
                 _signal(child.process, signal.SIGKILL)
 
     # --- main loop ---
@@ -266,7 +275,7 @@ class Supervisor:
 
     def _tell_systemd(self) -> None:
         """READY=1 once every child of this generation has booted, then a status line; the watchdog."""
-        booted = sum(1 for c in self.children if c.running and c.booted.is_set())
+        booted = sum(1 for c in self.children if c.running and c.link.booted.value)
         if not self._ready and booted == len(self.children):
             self._ready = True
             summary = self.summary()
@@ -280,7 +289,7 @@ class Supervisor:
 
     def summary(self) -> str:
         """One line for `systemctl status`: which processes run, and restarts since start."""
-        running = [c.spec.name for c in self.children if c.running and c.booted.is_set()]
+        running = [c.spec.name for c in self.children if c.running and c.link.booted.value]
         workers = sum(1 for name in running if name.startswith("worker"))
         parts = [name for name in running if not name.startswith("worker")]
         if workers:
@@ -352,6 +361,7 @@ class Supervisor:
             child.process.join()
             metrics.child_exited(child.process.pid)
             clean = clean and child.process.exitcode == 0
+            self._after_exit(child, child.process)
             child.process = None
         return clean
 
