@@ -9,8 +9,17 @@ The rules are the reference's (diode-reconciler.md §7.3), with retries added:
 | changes                       | OPEN + change set           | APPLIED + change set              |
 | changes, apply error          | -                           | FAILED + change set (audit)       |
 | plugin unreachable, 5xx, 429, | PENDING_RETRY with backoff, ERRORED once attempts are spent;     |
-| timeout, apply deadlock,      | nothing is said about the entity, so it is not FAILED            |
+| apply deadlock,               | nothing is said about the entity, so it is not FAILED            |
 | entity not reached            |                                                                  |
+| no answer (timeout, dropped)  | PENDING_RETRY until NetBox can no longer be working on the       |
+|                               | request, in a batch half the size (the claim is given back while |
+|                               | the batch can be split); answer_lost_at set                      |
+
+A row whose last request went unanswered, or whose worker died holding it (answer_lost_at), may
+have been applied by that request. In auto-apply, when its next plan finds nothing to do, that
+apply is what happened: the row is APPLIED and keeps answer_lost_at, which says its change set was
+lost with the answer (a row that was NO_CHANGES before it was seen again stays NO_CHANGES). Any
+other outcome from a plugin answer clears answer_lost_at; a retry keeps it.
 
 A row re-observed after it was APPLIED (requeued_from_state = 3) is a drift check: a clean plan,
 or a plan error, puts it back to APPLIED; a plan with changes is drift, recorded as a new row (the
@@ -44,6 +53,8 @@ class Claimed:
     entity: bytes
     requeued_from_state: int | None
     attempts: int
+    answer_lost_at: datetime.datetime | None = None
+    timeouts: int = 0
 
     @property
     def drift_check(self) -> bool:
@@ -73,7 +84,9 @@ class Decision:
     change_set: ChangeSet | None = None
     drift_state: int | None = None  # drift: the prior becomes APPLIED; a clone gets this state, error, set
     next_attempt_at: datetime.datetime | None = None
-
+    answer_lost_at: datetime.datetime | None = None  # as recorded: see the module's docstring
+    timed_out: bool = False  # its request went unanswered: the next claim is half the size
+    refund: bool = False  # the claim does not count against max_attempts
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -174,7 +187,7 @@ def _transient_apply(apply_errors: Any) -> bool:
 
 def plan_failed(row: Claimed, failure: dict, entity: dict | None, branch_id: str | None) -> Decision:
     if row.drift_check:  # an applied object whose re-check failed stays applied
-        return Decision(row.id, states.APPLIED)
+        return Decision(row.id, states.APPLIED, answer_lost_at=row.answer_lost_at)
     return Decision(row.id, states.FAILED, failure, placeholder(row, entity, branch_id))
 
 
@@ -184,6 +197,8 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
     if result is None:
         return plan_failed(row, error(f"no result returned for ingestion log {row.id}", "ERR_OPS_GENERATE_DIFF"),
                            entity, branch_id)
+    if result.running_until is not None:
+        return in_doubt(row, result.unavailable, result.running_until, 1, retry, now)
     if result.unavailable:
         return unavailable(row, result.unavailable, retry, now)
     if result.plan_errors:
@@ -196,7 +211,9 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
         return plan_failed(row, error(f"the plugin returned a malformed change set for ingestion log {row.id}: "
                                       f"{problem}", "ERR_OPS_GENERATE_DIFF", result.change_set), entity, branch_id)
     if not _has_changes(result.change_set):
-        return Decision(row.id, states.APPLIED if row.drift_check else states.NO_CHANGES)
+        if row.drift_check or (apply and row.answer_lost_at and row.requeued_from_state != states.NO_CHANGES):
+            return Decision(row.id, states.APPLIED, answer_lost_at=row.answer_lost_at)  # by the lost attempt
+        return Decision(row.id, states.NO_CHANGES)
     if apply and _transient_apply(result.apply_errors):
         return unavailable(row, f"apply failed in NetBox's database: {_flatten(result.apply_errors)[0]}", retry, now)
     change_set = _stored_change_set(row, result.change_set)
@@ -216,9 +233,25 @@ def unavailable(row: Claimed, reason: str, retry: RetryPolicy, now: datetime.dat
     failure = error(reason, "ERR_PLUGIN_UNAVAILABLE")
     if row.attempts >= retry.max_attempts:
         failure["message"] = f"gave up after {row.attempts} attempts: {reason}"
-        return Decision(row.id, states.ERRORED, failure)
-    return Decision(row.id, states.PENDING_RETRY, failure,
+        return Decision(row.id, states.ERRORED, failure, answer_lost_at=row.answer_lost_at)
+    return Decision(row.id, states.PENDING_RETRY, failure, answer_lost_at=row.answer_lost_at,
                     next_attempt_at=now + datetime.timedelta(seconds=retry.delay(row.attempts)))
+
+
+def in_doubt(row: Claimed, reason: str, running_until: float, batch: int, retry: RetryPolicy,
+             now: datetime.datetime) -> Decision:
+    """The request carrying the row went unanswered (`batch` rows in it) and NetBox may still be
+    working on it until `running_until` (Unix seconds): not sent again before then, and then in a
+    batch half the size. The claim counts against max_attempts only once the row went alone."""
+    until = max(now, datetime.datetime.fromtimestamp(running_until, datetime.timezone.utc))
+    failure = error(f"no answer from the plugin ({reason}); NetBox may still be working on the request, so the "
+                    f"row is not sent again before {until.isoformat(timespec='seconds')}", "ERR_PLUGIN_NO_ANSWER")
+    split = batch > 1
+    if not split and row.attempts >= retry.max_attempts:
+        failure["message"] = f"gave up after {row.attempts} attempts: {failure['message']}"
+        return Decision(row.id, states.ERRORED, failure, answer_lost_at=now, timed_out=True)
+    return Decision(row.id, states.PENDING_RETRY, failure, next_attempt_at=until, answer_lost_at=now,
+                    timed_out=True, refund=split)
 
 
 def unstorable(decision: Decision, reason: str) -> Decision:

@@ -1,12 +1,15 @@
 """Client of the diode NetBox plugin API (plugin-api.md): one urllib3 pool per process.
 
 Two kinds of failure leave this module, and the worker treats them differently:
-- `Unavailable`: nothing said about the entities (connection refused, timeout, 429 or 5xx after
-  every retry, an authentication or authorisation problem, no time left before the caller's
-  deadline). The rows are retried later. Its subclass `NotSent`: the caller is stopping and nothing
-  was sent at all.
+- `Unavailable`: nothing said about the entities (connection refused, 429 or 5xx after every retry,
+  an authentication or authorisation problem, no time left before the caller's deadline). The rows
+  are retried later. Its subclasses: `NotSent`, the caller is stopping and nothing was sent at all;
+  `InDoubt`, a request went unanswered (read timeout, dropped connection, a proxy's 502/504) and
+  NetBox may still be working on it: it is never repeated, and its entities must not be sent again
+  before `until`, when NetBox can no longer be (NetBox does not stop when we stop waiting).
   On the per-entity path, entities not done once the plugin is unavailable come back as results
-  with `unavailable` set (`sent` False for those never sent), beside the results of those done.
+  with `unavailable` set (`sent` False for those never sent, `running_until` for one in doubt),
+  beside the results of those done.
 - per-entity `errors` in a result: the plugin planned or applied and refused. The rows fail.
 A whole-call refusal of the content (a 400 with JSON) is reported per entity as a plan error.
 
@@ -14,7 +17,8 @@ No request starts that could not finish before the caller's deadline (the worker
 once the caller's pacer (its role) is stopping: both are checked after the rate-limit and token
 waits, right before sending (and stopping before a token request too). Each request, token
 requests included, beats the role's heartbeat first, so a long per-entity batch is not taken for a
-hung process.
+hung process, and tells the pacer until when it may still be running in NetBox (`in_flight`), so
+that the rows of a worker that dies are not released while NetBox may still be working on them.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 SCOPES = "netbox:read netbox:write"
 RETRY_AFTER_CAP = 60.0
+# A gateway's "I stopped waiting" (bad gateway, gateway timeout): the request may still run behind it.
+PROXY_GAVE_UP = (502, 504)
 
 
 class Pacer(Protocol):
@@ -49,6 +55,8 @@ class Pacer(Protocol):
     def beat(self) -> None: ...
 
     def pause(self, seconds: float) -> bool: ...
+
+    def in_flight(self, until: float) -> None: ...
 
 
 class Unpaced:
@@ -63,6 +71,9 @@ class Unpaced:
         time.sleep(seconds)
         return True
 
+    def in_flight(self, until: float) -> None:
+        pass
+
 
 class Unavailable(ReconcilerError):
     """The plugin could not be asked (or would not answer); the entities were not judged."""
@@ -70,6 +81,14 @@ class Unavailable(ReconcilerError):
 
 class NotSent(Unavailable):
     """The caller is stopping and no request was sent: the rows used no attempt."""
+
+
+class InDoubt(Unavailable):
+    """A request went unanswered: NetBox may still be working on it until `until` (time.time())."""
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
 
 
 @dataclass
@@ -83,6 +102,7 @@ class Result:
     warnings: list = field(default_factory=list)
     unavailable: str | None = None  # per-entity path: why this entity has no outcome
     sent: bool = True  # False: nothing about this entity was sent
+    running_until: float | None = None  # in doubt: its request may run in NetBox until then (time.time())
 
 
 @dataclass(frozen=True)
@@ -192,6 +212,7 @@ class PluginClient:
         self.base = netbox.url.rstrip("/") + "/"
         self.timeout = urllib3.Timeout(connect=plugin_connect_seconds(netbox), read=netbox.timeout_seconds)
         self.attempt_seconds = plugin_request_seconds(netbox)
+        self.server_timeout = netbox.server_timeout_seconds
         self.max_attempts = netbox.max_attempts
         self.api = netbox.api
         self.limiter = limiter
@@ -268,7 +289,7 @@ class PluginClient:
                     raise
                 first_unsent = position if isinstance(exc, NotSent) else position + 1
                 if first_unsent > position:  # this entity's request may have reached the plugin
-                    results[item.id] = Result(item.id, unavailable=str(exc))
+                    results[item.id] = Result(item.id, unavailable=str(exc), running_until=getattr(exc, "until", None))
                 results.update((rest.id, Result(rest.id, unavailable=str(exc), sent=False))
                                for rest in items[first_unsent:])
                 break
@@ -303,8 +324,9 @@ class PluginClient:
 
     def _call(self, method: str, path: str, body: Any, branch: str | None, deadline: float | None = None,
               replay_safe: bool = True) -> Response:
-        """Send with retries on transport errors, timeouts, 429 and 5xx; other answers are returned.
-        Without `replay_safe`, only a request that surely did not reach the plugin is sent again."""
+        """Send with retries on connection errors, 429 and 5xx; other answers are returned. A request
+        that went unanswered is never sent again (InDoubt). Without `replay_safe`, only a request that
+        surely did not reach the plugin is sent again."""
         failures, refreshed = 0, False
         while True:
             try:
@@ -320,6 +342,9 @@ class PluginClient:
                 raise Unavailable(f"{path} refused our token (HTTP 403: {attempt.response.detail()})")
             if not attempt.retry:
                 return attempt.response
+            if attempt.running_until is not None:
+                raise InDoubt(f"{path}: {attempt.problem}; not sent again while NetBox may still be working on it",
+                              attempt.running_until)
             failures += 1
             if failures >= self.max_attempts:
                 raise Unavailable(f"{path} failed after {failures} attempts: {attempt.problem}")
@@ -344,16 +369,26 @@ class PluginClient:
         self._unless_stopping(path)
         self._within(path, deadline, requests=1)
         self.pacer.beat()
+        sent_at = time.time()
+        # Until then it may run: while we wait for the answer, and in NetBox after we stopped waiting.
+        self.pacer.in_flight(sent_at + max(self.attempt_seconds, self.server_timeout))
         started = time.perf_counter()
         try:
             raw = self.pool.request(method, self.base + path, body=None if body is None else orjson.dumps(body),
                                     headers=headers, timeout=self.timeout, retries=False)
         except urllib3.exceptions.HTTPError as exc:
             metrics.plugin_request(path, None, time.perf_counter() - started)
+            if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):  # refused or unreachable: never sent
+                self.pacer.in_flight(0.0)
+                return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}", sent=False)
             return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}",
-                            sent=not isinstance(exc, urllib3.exceptions.ConnectTimeoutError))
+                            running_until=sent_at + self.server_timeout)
         metrics.plugin_request(path, raw.status, time.perf_counter() - started)
         response = Response(raw.status, raw.data, raw.headers)
+        if raw.status in PROXY_GAVE_UP:
+            return _Attempt(response, retry=True, problem=f"HTTP {raw.status} from a proxy that stopped waiting",
+                            running_until=sent_at + self.server_timeout)
+        self.pacer.in_flight(0.0)  # answered: it ended
         if raw.status == 429 or (raw.status >= 500 and raw.status != 501):
             return _Attempt(response, retry=True, problem=f"HTTP {raw.status}", sent=raw.status != 429,
                             wait=retry_after(raw.headers.get("Retry-After")))
@@ -389,6 +424,7 @@ class _Attempt:
     problem: str = ""
     wait: float | None = None  # from Retry-After
     sent: bool = True  # False: surely not acted on (no connection, or 429), safe to send again
+    running_until: float | None = None  # no answer: NetBox may be working on it until then (time.time())
 
 
 def _backoff(failures: int) -> float:

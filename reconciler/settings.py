@@ -213,8 +213,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "auto_apply", True, parse_bool,
             "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN for review."),
     Setting("workers", "lease_seconds", 600.0, seconds_above_zero,
-            "How long a claim is held; rows of a worker that died return to QUEUED after it (ERRORED after "
-            "[workers] max_attempts such expiries). No plugin request starts that could outlast it, less a tenth "
+            "How long a claim is held. The rows of a worker that died return to QUEUED as soon as its supervisor "
+            "reaps it (once NetBox can no longer be working on a request it sent); those of a worker that died "
+            "unseen (another host, the whole service killed) after the lease plus [netbox] "
+            "server_timeout_seconds (ERRORED after [workers] max_attempts such expiries). No plugin request "
+            "starts that could outlast the lease, less a tenth "
             "(at most 30 s) kept to record the outcome: that must hold one request (5 s connect + [netbox] "
             "timeout_seconds; two with token_url), and the lease must exceed [netbox] timeout_seconds x "
             "max_attempts."),
@@ -243,8 +246,15 @@ SETTINGS: tuple[Setting, ...] = (
             "404 (plugin < 1.12); bulk or single: always that."),
     Setting("netbox", "timeout_seconds", 60.0, seconds_above_zero,
             "Read timeout of one request to the plugin (a batch of 100 fresh entities takes ~5 s on NetBox)."),
+    Setting("netbox", "server_timeout_seconds", 300.0, seconds_above_zero,
+            "How long NetBox may go on working on a request after it arrived, even once we stopped waiting: its "
+            "application server's worker timeout (gunicorn --timeout; 300 covers the common setups). A batch "
+            "whose answer never came (read timeout, dropped connection, a proxy's 502/504) is not sent again "
+            "before this much time has passed since it was sent, so no entity is ever planned or applied by two "
+            "requests at once; the rows of a worker that died unseen wait this long after their lease too."),
     Setting("netbox", "max_attempts", 4, int_at_least(1),
-            "Attempts per request on connection errors, timeouts, 429 and 5xx (backoff, Retry-After honoured)."),
+            "Attempts per request on connection errors, 429 and 5xx answers (backoff, Retry-After honoured). "
+            "A request whose answer never came is not repeated (see server_timeout_seconds)."),
     Setting("netbox", "rate_limit_per_second", 20.0, float,
             "Requests per second to the plugin, shared by all workers (<= 0: unlimited)."),
     Setting("netbox", "rate_limit_burst", 4, int_at_least(1), "Requests that may go at once within the rate limit."),
@@ -450,6 +460,12 @@ def lease_budget_seconds(workers) -> float:
     return workers.lease_seconds - min(LEASE_RECORD_MARGIN, workers.lease_seconds / 10)
 
 
+def claim_lease_seconds(config: Config) -> float:
+    """The lease a claim is written with: [workers] lease_seconds, within which its requests are sent and
+    answered, plus the time NetBox may go on working on the last of them after we stopped waiting."""
+    return config.workers.lease_seconds + config.netbox.server_timeout_seconds
+
+
 def plugin_connect_seconds(netbox) -> float:
     """Connect timeout of a plugin request: 5 s, or the read timeout if that is shorter."""
     return min(PLUGIN_CONNECT_SECONDS, netbox.timeout_seconds)
@@ -467,8 +483,9 @@ def advisories(config: Config) -> list[str]:
     if config.workers.count > 0 and config.supervisor.drain_seconds < longest_request:
         notes.append(f"[supervisor] drain_seconds ({config.supervisor.drain_seconds:g}) is shorter than one plugin "
                      f"request ({longest_request:g} s): a worker stopped during a slow request is killed, and its "
-                     f"rows wait for their lease ([workers] lease_seconds, {config.workers.lease_seconds:g} s) "
-                     f"before they are planned again")
+                     f"rows wait until NetBox can no longer be working on that request ([netbox] "
+                     f"server_timeout_seconds, {config.netbox.server_timeout_seconds:g} s) before they are "
+                     f"planned again")
     return notes
 
 

@@ -4,7 +4,13 @@ Per iteration: read the shared cache (branch, backpressure); claim up to `batch_
 a lease and commit; call the plugin with no transaction open (bulk-plan-apply/ when auto_apply,
 bulk-plan/ otherwise, never both); decide every row's outcome (outcomes.py); write them in one
 transaction (outbox.py). Every `LEASE_SWEEP_INTERVAL` it also returns rows whose lease expired
-(a dead worker's, here or on another replica) to QUEUED.
+(a dead worker's, here or on another replica) to QUEUED. When a worker process dies, its supervisor
+ends its leases at once (release_after_exit), or once NetBox can no longer be working on a request
+it sent.
+
+No entity is sent while an earlier request carrying it may still be running: the claim is durable
+before the plugin is asked, a request that went unanswered is never repeated (its rows wait in
+PENDING_RETRY until NetBox must be done with it), and a dead worker's rows are held as long.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 
 from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
@@ -23,9 +28,9 @@ from . import metrics, outbox, outcomes, protojson, shared, states
 from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
 from .outcomes import Claimed, Decision, RetryPolicy
-from .plugin import Item, PluginClient, Unavailable
-from .roles import Role
-from .settings import check_runnable, lease_budget_seconds
+from .plugin import InDoubt, Item, PluginClient, Unavailable
+from .roles import Link, Role
+from .settings import check_runnable, claim_lease_seconds, lease_budget_seconds
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +62,7 @@ class Worker(Role):
 
     def boot(self) -> None:
         check_runnable(self.config)
-        # Host names and pids repeat across containers; the suffix keeps two live workers' leases apart.
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:worker-{self.index}:{uuid.uuid4().hex[:12]}"
+        self.owner = lease_owner(self.index, os.getpid(), self.link)
         self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, f"reconciler worker {self.index}")
         self.db.check_schema()
         self.plugin = PluginClient(self.config.netbox, self.limiter, pacer=self)
@@ -137,12 +141,11 @@ class Worker(Role):
     def _claim(self) -> list[Claimed]:
         in_flight = states.APPLYING if self.apply else states.OPEN
         with self.db.transaction() as tx:
-            tx.execute("commit_claims_asynchronously")
             rows = tx.fetchall("claim_batch", {
                 "limit": self.config.workers.batch_size, "state": in_flight, "owner": self.owner,
-                "lease_seconds": self.config.workers.lease_seconds})
-        return [Claimed(row_id, object_type, bytes(entity), requeued, attempts)
-                for row_id, object_type, entity, requeued, attempts in sorted(rows)]
+                "lease_seconds": claim_lease_seconds(self.config)})
+        return [Claimed(row_id, object_type, bytes(entity), requeued, attempts, answer_lost_at, timeouts)
+                for row_id, object_type, entity, requeued, attempts, answer_lost_at, timeouts in sorted(rows)]
 
     # --- one batch ---
 
@@ -156,6 +159,7 @@ class Worker(Role):
         if decisions:
             self._persist(decisions, view, {row.id for row in rows if row.planned_before},
                           {row.id: row.object_type for row in rows})
+        self.in_flight(0.0)  # whatever a request left in doubt is recorded on the rows now
 
     def _entities(self, rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:
         """Each row's entity as protojson with proto field names; a row whose bytes do not parse fails."""
@@ -177,6 +181,9 @@ class Worker(Role):
         try:
             call = self.plugin.plan_apply if self.apply else self.plugin.plan
             results = call(items, view.branch_id, deadline)
+        except InDoubt as exc:  # never given back, stopping or not: NetBox may still be working on them
+            log.warning("no answer for a batch of %d: %s", len(asked), exc)
+            return [outcomes.in_doubt(row, str(exc), exc.until, len(asked), self.retry, now) for row in asked]
         except Unavailable as exc:
             if self.stopping:  # NotSent included: it is only raised on a stop
                 self._give_back(asked, f"stopping: {exc}")
@@ -257,3 +264,31 @@ class Worker(Role):
             log.info("last %.0f s: %s", SUMMARY_INTERVAL,
                      ", ".join(f"{n} {states.NAMES[s]}" for s, n in sorted(self._counts.items())))
         self._counts = {}
+
+
+def lease_owner(index: int, pid: int, link: Link) -> str:
+    """The lease owner a worker process writes on its claims. Host names and pids repeat across
+    containers (and pids across restarts); the link's token keeps two workers' leases apart."""
+    return f"{socket.gethostname()}:{pid}:worker-{index}:{link.token}"
+
+
+def release_after_exit(config, index: int, pid: int, link: Link) -> None:
+    """In the supervisor, once worker `index` (process `pid`) is gone: end its leases now, or once NetBox
+    can no longer be working on a request it sent, so its rows need not wait for their lease."""
+    db = Database(config.postgres.dsn, config.postgres.schema, "reconciler supervisor", connect_timeout=5,
+                  statement_timeout_ms=10_000)
+    try:
+        with db.transaction() as tx:
+            ended = tx.fetchall("end_leases_of", {"owner": lease_owner(index, pid, link),
+                                                  "request_until": link.request_until.value})
+            released = tx.fetchall("release_expired_leases", {"max_attempts": config.workers.max_attempts})
+    except DatabaseError as exc:
+        log.warning("could not release the claims of worker %d (pid %d): %s; they return after their lease",
+                    index, pid, exc)
+        return
+    finally:
+        db.close()
+    if ended:
+        held = len(ended) - len({row_id for row_id, *_ in released} & {row_id for row_id, in ended})
+        log.info("worker %d (pid %d) held %d claimed rows: %d released%s", index, pid, len(ended), len(ended) - held,
+                 f", {held} once NetBox can no longer be working on its last request" if held else "")

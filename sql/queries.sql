@@ -105,10 +105,11 @@ WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s::numeric, %(seq)s::numeric)
 -- Rows whose claim outlived its lease (the worker died or hung) go back to QUEUED for another
 -- worker. Live claims have unexpired leases and are not touched, nor rows another transaction holds.
 -- A row whose claim expired %(max_attempts)s times becomes ERRORED instead: it kills or hangs
--- whoever plans it, and must not cycle for ever (an operator can `reconciler retry` it).
+-- whoever plans it, and must not cycle for ever (an operator can `reconciler retry` it). The answer
+-- of whatever the dead claim sent is lost: answer_lost_at says so (0009).
 WITH expired AS (
     SELECT id, lease_owner FROM ingestion_logs
-    WHERE lease_owner IS NOT NULL AND lease_expires_at < now()
+    WHERE lease_owner IS NOT NULL AND lease_expires_at <= now()
     ORDER BY id
     FOR UPDATE SKIP LOCKED
 )
@@ -122,36 +123,52 @@ SET lease_expiries = l.lease_expiries + 1,
                                        'planning this row does that)', l.lease_expiries + 1),
                      'code', 'ERR_LEASE_EXPIRED', 'details', NULL)
                  ELSE l.error END,
+    answer_lost_at = coalesce(l.answer_lost_at, now()),
     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM expired
 WHERE l.id = expired.id
 RETURNING l.id, expired.lease_owner, l.state;
 
+-- end_leases_of --
+-- The claims of a worker process that is gone (its supervisor reaped it) need not wait for their
+-- lease: it ends now, or once a plugin request the process sent can no longer be running in NetBox
+-- (%(request_until)s, Unix seconds; 0 when none was in flight), whichever is later.
+UPDATE ingestion_logs
+SET lease_expires_at = greatest(now(), to_timestamp(%(request_until)s))
+WHERE lease_owner = %(owner)s AND lease_expires_at > greatest(now(), to_timestamp(%(request_until)s))
+RETURNING id;
+
 -- claim_batch --
 -- Up to %(limit)s rows for one worker: PENDING_RETRY rows that are due first, then the oldest
--- QUEUED ones. Committed at once, so no lock is held while the plugin works on them; the lease
--- (owner, expiry) marks them in flight. attempts counts claims, for the retry budget. A row whose
--- claim outlived its lease before may be what kills or hangs a worker: it is claimed alone, so that
--- only it spends its lease budget (0007), not the rows that would share its batch.
+-- QUEUED ones. Committed (synchronously: a claim lost in a crash would let another worker send the
+-- rows while this one's request still runs) before the plugin is asked, so no lock is held while it
+-- works on them; the lease (owner, expiry) marks them in flight. attempts counts claims, for the
+-- retry budget. A row whose claim outlived its lease before may be what kills or hangs a worker: it
+-- is claimed alone, so that only it spends its lease budget (0007), not the rows that would share its
+-- batch. A row whose request went unanswered `timeouts` times in a row is sent in a batch 2^timeouts
+-- times smaller (0009): a batch that keeps timing out is split rather than sent whole again.
 WITH due AS (
-    SELECT id, 0 AS rank, lease_expiries > 0 AS suspect FROM ingestion_logs
+    SELECT id, 0 AS rank, lease_expiries > 0 AS suspect, timeouts FROM ingestion_logs
     WHERE state = 9 AND next_attempt_at <= now()
     ORDER BY next_attempt_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), queued AS (
-    SELECT id, 1 AS rank, lease_expiries > 0 AS suspect FROM ingestion_logs
+    SELECT id, 1 AS rank, lease_expiries > 0 AS suspect, timeouts FROM ingestion_logs
     WHERE state = 1
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT id, suspect FROM (SELECT * FROM due UNION ALL SELECT * FROM queued) AS candidates
+    SELECT id, suspect, row_number() OVER (ORDER BY rank, id) AS position,
+           min(greatest(1, %(limit)s::integer >> least(timeouts, 30))) OVER () AS size
+    FROM (SELECT * FROM due UNION ALL SELECT * FROM queued) AS candidates
     ORDER BY rank, id
     LIMIT %(limit)s
 ), chosen AS (
     SELECT id FROM picked
-    WHERE NOT EXISTS (SELECT FROM picked WHERE suspect) OR id = (SELECT min(id) FROM picked WHERE suspect)
+    WHERE CASE WHEN EXISTS (SELECT FROM picked WHERE suspect) THEN id = (SELECT min(id) FROM picked WHERE suspect)
+               ELSE position <= size END
 )
 UPDATE ingestion_logs AS l
 SET state = %(state)s, lease_owner = %(owner)s,
@@ -159,12 +176,7 @@ SET state = %(state)s, lease_owner = %(owner)s,
     attempts = l.attempts + 1, updated_at = now()
 FROM chosen
 WHERE l.id = chosen.id
-RETURNING l.id, l.object_type, l.entity, l.requeued_from_state, l.attempts;
-
--- commit_claims_asynchronously --
--- A claim need not wait for its commit to reach the disk: lost in a Postgres crash, it only leaves
--- the rows QUEUED, to be claimed again. (Outcomes are committed synchronously.)
-SET LOCAL synchronous_commit = off;
+RETURNING l.id, l.object_type, l.entity, l.requeued_from_state, l.attempts, l.answer_lost_at, l.timeouts;
 
 -- release_claims --
 -- A worker that stops before it could ask the plugin gives its rows back (the claim did not count).
@@ -180,7 +192,9 @@ WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
 -- clear it. A drift prior stops being the head: its clone is. A row the plugin planned (any state
 -- but PENDING_RETRY and ERRORED, which mean it could not be asked) did not kill this worker:
 -- lease_expiries is cleared (0007), so rows that only shared a killed batch are claimed in batches
--- again, while a suspect the plugin never got to stays one. No explicit row lock first: it
+-- again, while a suspect the plugin never got to stays one. answer_lost_at and timeouts (0009) are
+-- as the worker decided them; a batch that went unanswered and will be split gets its claim back
+-- (%(refund)s), since splitting, not the entity, is the remedy. No explicit row lock first: it
 -- would write a WAL record per row before the update rewrites the row anyway (measured: 6.5 ms ->
 -- 2.9 ms per 100 rows); the rows come locked in the order of the id array, which is sorted.
 UPDATE ingestion_logs AS l
@@ -193,9 +207,14 @@ SET state = u.state,
     lease_owner = NULL,
     lease_expires_at = NULL,
     lease_expiries = CASE WHEN u.state IN (7, 9) THEN l.lease_expiries ELSE 0 END,
+    answer_lost_at = u.answer_lost_at,
+    timeouts = CASE WHEN u.timed_out THEN l.timeouts + 1 ELSE 0 END,
+    attempts = CASE WHEN u.refund THEN l.attempts - 1 ELSE l.attempts END,
     updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[], %(next_attempt_at)s::timestamptz[],
-            %(superseded)s::boolean[]) AS u (id, state, error, next_attempt_at, superseded)
+            %(superseded)s::boolean[], %(answer_lost_at)s::timestamptz[], %(timed_out)s::boolean[],
+            %(refund)s::boolean[])
+     AS u (id, state, error, next_attempt_at, superseded, answer_lost_at, timed_out, refund)
 WHERE l.id = u.id AND l.lease_owner = %(owner)s
 RETURNING l.id;
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from reconciler.plugin import Item, NotSent, PluginClient, Unavailable, retry_after
+from reconciler.plugin import InDoubt, Item, NotSent, PluginClient, Unavailable, Unpaced, retry_after
 from reconciler.ratelimit import SharedRateLimiter
 
 from .faultserver import FaultServer, Step, converge, plan_for
@@ -27,8 +29,8 @@ def server():
 
 
 def netbox(url: str, **overrides) -> SimpleNamespace:
-    values = dict(url=url, timeout_seconds=2.0, max_attempts=4, api="auto", verify_tls=True, token="static-token",
-                  token_url="", client_id="", client_secret="", client_secret_file="")
+    values = dict(url=url, timeout_seconds=2.0, server_timeout_seconds=3.0, max_attempts=4, api="auto", verify_tls=True,
+                  token="static-token", token_url="", client_id="", client_secret="", client_secret_file="")
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -86,18 +88,51 @@ def test_5xx_then_success_is_retried(server):
 
 
 def test_5xx_every_time_is_unavailable_after_max_attempts(server):
-    server.default("bulk-plan-apply/", Step(502, b"bad gateway"))
-    with pytest.raises(Unavailable, match="failed after 3 attempts: HTTP 502"):
+    server.default("bulk-plan-apply/", Step(503, b"unavailable"))
+    with pytest.raises(Unavailable, match="failed after 3 attempts: HTTP 503"):
         client(server.url, max_attempts=3).plan_apply(ITEMS, None)
     assert len(server.calls("bulk-plan-apply/")) == 3
 
 
-def test_timeouts_are_retried_then_unavailable(server):
-    server.default("bulk-plan/", Step(answer=converge, delay=1.5))
-    started = time.monotonic()
-    with pytest.raises(Unavailable, match="failed after 2 attempts: ReadTimeoutError"):
-        client(server.url, timeout_seconds=0.3, max_attempts=2).plan(ITEMS, None)
-    assert time.monotonic() - started < 3
+class InFlight(Unpaced):
+    """Records what the client says about requests that may be running in NetBox."""
+
+    def __init__(self) -> None:
+        self.said: list[float] = []
+
+    def in_flight(self, until: float) -> None:
+        self.said.append(until)
+
+
+@pytest.mark.parametrize("endpoint", ["bulk-plan/", "bulk-plan-apply/"])
+@pytest.mark.parametrize("failure", [Step(answer=converge, delay=1.5), Step(504, b"gateway timeout"),
+                                     Step(502, b"bad gateway")], ids=["read-timeout", "504", "502"])
+def test_a_request_that_went_unanswered_is_never_sent_again(server, endpoint, failure):
+    """NetBox goes on working on a request when we stop waiting for it (a proxy's 502/504 too): sending
+    the batch again would have two requests plan or apply the same entities at once. (The batch was
+    sent max_attempts times in a row after a read timeout.)"""
+    server.default(endpoint, failure)
+    pacer = InFlight()
+    plugin = client(server.url, pacer, timeout_seconds=0.3, server_timeout_seconds=120.0, max_attempts=4)
+    sent_at = time.time()
+    with pytest.raises(InDoubt, match="not sent again while NetBox may still be working on it") as raised:
+        (plugin.plan if endpoint == "bulk-plan/" else plugin.plan_apply)(ITEMS, None)
+    assert len(server.calls(endpoint)) == 1
+    assert sent_at + 120 <= raised.value.until <= time.time() + 120  # sent, plus what NetBox may take
+    assert pacer.said == [raised.value.until]  # and no all-clear after it: still in doubt
+
+
+def test_an_answered_request_is_cleared_and_one_that_never_left_is_not_in_doubt(server):
+    server.script("bulk-plan/", Step(503, b"busy"))
+    server.default("bulk-plan/", Step(answer=converge))
+    pacer = InFlight()
+    client(server.url, pacer).plan(ITEMS, None)
+    assert pacer.said[1::2] == [0.0, 0.0] and len(pacer.said) == 4  # each answer ends its request
+    url = server.url
+    server.close()
+    with pytest.raises(Unavailable, match="NewConnectionError") as raised:
+        client(url, pacer, max_attempts=1).plan(ITEMS, None)
+    assert not isinstance(raised.value, InDoubt) and pacer.said[-1] == 0.0
 
 
 def test_429_honours_retry_after(server):
@@ -179,6 +214,7 @@ def test_a_change_set_that_may_have_reached_the_plugin_is_not_applied_twice(serv
     results = client(server.url, api="single", timeout_seconds=0.5).plan_apply(ITEMS3, None)
     assert results["11"].change_set["id"] == "cs-a" and results["11"].unavailable is None
     assert "apply-change-set/" in results["12"].unavailable and "not sent again" in results["12"].unavailable
+    assert (results["12"].running_until is not None) == (failure.delay > 0)  # unanswered: NetBox may be on it
     assert results["13"].unavailable == results["12"].unavailable
     assert [c.body["id"] for c in server.calls("apply-change-set/")] == ["cs-a", "cs-b"]
     assert [c.body["entity"]["site"]["name"] for c in server.calls("generate-diff/")] == ["a", "b"]
@@ -220,6 +256,9 @@ class CountingPacer:
             return False
         time.sleep(seconds)
         return True
+
+    def in_flight(self, until: float) -> None:
+        pass
 
 
 def test_every_request_beats_the_heartbeat_so_a_long_fallback_batch_is_not_taken_for_a_hang(server):
@@ -449,3 +488,24 @@ def test_rate_limit_is_shared_by_processes():
         elapsed = time.monotonic() - started
         # 30 requests at 20/s with a burst of 2: at least (30 - 2) / 20 = 1.4 s, whatever the process count.
         assert len(stamps) == 30 and elapsed >= 1.35
+
+
+def _spin(limiter: SharedRateLimiter) -> None:
+    while True:
+        limiter.acquire()
+
+
+def test_a_process_killed_inside_the_rate_limit_leaves_it_usable():
+    """A worker SIGKILLed while it held the limiter's lock once left it held for ever: every other worker
+    blocked in acquire(), was killed as hung, and restarted into the same lock."""
+    context = multiprocessing.get_context("fork")
+    limiter = SharedRateLimiter(rate=1e9, burst=1, context=context)  # no waiting: the lock is all there is
+    for _ in range(20):
+        spinner = context.Process(target=_spin, args=(limiter,))
+        spinner.start()
+        time.sleep(0.05)  # spinning: inside the lock about half of the time
+        os.kill(spinner.pid, signal.SIGKILL)
+        spinner.join()
+        acquired = threading.Event()
+        threading.Thread(target=lambda: (limiter.acquire(), acquired.set()), daemon=True).start()
+        assert acquired.wait(10), "acquire() blocked: the killed process left the limiter locked"

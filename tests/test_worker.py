@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -13,7 +14,7 @@ from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from reconciler import inbox, sample, settings, states, wire
 from reconciler.db import Database
 from reconciler.shared import Shared
-from reconciler.worker import ProxyGone, Worker
+from reconciler.worker import ProxyGone, Worker, release_after_exit
 
 from .faultserver import FaultServer, Step, converge, plan_for
 from .support import query, scalar, wait_until
@@ -482,3 +483,117 @@ def test_many_workers_claim_every_row_exactly_once(env, plugin, shared, dsn):
     assert sorted(sent, key=int) == [str(i) for i in range(1, 601)]  # each row sent once
     assert scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = 3") == 600
     wait_until(lambda: scalar(dsn, "SELECT count(*) FROM change_sets") == 600)
+
+
+# --- requests that went unanswered ---
+
+
+def test_a_batch_that_timed_out_waits_for_netbox_then_goes_in_halves(env, plugin, shared, dsn):
+    """NetBox goes on with a request we stopped waiting for. The batch was sent again at once (four
+    times in 31 s once, each overlapping the last); now its rows wait until NetBox can no longer be
+    working on it ([netbox] server_timeout_seconds after it was sent), uncounted, and go in halves."""
+    plugin.script("bulk-plan-apply/", Step(answer=converge, delay=1.5))
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    role = Worker(make_config(env, plugin, netbox_timeout_seconds=0.5, netbox_server_timeout_seconds=300,
+                              netbox_max_attempts=4, workers_batch_size=4), 1, shared.cache, shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("a", "b", "c", "d"))
+    sent = time.time()
+    role.run_once()
+    assert len(plugin.calls("bulk-plan-apply/")) == 1
+    held = query(dsn, "SELECT state, attempts, timeouts, answer_lost_at IS NOT NULL, error->>'code', "
+                      "extract(epoch FROM next_attempt_at) FROM ingestion_logs ORDER BY id")
+    assert [row[:5] for row in held] == [(states.PENDING_RETRY, 0, 1, True, "ERR_PLUGIN_NO_ANSWER")] * 4
+    assert all(sent + 300 <= row[5] <= time.time() + 300 for row in held)
+    role.run_once()  # not due yet: nothing is sent
+    assert len(plugin.calls("bulk-plan-apply/")) == 1
+
+    query(dsn, "UPDATE ingestion_logs SET next_attempt_at = now()")  # NetBox is done with it now
+    role.run_once()
+    role.run_once()
+    role.shutdown()
+    assert [[e["id"] for e in c.body["entities"]] for c in plugin.calls("bulk-plan-apply/")[1:]] == [["1", "2"], ["3", "4"]]
+    assert query(dsn, "SELECT state, attempts, timeouts, answer_lost_at FROM ingestion_logs ORDER BY id") == \
+        [(states.APPLIED, 1, 0, None)] * 4
+
+
+def test_a_stop_during_a_request_that_goes_unanswered_holds_the_rows_instead_of_giving_them_back(
+        env, plugin, shared, dsn):
+    """Given back, the rows were claimed and sent again on restart while the first request still ran."""
+    plugin.default("bulk-plan-apply/", Step(answer=converge, delay=1.5))
+    role = Worker(make_config(env, plugin, netbox_timeout_seconds=0.5, netbox_max_attempts=4), 1, shared.cache,
+                  shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("a", "b"))
+    threading.Timer(0.2, role.request_stop).start()
+    role.run_once()
+    role.shutdown()
+    assert query(dsn, "SELECT state, lease_owner, timeouts, next_attempt_at > now() + interval '200 seconds' "
+                      "FROM ingestion_logs ORDER BY id") == [(states.PENDING_RETRY, None, 1, True)] * 2
+    assert len(plugin.calls("bulk-plan-apply/")) == 1
+
+
+def test_a_row_alone_that_keeps_timing_out_spends_its_attempts(env, plugin, shared, dsn):
+    plugin.default("bulk-plan-apply/", Step(answer=converge, delay=1.0))
+    role = Worker(make_config(env, plugin, netbox_timeout_seconds=0.3, workers_max_attempts=2), 1, shared.cache,
+                  shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("slow"))
+    for _ in range(2):
+        query(dsn, "UPDATE ingestion_logs SET next_attempt_at = now() WHERE state = 9")
+        role.run_once()
+    role.shutdown()
+    [(state, attempts, message)] = query(dsn, "SELECT state, attempts, error->>'message' FROM ingestion_logs")
+    assert (state, attempts) == (states.ERRORED, 2) and message.startswith("gave up after 2 attempts: no answer")
+
+
+# --- what a dead worker leaves ---
+
+
+def _claimed_by_a_worker_that_dies(env, plugin, shared, dsn) -> Worker:
+    """A worker claims the rows, and (as if SIGKILLed right after the plugin applied them) never records."""
+    role = Worker(make_config(env, plugin), 7, shared.cache, shared.limiter)
+    role.boot()
+    role._claim()
+    role.shutdown()
+    return role
+
+
+def test_the_supervisor_releases_a_dead_workers_rows_at_once(env, plugin, shared, dsn):
+    """They waited for their lease (600 s by default) although the supervisor reaps a worker within a second."""
+    enqueue(dsn, *sites("a", "b"))
+    dead = _claimed_by_a_worker_that_dies(env, plugin, shared, dsn)
+    release_after_exit(dead.config, dead.index, os.getpid(), dead.link)
+    assert query(dsn, "SELECT state, lease_owner, lease_expiries, answer_lost_at IS NOT NULL FROM ingestion_logs") == \
+        [(states.QUEUED, None, 1, True)] * 2
+
+
+def test_a_dead_workers_rows_wait_while_its_request_may_still_run(env, plugin, shared, dsn):
+    enqueue(dsn, *sites("a"))
+    dead = _claimed_by_a_worker_that_dies(env, plugin, shared, dsn)
+    dead.in_flight(time.time() + 120)  # what the plugin client said before sending
+    release_after_exit(dead.config, dead.index, os.getpid(), dead.link)
+    assert query(dsn, "SELECT state, lease_owner = %s, lease_expires_at BETWEEN now() + interval '118 seconds' "
+                      "AND now() + interval '121 seconds' FROM ingestion_logs", (dead.owner,)) == \
+        [(states.APPLYING, True, True)]
+    other = Worker(make_config(env, plugin), 8, shared.cache, shared.limiter)
+    release_after_exit(other.config, other.index, os.getpid(), other.link)  # someone else's rows: untouched
+    assert scalar(dsn, "SELECT lease_owner FROM ingestion_logs") == dead.owner
+
+
+def test_an_apply_whose_answer_was_lost_is_recorded_as_such(env, plugin, shared, dsn, worker):
+    """The dead worker's apply happened; its re-plan finds nothing to do. The row ended NO_CHANGES without
+    a word of the apply: now APPLIED, with answer_lost_at saying its change set was lost with the answer."""
+    enqueue(dsn, *sites("applied-unseen", "known-before"))
+    query(dsn, "UPDATE ingestion_logs SET state = 5, requeued_from_state = 5 WHERE id = 2")  # re-check of a NO_CHANGES
+    query(dsn, "UPDATE ingestion_logs SET state = 1 WHERE id = 2")
+    dead = _claimed_by_a_worker_that_dies(env, plugin, shared, dsn)
+    release_after_exit(dead.config, dead.index, os.getpid(), dead.link)
+    lost_at = scalar(dsn, "SELECT answer_lost_at FROM ingestion_logs WHERE id = 1")
+    plugin.default("bulk-plan-apply/", Step(answer=lambda body: Step(200, {"results": [
+        {"id": e["id"], "change_set": {"id": "cs", "branch": None, "changes": []}, "errors": None}
+        for e in body["entities"]]})))
+    for _ in range(2):  # each is a suspect now: claimed alone
+        worker.run_once()
+    assert query(dsn, "SELECT state, answer_lost_at FROM ingestion_logs ORDER BY id") == [
+        (states.APPLIED, lost_at), (states.NO_CHANGES, None)]
