@@ -336,7 +336,7 @@ WITH picked AS (
 UPDATE ingestion_logs AS l
 SET state = 1,
     requeued_from_state = CASE WHEN picked.state = 7 THEN coalesce(l.requeued_from_state, 7) ELSE picked.state END,
-    error = NULL, attempts = 0, lease_expiries = 0, next_attempt_at = NULL, lease_owner = NULL,
+    error = NULL, attempts = 0, lease_expiries = 0, timeouts = 0, next_attempt_at = NULL, lease_owner = NULL,
     lease_expires_at = NULL, updated_at = now()
 FROM picked
 WHERE l.id = picked.id
