@@ -249,7 +249,7 @@ def in_doubt(row: Claimed, reason: str, running_until: float, batch: int, retry:
     split = batch > 1
     if not split and row.attempts >= retry.max_attempts:
         failure["message"] = f"gave up after {row.attempts} attempts: {failure['message']}"
-        return Decision(row.id, states.ERRORED, failure, answer_lost_at=now, timed_out=True)
+        return Decision(row.id, states.ERRORED, failure, next_attempt_at=until, answer_lost_at=now, timed_out=True)
     return Decision(row.id, states.PENDING_RETRY, failure, next_attempt_at=until, answer_lost_at=now,
                     timed_out=True, refund=split)
 

@@ -322,7 +322,9 @@ ORDER BY state, object_type, is_head;
 -- its entity's current row would have the entity planned twice. requeued_from_state records where
 -- the row came from, as a re-observation does (mark_duplicates); an ERRORED drift check keeps its
 -- APPLIED origin, so its plan is still judged as a drift check. Locked in id order (the order every
--- writer uses); a row a concurrent writer changed is re-checked after its lock is granted.
+-- writer uses); a row a concurrent writer changed is re-checked after its lock is granted. A row
+-- that gave up on a request NetBox may still be working on keeps waiting for it (PENDING_RETRY until
+-- then: its next_attempt_at, 0009), so a retry never overlaps that request.
 WITH picked AS (
     SELECT id, state FROM ingestion_logs
     WHERE state = ANY(%(states)s::smallint[]) AND is_head AND id > %(after)s
@@ -334,10 +336,10 @@ WITH picked AS (
     FOR UPDATE
 )
 UPDATE ingestion_logs AS l
-SET state = 1,
+SET state = CASE WHEN l.next_attempt_at > now() THEN 9 ELSE 1 END,
     requeued_from_state = CASE WHEN picked.state = 7 THEN coalesce(l.requeued_from_state, 7) ELSE picked.state END,
-    error = NULL, attempts = 0, lease_expiries = 0, timeouts = 0, next_attempt_at = NULL, lease_owner = NULL,
-    lease_expires_at = NULL, updated_at = now()
+    error = NULL, attempts = 0, lease_expiries = 0, timeouts = 0, lease_owner = NULL, lease_expires_at = NULL,
+    next_attempt_at = CASE WHEN l.next_attempt_at > now() THEN l.next_attempt_at END, updated_at = now()
 FROM picked
 WHERE l.id = picked.id
 RETURNING l.id, picked.state, l.object_type;

@@ -305,6 +305,17 @@ def test_retry_requeues_like_a_fresh_row_and_leaves_the_rest_alone(env, dsn, fai
     assert cli(env, "retry").stdout.startswith("no matching FAILED or ERRORED rows to requeue; nothing changed")
 
 
+def test_retry_of_a_row_that_gave_up_on_a_request_netbox_may_still_run_waits_for_it(env, dsn):
+    """A row alone whose requests kept going unanswered ends ERRORED with the moment NetBox can no longer
+    be working on the last one: a retry must not have it sent before then."""
+    [row_id] = enqueue(dsn, site("slow"))
+    set_row(dsn, row_id, "state = 7, attempts = 8, timeouts = 4, answer_lost_at = now(), "
+                         "next_attempt_at = now() + interval '5 minutes', error = '{\"message\": \"no answer\"}'")
+    until = scalar(dsn, "SELECT next_attempt_at FROM ingestion_logs WHERE id = %s", (row_id,))
+    assert cli(env, "retry").returncode == 0
+    assert row(dsn, row_id)["state"] == states.PENDING_RETRY and row(dsn, row_id)["next_attempt_at"] == until
+
+
 def test_retried_rows_are_planned_and_applied_by_a_running_reconciler(plugin_env, dsn, failed_rows, tmp_path):
     assert cli(plugin_env, "retry").returncode == 0
 

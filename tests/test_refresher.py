@@ -96,12 +96,15 @@ def test_backpressure_follows_lag_plus_pending_and_logs_each_change_once(refresh
     assert caplog.text.count("workers pause") == 1 and caplog.text.count("workers resume") == 1
 
 
-def test_worker_killed_mid_batch_its_rows_are_taken_over_after_the_lease(env, tmp_path, redis_client, dsn, plugin):
+def test_worker_killed_mid_batch_its_rows_are_taken_over_once_its_request_cannot_run(
+        env, tmp_path, redis_client, dsn, plugin):
+    """The supervisor reaps the worker at once, but the worker died with a request in flight: its rows
+    wait until NetBox can no longer be working on it ([netbox] server_timeout_seconds), not for the lease."""
     plugin.default("default-branch/", Step(200, {"branch": None}))
     plugin.default("bulk-plan-apply/", Step(answer=converge))
     env = {**env, "RECONCILER_WORKERS_COUNT": "1", "RECONCILER_NETBOX_URL": plugin.url, "RECONCILER_NETBOX_TOKEN": "t",
            "RECONCILER_NETBOX_TIMEOUT_SECONDS": "1", "RECONCILER_NETBOX_MAX_ATTEMPTS": "2",
-           "RECONCILER_WORKERS_LEASE_SECONDS": "3"}
+           "RECONCILER_NETBOX_SERVER_TIMEOUT_SECONDS": "2", "RECONCILER_WORKERS_LEASE_SECONDS": "600"}
     shape = sample.Shape(devices_per_site=1, vlans_per_site=5, prefixes_per_site=5, vms_per_site=5)
     with reconciler(env, tmp_path) as run:
         victim = role_pid(run, "worker 1")
@@ -113,6 +116,7 @@ def test_worker_killed_mid_batch_its_rows_are_taken_over_after_the_lease(env, tm
         plugin.script("bulk-plan-apply/", Step(answer=kill_the_worker))
         push(redis_client, sample.entries(shape))
         run.wait_for_log("worker 1 (pid %d) was killed by SIGKILL" % victim)
+        run.wait_for_log("once NetBox can no longer be working on its last request")
         run.wait_for_log("outlived their lease", timeout=30)
         wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = 3") == shape.entity_count(),
                    timeout=30, what="every row applied")
@@ -131,7 +135,8 @@ def test_a_row_that_kills_every_worker_that_plans_it_ends_errored_alone(env, tmp
     plugin.default("default-branch/", Step(200, {"branch": None}))
     env = {**env, "RECONCILER_WORKERS_COUNT": "1", "RECONCILER_NETBOX_URL": plugin.url, "RECONCILER_NETBOX_TOKEN": "t",
            "RECONCILER_NETBOX_TIMEOUT_SECONDS": "1", "RECONCILER_NETBOX_MAX_ATTEMPTS": "2",
-           "RECONCILER_WORKERS_LEASE_SECONDS": "3", "RECONCILER_WORKERS_MAX_ATTEMPTS": "2"}
+           "RECONCILER_NETBOX_SERVER_TIMEOUT_SECONDS": "1", "RECONCILER_WORKERS_LEASE_SECONDS": "3",
+           "RECONCILER_WORKERS_MAX_ATTEMPTS": "2"}
     names = ["a", "b", "poison", "c", "d"]
     request = pb.IngestRequest(entities=[sdk.Entity(site=sdk.Site(name=n, slug=n)) for n in names], id="r",
                                producer_app_name="p", producer_app_version="1", sdk_name="s", sdk_version="1.0.0")
