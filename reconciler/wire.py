@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 import brotli
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
@@ -34,6 +35,9 @@ TEXT_COLUMN_CHARS = 255  # request_id, producer and SDK names are varchar(255) i
 _REQUEST_TEXT_FIELDS = {pb.IngestRequest.DESCRIPTOR.fields_by_name[name].number: attribute for name, attribute in (
     ("id", "request_id"), ("producer_app_name", "producer_app_name"),
     ("producer_app_version", "producer_app_version"), ("sdk_name", "sdk_name"), ("sdk_version", "sdk_version"))}
+# The request's length-delimited fields (wire type 2): strings and messages, which is all of them today.
+_LENGTH_DELIMITED = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE)
+_REQUEST_WIRE_TYPES = {f.number: 2 for f in pb.IngestRequest.DESCRIPTOR.fields if f.type in _LENGTH_DELIMITED}
 
 
 @dataclass(frozen=True)
@@ -224,19 +228,17 @@ def _clean_text(raw: bytes) -> tuple[str, list[str]]:
 def _read_header(message: Message) -> None:
     """The request's own fields. Its id, producer and SDK names are metadata of every row: a value a row
     cannot hold (not UTF-8, a NUL, too long) is cleaned and the row says so (Message.cleaned), rather
-    than costing the request's entities. The other fields must parse as an IngestRequest."""
+    than costing the request's entities. Nothing else of the request (its stream, its metadata) is
+    kept, so nothing else of it may cost them either: its fields need only be of their declared kind."""
     texts: dict[str, bytes] = {}
-    rest = bytearray()
     for number, wire_type, start, payload, end in _fields(message.header):
+        expected = _REQUEST_WIRE_TYPES.get(number)
+        if expected is not None and wire_type != expected:
+            raise Unreadable(f"request is not a diode.v1.IngestRequest: field {number} at byte {start} has wire "
+                             f"type {wire_type}, not {expected}")
         name = _REQUEST_TEXT_FIELDS.get(number)
-        if name is not None and wire_type == 2:
+        if name is not None:
             texts[name] = message.header[payload:end]  # the last occurrence wins, as in protobuf
-        else:
-            rest += message.header[start:end]
-    try:
-        pb.IngestRequest.FromString(bytes(rest))
-    except (DecodeError, UnicodeDecodeError) as exc:
-        raise Unreadable(f"request is not a diode.v1.IngestRequest: {exc}") from None
     for name in _REQUEST_TEXT_FIELDS.values():
         value, changes = _clean_text(texts.get(name, b""))
         setattr(message, name, value)

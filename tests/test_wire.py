@@ -273,3 +273,20 @@ def test_an_unexpected_error_rejects_that_entry_whole_naming_the_entry_and_the_e
     [(index, text)] = reasons(message)
     assert index is None and "1700000000000-7" in text and error in text
     assert message.rejections[0].fields is fields
+
+
+def test_a_request_whose_stream_or_metadata_is_not_utf8_keeps_its_entities():
+    """Neither is kept in a row, so neither may cost the entities (once the whole entry was dead-lettered)."""
+    req = request(sdk.Entity(site=sdk.Site(name="dc-1")))
+    req.metadata["note"] = "caf"
+    raw = req.SerializeToString()
+    assert b"\x0a\x06latest" in raw and b"caf" in raw
+    raw = raw.replace(b"\x0a\x06latest", b"\x0a\x06lat\xffst").replace(b"\x03caf", b"\x03ca\xe9")
+    message = decode({b"request": raw, b"ingestion_ts": b"1"})
+    assert message.rejections == [] and len(message.rows) == 1 and message.cleaned == {}
+
+
+def test_a_request_field_of_the_wrong_kind_rejects_the_entry():
+    raw = request(sdk.Entity(site=sdk.Site(name="dc-1"))).SerializeToString() + b"\x20\x01"  # field 4 as a varint
+    [(index, reason)] = reasons(decode({b"request": raw, b"ingestion_ts": b"1"}))
+    assert index is None and "field 4 at byte" in reason and "wire type 0, not 2" in reason
