@@ -34,9 +34,13 @@ def directory() -> str:
     global _path, _owner, _lock
     if _path is None or _owner != os.getpid():
         parent = (os.environ.get("RUNTIME_DIRECTORY") or "").split(":")[0] or None
-        path = tempfile.mkdtemp(prefix=PREFIX, dir=parent)
-        _lock = open(os.path.join(path, LOCK_FILE), "w")
+        # Locked under another name, then renamed: a directory that bears PREFIX is locked from the
+        # start, so a supervisor starting at the same moment never takes it for an abandoned one.
+        unnamed = tempfile.mkdtemp(prefix="reconciler-new-", dir=parent)
+        _lock = open(os.path.join(unnamed, LOCK_FILE), "w")
         fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path = os.path.join(os.path.dirname(unnamed), PREFIX + os.path.basename(unnamed).removeprefix("reconciler-new-"))
+        os.rename(unnamed, path)
         _path, _owner = path, os.getpid()
         atexit.register(_remove, path, _owner)
         _remove_abandoned(os.path.dirname(path))
