@@ -124,11 +124,13 @@ class Head(NamedTuple):
     id: int
     state: int
     planned_branch: str | None
+    held: bool  # it waits for a request NetBox may still be working on (0009)
 
     def other_branch(self, branch: str | None) -> bool:
-        """Finished in another branch than today's: says nothing about today's branch."""
+        """Finished in another branch than today's: says nothing about today's branch. A held row stays
+        the head: a new row beside it would have its entity sent while that request may still run."""
         return (branch is not None and self.planned_branch is not None and self.planned_branch != branch
-                and self.state in REQUEUE_ON_DUPLICATE)
+                and self.state in REQUEUE_ON_DUPLICATE and not self.held)
 
 
 def _lock_heads(tx: Tx, rows: list[wire.EntityRow], branch: str | None) -> dict[bytes, Head]:
@@ -139,8 +141,8 @@ def _lock_heads(tx: Tx, rows: list[wire.EntityRow], branch: str | None) -> dict[
     if not rows:
         return {}
     hashes = b"".join(sorted({row.entity_hash for row in rows}))  # sorted: neighbouring probes share index pages
-    heads = {bytes(entity_hash): Head(head_id, state, planned)
-             for head_id, entity_hash, state, planned in tx.fetchall("lock_heads", {"hashes": hashes})}
+    heads = {bytes(entity_hash): Head(head_id, state, planned, held)
+             for head_id, entity_hash, state, planned, held in tx.fetchall("lock_heads", {"hashes": hashes})}
     stale = sorted(head.id for head in heads.values() if head.other_branch(branch))
     if stale:
         tx.execute("demote_heads", {"ids": stale})

@@ -55,9 +55,9 @@ def _finish_rows(tx: Tx, owner: str, branch_scope: str, decisions: list[Decision
         "ids": [d.row_id for d in decisions],
         "states": [states.APPLIED if moved else d.state for d, moved in zip(decisions, drift)],
         "errors": [None if moved else _json(d.error) for d, moved in zip(decisions, drift)],
-        "next_attempt_at": [d.next_attempt_at for d in decisions],
+        "retry_in": [d.retry_in for d in decisions],
         "superseded": drift,
-        "answer_lost_at": [d.answer_lost_at for d in decisions],
+        "answer_lost": [d.answer_lost for d in decisions],
         "timed_out": [d.timed_out for d in decisions],
         "refund": [d.refund for d in decisions],
     })

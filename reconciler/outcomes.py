@@ -19,7 +19,8 @@ A row whose last request went unanswered, or whose worker died holding it (answe
 have been applied by that request. In auto-apply, when its next plan finds nothing to do, that
 apply is what happened: the row is APPLIED and keeps answer_lost_at, which says its change set was
 lost with the answer (a row that was NO_CHANGES before it was seen again stays NO_CHANGES). Any
-other outcome from a plugin answer clears answer_lost_at; a retry keeps it.
+other outcome from a plugin answer clears answer_lost_at; a retry keeps it, and an answer that says
+nothing of what the plugin did (unreadable, or a 5xx once apply-change-set/ reached it) sets it.
 
 A row re-observed after it was APPLIED (requeued_from_state = 3) is a drift check: a clean plan,
 or a plan error, puts it back to APPLIED; a plan with changes is drift, recorded as a new row (the
@@ -42,6 +43,7 @@ from .objecttypes import DISPLAY_NAMES, MEMBERS
 from .plugin import Result, malformed_change_set, without_nul
 
 TRANSIENT_APPLY_ERRORS = {"db_deadlock_after_retries", "db_error"}  # the plugin's stable codes for DB trouble
+LOST, KEEP = True, None  # Decision.answer_lost: what becomes of the row's answer_lost_at
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,8 @@ class Decision:
     error: dict | None = None
     change_set: ChangeSet | None = None
     drift_state: int | None = None  # drift: the prior becomes APPLIED; a clone gets this state, error, set
-    next_attempt_at: datetime.datetime | None = None
-    answer_lost_at: datetime.datetime | None = None  # as recorded: see the module's docstring
+    retry_in: float | None = None  # seconds from the write until the row is due again (PENDING_RETRY)
+    answer_lost: bool | None = False  # LOST: set answer_lost_at now; KEEP: keep it; False: clear it
     timed_out: bool = False  # its request went unanswered: the next claim is half the size
     refund: bool = False  # the claim does not count against max_attempts
 
@@ -187,20 +189,21 @@ def _transient_apply(apply_errors: Any) -> bool:
 
 def plan_failed(row: Claimed, failure: dict, entity: dict | None, branch_id: str | None) -> Decision:
     if row.drift_check:  # an applied object whose re-check failed stays applied
-        return Decision(row.id, states.APPLIED, answer_lost_at=row.answer_lost_at)
+        return Decision(row.id, states.APPLIED, answer_lost=KEEP)
     return Decision(row.id, states.FAILED, failure, placeholder(row, entity, branch_id))
 
 
 def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None, branch_id: str | None,
-           retry: RetryPolicy, now: datetime.datetime) -> Decision:
-    """The outcome of one row from the plugin's result for it (None: the plugin returned none)."""
+           retry: RetryPolicy, now: float) -> Decision:
+    """The outcome of one row from the plugin's result for it (None: the plugin returned none).
+    `now`: time.time(), the clock the result's running_until is on."""
     if result is None:
         return plan_failed(row, error(f"no result returned for ingestion log {row.id}", "ERR_OPS_GENERATE_DIFF"),
                            entity, branch_id)
     if result.running_until is not None:
-        return in_doubt(row, result.unavailable, result.running_until, 1, retry, now)
+        return in_doubt(row, result.unavailable, result.running_until - now, 1, retry)
     if result.unavailable:
-        return unavailable(row, result.unavailable, retry, now)
+        return unavailable(row, result.unavailable, retry, answer_lost=result.answer_lost)
     if result.plan_errors:
         return plan_failed(row, plugin_error("plan", result.plan_errors), entity, branch_id)
     if result.change_set is None:
@@ -212,10 +215,10 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
                                       f"{problem}", "ERR_OPS_GENERATE_DIFF", result.change_set), entity, branch_id)
     if not _has_changes(result.change_set):
         if row.drift_check or (apply and row.answer_lost_at and row.requeued_from_state != states.NO_CHANGES):
-            return Decision(row.id, states.APPLIED, answer_lost_at=row.answer_lost_at)  # by the lost attempt
+            return Decision(row.id, states.APPLIED, answer_lost=KEEP)  # by the attempt whose answer was lost
         return Decision(row.id, states.NO_CHANGES)
     if apply and _transient_apply(result.apply_errors):
-        return unavailable(row, f"apply failed in NetBox's database: {_flatten(result.apply_errors)[0]}", retry, now)
+        return unavailable(row, f"apply failed in NetBox's database: {_flatten(result.apply_errors)[0]}", retry)
     change_set = _stored_change_set(row, result.change_set)
     if not apply:
         state, failure = states.OPEN, None
@@ -228,30 +231,30 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
     return Decision(row.id, state, failure, change_set)
 
 
-def unavailable(row: Claimed, reason: str, retry: RetryPolicy, now: datetime.datetime) -> Decision:
-    """Nothing was learned about the entity: retry later, or give up once the attempts are spent."""
+def unavailable(row: Claimed, reason: str, retry: RetryPolicy, answer_lost: bool = False) -> Decision:
+    """Nothing was learned about the entity: retry later, or give up once the attempts are spent.
+    `answer_lost`: the plugin got the request and answered in a way that says nothing of what it did."""
     failure = error(reason, "ERR_PLUGIN_UNAVAILABLE")
+    lost = LOST if answer_lost else KEEP
     if row.attempts >= retry.max_attempts:
         failure["message"] = f"gave up after {row.attempts} attempts: {reason}"
-        return Decision(row.id, states.ERRORED, failure, answer_lost_at=row.answer_lost_at)
-    return Decision(row.id, states.PENDING_RETRY, failure, answer_lost_at=row.answer_lost_at,
-                    next_attempt_at=now + datetime.timedelta(seconds=retry.delay(row.attempts)))
+        return Decision(row.id, states.ERRORED, failure, answer_lost=lost)
+    return Decision(row.id, states.PENDING_RETRY, failure, retry_in=retry.delay(row.attempts), answer_lost=lost)
 
 
-def in_doubt(row: Claimed, reason: str, running_until: float, batch: int, retry: RetryPolicy,
-             now: datetime.datetime) -> Decision:
-    """The request carrying the row went unanswered (`batch` rows in it) and NetBox may still be
-    working on it until `running_until` (Unix seconds): not sent again before then, and then in a
-    batch half the size. The claim counts against max_attempts only once the row went alone."""
-    until = max(now, datetime.datetime.fromtimestamp(running_until, datetime.timezone.utc))
+def in_doubt(row: Claimed, reason: str, running_for: float, batch: int, retry: RetryPolicy) -> Decision:
+    """The request carrying the row went unanswered (`batch` rows in it) and NetBox may go on working on
+    it for `running_for` seconds: the row is not sent again before then, and then in a batch half the
+    size. The claim counts against max_attempts only once the row went alone."""
+    hold = max(0.0, running_for)
     failure = error(f"no answer from the plugin ({reason}); NetBox may still be working on the request, so the "
-                    f"row is not sent again before {until.isoformat(timespec='seconds')}", "ERR_PLUGIN_NO_ANSWER")
+                    f"row is not sent again for {hold:.0f} s", "ERR_PLUGIN_NO_ANSWER")
     split = batch > 1
     if not split and row.attempts >= retry.max_attempts:
         failure["message"] = f"gave up after {row.attempts} attempts: {failure['message']}"
-        return Decision(row.id, states.ERRORED, failure, next_attempt_at=until, answer_lost_at=now, timed_out=True)
-    return Decision(row.id, states.PENDING_RETRY, failure, next_attempt_at=until, answer_lost_at=now,
-                    timed_out=True, refund=split)
+        return Decision(row.id, states.ERRORED, failure, retry_in=hold, answer_lost=LOST, timed_out=True)
+    return Decision(row.id, states.PENDING_RETRY, failure, retry_in=hold, answer_lost=LOST, timed_out=True,
+                    refund=split)
 
 
 def unstorable(decision: Decision, reason: str) -> Decision:

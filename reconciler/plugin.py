@@ -4,12 +4,14 @@ Two kinds of failure leave this module, and the worker treats them differently:
 - `Unavailable`: nothing said about the entities (connection refused, 429 or 5xx after every retry,
   an authentication or authorisation problem, no time left before the caller's deadline). The rows
   are retried later. Its subclasses: `NotSent`, the caller is stopping and nothing was sent at all;
-  `InDoubt`, a request went unanswered (read timeout, dropped connection, a proxy's 502/504) and
-  NetBox may still be working on it: it is never repeated, and its entities must not be sent again
-  before `until`, when NetBox can no longer be (NetBox does not stop when we stop waiting).
+  `AnswerLost`, the plugin got the request and its answer says nothing of what it did (a 2xx we
+  cannot read, a 5xx once apply-change-set/ reached it): it may have applied; and its subclass
+  `InDoubt`, a request went unanswered (read timeout, dropped connection, a gateway's 502/504 and
+  the like) and NetBox may still be working on it: it is never repeated, and its entities must not be
+  sent again before `until` (NetBox does not stop when we stop waiting).
   On the per-entity path, entities not done once the plugin is unavailable come back as results
-  with `unavailable` set (`sent` False for those never sent, `running_until` for one in doubt),
-  beside the results of those done.
+  with `unavailable` set (`sent` False for those never sent, `answer_lost` and `running_until` as
+  above), beside the results of those done.
 - per-entity `errors` in a result: the plugin planned or applied and refused. The rows fail.
 A whole-call refusal of the content (a 400 with JSON) is reported per entity as a plan error.
 
@@ -42,8 +44,9 @@ log = logging.getLogger(__name__)
 
 SCOPES = "netbox:read netbox:write"
 RETRY_AFTER_CAP = 60.0
-# A gateway's "I stopped waiting" (bad gateway, gateway timeout): the request may still run behind it.
-PROXY_GAVE_UP = (502, 504)
+# 5xx answers that end the request: the application's own error, or "unavailable" before it started.
+# Any other 5xx is a gateway's (502, 504, a CDN's 52x, 598/599...): the request may still run behind it.
+ENDED_5XX = (500, 503)
 
 
 class Pacer(Protocol):
@@ -83,7 +86,11 @@ class NotSent(Unavailable):
     """The caller is stopping and no request was sent: the rows used no attempt."""
 
 
-class InDoubt(Unavailable):
+class AnswerLost(Unavailable):
+    """The plugin got the request, and what it did is unknown: it may have applied."""
+
+
+class InDoubt(AnswerLost):
     """A request went unanswered: NetBox may still be working on it until `until` (time.time())."""
 
     def __init__(self, message: str, until: float) -> None:
@@ -102,6 +109,7 @@ class Result:
     warnings: list = field(default_factory=list)
     unavailable: str | None = None  # per-entity path: why this entity has no outcome
     sent: bool = True  # False: nothing about this entity was sent
+    answer_lost: bool = False  # the plugin got its request and what it did is unknown
     running_until: float | None = None  # in doubt: its request may run in NetBox until then (time.time())
 
 
@@ -117,6 +125,14 @@ class Item:
 class Response:
     def __init__(self, status: int, body: bytes, headers) -> None:
         self.status, self.body, self.headers = status, body, headers
+
+    def json_object(self) -> dict | None:
+        """The body if it is a JSON object, else None."""
+        try:
+            body = self.json()
+        except Unavailable:
+            return None
+        return body if isinstance(body, dict) else None
 
     def json(self) -> Any:
         """The parsed body; Unavailable if it is not JSON (a proxy page, a truncated answer).
@@ -266,9 +282,9 @@ class PluginClient:
             errors = {"request": response.json()}
             return {item.id: Result(item.id, plan_errors=errors) for item in items}
         body = self._expect_json(response, path)
-        raw_results = body.get("results") if isinstance(body, dict) else None
+        raw_results = body.get("results")
         if not isinstance(raw_results, list):
-            raise Unavailable(f"{path} answered HTTP {response.status} without a results list")
+            raise AnswerLost(f"{path} answered HTTP {response.status} without a results list")
         results = {}
         for raw in raw_results:
             result = _parse_result(raw, apply)
@@ -285,11 +301,12 @@ class PluginClient:
             try:
                 results[item.id] = self._single(item, branch, apply, deadline)
             except Unavailable as exc:
-                if not results:
+                if not results and not isinstance(exc, AnswerLost):
                     raise
                 first_unsent = position if isinstance(exc, NotSent) else position + 1
                 if first_unsent > position:  # this entity's request may have reached the plugin
-                    results[item.id] = Result(item.id, unavailable=str(exc), running_until=getattr(exc, "until", None))
+                    results[item.id] = Result(item.id, unavailable=str(exc), answer_lost=isinstance(exc, AnswerLost),
+                                              running_until=getattr(exc, "until", None))
                 results.update((rest.id, Result(rest.id, unavailable=str(exc), sent=False))
                                for rest in items[first_unsent:])
                 break
@@ -314,11 +331,13 @@ class PluginClient:
         return result
 
     def _expect_json(self, response: Response, what: str, accept=(200, 207)) -> Any:
+        """The answer as a JSON object; a 2xx that is not one is an answer lost (the plugin did the work)."""
         if response.status in accept:
-            body = response.json()
-            if isinstance(body, dict):
+            body = response.json_object()
+            if body is not None:
                 return body
-        raise Unavailable(f"{what} answered HTTP {response.status}: {response.body[:300]!r}")
+        lost = 200 <= response.status < 300
+        raise (AnswerLost if lost else Unavailable)(f"{what} answered HTTP {response.status}: {response.body[:300]!r}")
 
     # --- one call, with rate limit, auth, retries ---
 
@@ -349,7 +368,7 @@ class PluginClient:
             if failures >= self.max_attempts:
                 raise Unavailable(f"{path} failed after {failures} attempts: {attempt.problem}")
             if attempt.sent and not replay_safe:
-                raise Unavailable(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
+                raise AnswerLost(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
             delay = attempt.wait if attempt.wait is not None else _backoff(failures)
             if not self._time_left(deadline, delay + self.attempt_seconds):
                 raise Unavailable(f"{path}: {attempt.problem}; no time left to retry within the claim's lease")
@@ -369,9 +388,8 @@ class PluginClient:
         self._unless_stopping(path)
         self._within(path, deadline, requests=1)
         self.pacer.beat()
-        sent_at = time.time()
         # Until then it may run: while we wait for the answer, and in NetBox after we stopped waiting.
-        self.pacer.in_flight(sent_at + max(self.attempt_seconds, self.server_timeout))
+        self.pacer.in_flight(time.time() + self.attempt_seconds + self.server_timeout)
         started = time.perf_counter()
         try:
             raw = self.pool.request(method, self.base + path, body=None if body is None else orjson.dumps(body),
@@ -381,18 +399,24 @@ class PluginClient:
             if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):  # refused or unreachable: never sent
                 self.pacer.in_flight(0.0)
                 return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}", sent=False)
-            return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}",
-                            running_until=sent_at + self.server_timeout)
+            return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}", running_until=self._gave_up())
         metrics.plugin_request(path, raw.status, time.perf_counter() - started)
         response = Response(raw.status, raw.data, raw.headers)
-        if raw.status in PROXY_GAVE_UP:
-            return _Attempt(response, retry=True, problem=f"HTTP {raw.status} from a proxy that stopped waiting",
-                            running_until=sent_at + self.server_timeout)
+        if raw.status >= 500 and raw.status not in ENDED_5XX and raw.status != 501:
+            return _Attempt(response, retry=True, problem=f"HTTP {raw.status} from a gateway that stopped waiting",
+                            running_until=self._gave_up())
         self.pacer.in_flight(0.0)  # answered: it ended
         if raw.status == 429 or (raw.status >= 500 and raw.status != 501):
             return _Attempt(response, retry=True, problem=f"HTTP {raw.status}", sent=raw.status != 429,
                             wait=retry_after(raw.headers.get("Retry-After")))
         return _Attempt(response, retry=False)
+
+    def _gave_up(self) -> float:
+        """Until when a request we stopped waiting for may run: NetBox may have started it only now (it
+        queues behind busy workers), and works on it for up to [netbox] server_timeout_seconds."""
+        until = time.time() + self.server_timeout
+        self.pacer.in_flight(until)
+        return until
 
     def _unless_stopping(self, path: str) -> None:
         if self.pacer.stopping:

@@ -47,13 +47,15 @@ class Link:
     heartbeat: Any  # c_double: time.monotonic() of the child's last sign of progress
     booted: Any  # c_bool: boot() succeeded
     request_until: Any  # c_double: time.time() until which a plugin request it sent may still run (0: none)
+    sent: Any  # c_bool: a request went out for the rows it holds, and their outcome is not recorded yet
     token: str  # tells this process's claims apart from those of an earlier process with the same pid
 
     @classmethod
     def create(cls, context=None) -> "Link":
         """Shared with children forked from `context`; None: values of this process only."""
         value = context.RawValue if context is not None else lambda code, initial: _CTYPES[code](initial)
-        return cls(value("d", time.monotonic()), value("b", False), value("d", 0.0), uuid.uuid4().hex[:12])
+        return cls(value("d", time.monotonic()), value("b", False), value("d", 0.0), value("b", False),
+                   uuid.uuid4().hex[:12])
 
 
 _CTYPES = {"d": ctypes.c_double, "b": ctypes.c_bool}

@@ -247,11 +247,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("netbox", "timeout_seconds", 60.0, seconds_above_zero,
             "Read timeout of one request to the plugin (a batch of 100 fresh entities takes ~5 s on NetBox)."),
     Setting("netbox", "server_timeout_seconds", 300.0, seconds_above_zero,
-            "How long NetBox may go on working on a request after it arrived, even once we stopped waiting: its "
-            "application server's worker timeout (gunicorn --timeout; 300 covers the common setups). A batch "
-            "whose answer never came (read timeout, dropped connection, a proxy's 502/504) is not sent again "
-            "before this much time has passed since it was sent, so no entity is ever planned or applied by two "
-            "requests at once; the rows of a worker that died unseen wait this long after their lease too."),
+            "The longest NetBox may work on one request, counted from when we stopped waiting for its answer "
+            "(it may have sat in a queue until then). A batch whose answer never came (read timeout, dropped "
+            "connection, a gateway's 502/504) is not sent again before this has passed, so that no entity is "
+            "planned or applied by two requests at once; the rows of a worker that died unseen wait this long "
+            "after their lease too. NetBox itself sets no such limit with gunicorn's threaded workers (its "
+            "default), so this is the bound you assert: a bulk request takes seconds, and 300 s is far "
+            "beyond any sane one; raise it if yours can run longer."),
     Setting("netbox", "max_attempts", 4, int_at_least(1),
             "Attempts per request on connection errors, 429 and 5xx answers (backoff, Retry-After honoured). "
             "A request whose answer never came is not repeated (see server_timeout_seconds)."),

@@ -190,14 +190,14 @@ class Supervisor:
             log.info("restarting %s in %.1f s", child.spec.name, delay)
             child.start_at = time.monotonic() + delay
 
-    @staticmethod
-    def _after_exit(child: Child, process) -> None:
+    def _after_exit(self, child: Child, process) -> None:
         """The role's own clean-up once a process that did not stop cleanly is reaped (a worker's claims)."""
         if child.spec.after_exit is not None and process.exitcode != 0:
             try:
                 child.spec.after_exit(process.pid, child.link)
             except Exception:
                 log.exception("clean-up after %s (pid %d) failed", child.spec.name, process.pid)
+            self.notifier.watchdog()  # it may wait for Postgres a few seconds
 
     def _boot_failed(self, child: Child) -> float:
         child.boot_failures += 1
@@ -354,13 +354,15 @@ class Supervisor:
                 log.warning("second stop signal; killing children now")
                 break
         clean = True
-        for child in running:
+        # Children that died just before the stop too: their clean-up must run all the same.
+        for child in [c for c in self.children if c.process is not None]:
             if child.running:
                 log.error("%s (pid %d) did not stop in time; killing it", child.spec.name, child.process.pid)
                 _signal(child.process, signal.SIGKILL)
             child.process.join()
             metrics.child_exited(child.process.pid)
-            clean = clean and child.process.exitcode == 0
+            if any(child is stopped for stopped in running):
+                clean = clean and child.process.exitcode == 0
             self._after_exit(child, child.process)
             child.process = None
         return clean

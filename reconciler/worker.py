@@ -15,7 +15,6 @@ PENDING_RETRY until NetBox must be done with it), and a dead worker's rows are h
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import socket
@@ -28,7 +27,7 @@ from . import metrics, outbox, outcomes, protojson, shared, states
 from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
 from .outcomes import Claimed, Decision, RetryPolicy
-from .plugin import InDoubt, Item, PluginClient, Unavailable
+from .plugin import AnswerLost, InDoubt, Item, PluginClient, Unavailable
 from .roles import Link, Role
 from .settings import check_runnable, claim_lease_seconds, lease_budget_seconds
 
@@ -59,6 +58,7 @@ class Worker(Role):
         self._waiting_for_branch = False
         self._counts: dict[int, int] = {}
         self._next_summary = time.monotonic() + SUMMARY_INTERVAL
+        self._unrecorded_until = 0.0  # see in_flight
 
     def boot(self) -> None:
         check_runnable(self.config)
@@ -122,7 +122,8 @@ class Worker(Role):
             return
         self._next_sweep = time.monotonic() + LEASE_SWEEP_INTERVAL
         with self.db.transaction() as tx:
-            released = tx.fetchall("release_expired_leases", {"max_attempts": self.retry.max_attempts})
+            released = tx.fetchall("release_expired_leases", {"max_attempts": self.retry.max_attempts,
+                                                              "unsent_owner": None})
         if released:
             owners = ", ".join(sorted({owner for _, owner, _ in released}))
             given_up = [row_id for row_id, _, state in released if state == states.ERRORED]
@@ -150,16 +151,26 @@ class Worker(Role):
     # --- one batch ---
 
     def _process(self, rows: list[Claimed], view: shared.View, deadline: float) -> None:
-        now = datetime.datetime.now(datetime.timezone.utc)
         metrics.claimed(row.object_type for row in rows)
         entities, decisions = self._entities(rows)
         items = [Item(str(row.id), row.object_type, entities[row.id]) for row in rows if row.id in entities]
         if items:
-            decisions += self._ask_plugin(items, rows, view, now, deadline)
-        if decisions:
-            self._persist(decisions, view, {row.id for row in rows if row.planned_before},
-                          {row.id: row.object_type for row in rows})
-        self.in_flight(0.0)  # whatever a request left in doubt is recorded on the rows now
+            decisions += self._ask_plugin(items, rows, view, deadline)
+        unrecorded = self._persist(decisions, view, {row.id for row in rows if row.planned_before},
+                                   {row.id: row.object_type for row in rows}) if decisions else set()
+        if unrecorded:  # they return after their lease; if this process dies first, they wait as long
+            self._unrecorded_until = max(self._unrecorded_until, self.link.request_until.value)
+        else:  # whatever a request left in doubt is on the rows now
+            self.link.sent.value = False
+            self.in_flight(0.0)
+
+    def in_flight(self, until: float) -> None:
+        """Role.in_flight, never below a request whose outcome could not be recorded; and a request
+        going out marks the claim as sent (the supervisor tells a dead worker's rows that were never
+        sent from those whose answer it lost)."""
+        if until:
+            self.link.sent.value = True
+        super().in_flight(max(until, self._unrecorded_until))
 
     def _entities(self, rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:
         """Each row's entity as protojson with proto field names; a row whose bytes do not parse fails."""
@@ -173,27 +184,31 @@ class Worker(Role):
         return dict(zip(parsed, protojson.batch_to_dicts(list(parsed.values())))), failed
 
     def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: shared.View,
-                    now: datetime.datetime, deadline: float) -> list[Decision]:
+                    deadline: float) -> list[Decision]:
         """The decisions for the rows asked about. On a stop, the rows without an outcome are given
-        back uncounted instead (per entity, those not sent; in bulk, the whole batch)."""
+        back uncounted instead (per entity, those not sent; in bulk, the whole batch), unless the
+        plugin got them: those are recorded, and those it may still be working on are held."""
         by_id = {row.id: row for row in rows}
         asked = [by_id[int(item.id)] for item in items]
         try:
             call = self.plugin.plan_apply if self.apply else self.plugin.plan
             results = call(items, view.branch_id, deadline)
-        except InDoubt as exc:  # never given back, stopping or not: NetBox may still be working on them
+        except InDoubt as exc:
             log.warning("no answer for a batch of %d: %s", len(asked), exc)
-            return [outcomes.in_doubt(row, str(exc), exc.until, len(asked), self.retry, now) for row in asked]
+            running_for = exc.until - time.time()
+            return [outcomes.in_doubt(row, str(exc), running_for, len(asked), self.retry) for row in asked]
         except Unavailable as exc:
-            if self.stopping:  # NotSent included: it is only raised on a stop
+            lost = isinstance(exc, AnswerLost)
+            if self.stopping and not lost:  # NotSent included: it is only raised on a stop
                 self._give_back(asked, f"stopping: {exc}")
                 return []
             log.warning("plugin unavailable for a batch of %d: %s", len(asked), exc)
-            return [outcomes.unavailable(row, str(exc), self.retry, now) for row in asked]
+            return [outcomes.unavailable(row, str(exc), self.retry, answer_lost=lost) for row in asked]
         unsent = {row.id for row in asked if (result := results.get(str(row.id))) and not result.sent}
         if unsent:
             self._give_back([by_id[row_id] for row_id in sorted(unsent)], results[str(min(unsent))].unavailable)
         entities = {int(item.id): item.entity for item in items}
+        now = time.time()
         return [outcomes.decide(row, results.get(str(row.id)), self.apply, entities[row.id], view.branch_id,
                                 self.retry, now) for row in asked if row.id not in unsent]
 
@@ -208,7 +223,8 @@ class Worker(Role):
         log.info("gave %d claimed rows back without an outcome: %s", len(rows), reason)
 
     def _persist(self, decisions: list[Decision], view: shared.View, planned_before: set[int],
-                 object_types: dict[int, str]) -> None:
+                 object_types: dict[int, str]) -> set[int]:
+        """Record the decisions; the ids of rows left unrecorded (planned again after their lease)."""
         written, unrecorded = self._record(decisions, view.branch_scope, planned_before)
         done = {d.row_id for d in written} | unrecorded
         lost = [d.row_id for d in decisions if d.row_id not in done]
@@ -275,13 +291,16 @@ def lease_owner(index: int, pid: int, link: Link) -> str:
 def release_after_exit(config, index: int, pid: int, link: Link) -> None:
     """In the supervisor, once worker `index` (process `pid`) is gone: end its leases now, or once NetBox
     can no longer be working on a request it sent, so its rows need not wait for their lease."""
-    db = Database(config.postgres.dsn, config.postgres.schema, "reconciler supervisor", connect_timeout=5,
-                  statement_timeout_ms=10_000)
+    # Short timeouts: this runs in the supervisor's loop; if Postgres does not answer, the lease still ends.
+    db = Database(config.postgres.dsn, config.postgres.schema, "reconciler supervisor", connect_timeout=2,
+                  statement_timeout_ms=5_000)
+    owner = lease_owner(index, pid, link)
     try:
         with db.transaction() as tx:
-            ended = tx.fetchall("end_leases_of", {"owner": lease_owner(index, pid, link),
-                                                  "request_until": link.request_until.value})
-            released = tx.fetchall("release_expired_leases", {"max_attempts": config.workers.max_attempts})
+            ended = tx.fetchall("end_leases_of", {
+                "owner": owner, "request_seconds": max(0.0, link.request_until.value - time.time())})
+            released = tx.fetchall("release_expired_leases", {
+                "max_attempts": config.workers.max_attempts, "unsent_owner": None if link.sent.value else owner})
     except DatabaseError as exc:
         log.warning("could not release the claims of worker %d (pid %d): %s; they return after their lease",
                     index, pid, exc)

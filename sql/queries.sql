@@ -40,11 +40,11 @@ RETURNING ms, seq;
 
 -- lock_heads --
 -- The current row of each entity hash (%(hashes)s: the 32-byte digests concatenated), with the
--- branch it was planned in, locked in
+-- branch it was planned in and whether it waits for a request NetBox may still run, locked in
 -- id order, the order every writer uses. The OFFSET 0 fence makes it one probe of the head index
 -- per hash: unfenced, the planner hashes the whole table once it expects a thousand hashes.
 -- is_head is checked again once the row is locked, in case a concurrent writer replaced it.
-SELECT id, entity_hash, state, planned_branch
+SELECT id, entity_hash, state, planned_branch, coalesce(next_attempt_at > now(), false)
 FROM ingestion_logs
 WHERE id IN (SELECT found.id
              FROM generate_series(0, length(%(hashes)s::bytea) / 32 - 1) AS n,
@@ -72,12 +72,14 @@ FROM STDIN WITH (FORMAT binary);
 -- caller flags the finished ones (states.REQUEUE_ON_DUPLICATE: APPLIED, FAILED, NO_CHANGES,
 -- ERRORED) from the states lock_heads locked, so that set is written down once, in Python. Rows
 -- that are queued, in flight, OPEN or IGNORED keep their state. lease_expiries is kept: a row that
--- killed its workers is still claimed alone, and given up on after one more expiry.
+-- killed its workers is still claimed alone, and given up on after one more expiry. An ERRORED row
+-- that gave up on a request NetBox may still be working on waits for it (PENDING_RETRY until its
+-- next_attempt_at, 0009): a re-observation must not have it sent meanwhile.
 UPDATE ingestion_logs AS l
 SET duplicate_count = l.duplicate_count + d.increment,
     last_seen = now(),
     updated_at = now(),
-    state = CASE WHEN d.requeue THEN 1 ELSE l.state END,
+    state = CASE WHEN NOT d.requeue THEN l.state WHEN l.next_attempt_at > now() THEN 9 ELSE 1 END,
     -- An ERRORED drift check (requeued from APPLIED, then the plugin stayed unreachable) keeps its
     -- APPLIED origin: its object is still in NetBox, so the next plan is still a drift check.
     requeued_from_state = CASE WHEN NOT d.requeue THEN l.requeued_from_state
@@ -85,7 +87,7 @@ SET duplicate_count = l.duplicate_count + d.increment,
                                ELSE l.state END,
     error = CASE WHEN d.requeue THEN NULL ELSE l.error END,
     attempts = CASE WHEN d.requeue THEN 0 ELSE l.attempts END,
-    next_attempt_at = CASE WHEN d.requeue THEN NULL ELSE l.next_attempt_at END
+    next_attempt_at = CASE WHEN NOT d.requeue OR l.next_attempt_at > now() THEN l.next_attempt_at END
 FROM unnest(%(ids)s::bigint[], %(increments)s::integer[], %(requeue)s::boolean[]) AS d (id, increment, requeue)
 WHERE l.id = d.id;
 
@@ -106,7 +108,8 @@ WHERE stream = %(stream)s AND (ms, seq) < (%(ms)s::numeric, %(seq)s::numeric)
 -- worker. Live claims have unexpired leases and are not touched, nor rows another transaction holds.
 -- A row whose claim expired %(max_attempts)s times becomes ERRORED instead: it kills or hangs
 -- whoever plans it, and must not cycle for ever (an operator can `reconciler retry` it). The answer
--- of whatever the dead claim sent is lost: answer_lost_at says so (0009).
+-- of whatever the dead claim sent is lost: answer_lost_at says so (0009), unless the claim is of
+-- %(unsent_owner)s, a dead worker its supervisor knows sent nothing for it.
 WITH expired AS (
     SELECT id, lease_owner FROM ingestion_logs
     WHERE lease_owner IS NOT NULL AND lease_expires_at <= now()
@@ -123,7 +126,8 @@ SET lease_expiries = l.lease_expiries + 1,
                                        'planning this row does that)', l.lease_expiries + 1),
                      'code', 'ERR_LEASE_EXPIRED', 'details', NULL)
                  ELSE l.error END,
-    answer_lost_at = coalesce(l.answer_lost_at, now()),
+    answer_lost_at = CASE WHEN expired.lease_owner = %(unsent_owner)s THEN l.answer_lost_at
+                          ELSE coalesce(l.answer_lost_at, now()) END,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
 FROM expired
 WHERE l.id = expired.id
@@ -131,11 +135,11 @@ RETURNING l.id, expired.lease_owner, l.state;
 
 -- end_leases_of --
 -- The claims of a worker process that is gone (its supervisor reaped it) need not wait for their
--- lease: it ends now, or once a plugin request the process sent can no longer be running in NetBox
--- (%(request_until)s, Unix seconds; 0 when none was in flight), whichever is later.
+-- lease: it ends once a plugin request the process sent can no longer be running in NetBox, in
+-- %(request_seconds)s seconds (0: none was in flight; counted on this server's clock).
 UPDATE ingestion_logs
-SET lease_expires_at = greatest(now(), to_timestamp(%(request_until)s))
-WHERE lease_owner = %(owner)s AND lease_expires_at > greatest(now(), to_timestamp(%(request_until)s))
+SET lease_expires_at = now() + %(request_seconds)s * interval '1 second'
+WHERE lease_owner = %(owner)s AND lease_expires_at > now() + %(request_seconds)s * interval '1 second'
 RETURNING id;
 
 -- claim_batch --
@@ -146,7 +150,8 @@ RETURNING id;
 -- retry budget. A row whose claim outlived its lease before may be what kills or hangs a worker: it
 -- is claimed alone, so that only it spends its lease budget (0007), not the rows that would share its
 -- batch. A row whose request went unanswered `timeouts` times in a row is sent in a batch 2^timeouts
--- times smaller (0009): a batch that keeps timing out is split rather than sent whole again.
+-- times smaller (0009): a batch that keeps timing out is split rather than sent whole again. The
+-- batch is sized for its first row; rows split further than it wait until they lead a batch.
 WITH due AS (
     SELECT id, 0 AS rank, lease_expiries > 0 AS suspect, timeouts FROM ingestion_logs
     WHERE state = 9 AND next_attempt_at <= now()
@@ -160,15 +165,18 @@ WITH due AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT id, suspect, row_number() OVER (ORDER BY rank, id) AS position,
-           min(greatest(1, %(limit)s::integer >> least(timeouts, 30))) OVER () AS size
+    SELECT id, suspect, timeouts, row_number() OVER (ORDER BY rank, id) AS position
     FROM (SELECT * FROM due UNION ALL SELECT * FROM queued) AS candidates
     ORDER BY rank, id
     LIMIT %(limit)s
+), lead AS (
+    SELECT timeouts FROM picked WHERE position = 1
 ), chosen AS (
     SELECT id FROM picked
     WHERE CASE WHEN EXISTS (SELECT FROM picked WHERE suspect) THEN id = (SELECT min(id) FROM picked WHERE suspect)
-               ELSE position <= size END
+               ELSE timeouts <= (SELECT timeouts FROM lead) END
+    ORDER BY position
+    LIMIT (SELECT greatest(1, %(limit)s::integer >> least(timeouts, 30)) FROM lead)
 )
 UPDATE ingestion_logs AS l
 SET state = %(state)s, lease_owner = %(owner)s,
@@ -192,29 +200,30 @@ WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
 -- clear it. A drift prior stops being the head: its clone is. A row the plugin planned (any state
 -- but PENDING_RETRY and ERRORED, which mean it could not be asked) did not kill this worker:
 -- lease_expiries is cleared (0007), so rows that only shared a killed batch are claimed in batches
--- again, while a suspect the plugin never got to stays one. answer_lost_at and timeouts (0009) are
--- as the worker decided them; a batch that went unanswered and will be split gets its claim back
--- (%(refund)s), since splitting, not the entity, is the remedy. No explicit row lock first: it
+-- again, while a suspect the plugin never got to stays one. next_attempt_at is %(retry_in)s seconds
+-- from now, by this server's clock. answer_lost_at (0009) is set now, kept (NULL) or cleared, as the
+-- worker decided; timeouts counts unanswered requests in a row, kept while the plugin says nothing
+-- about the row (7, 9), cleared once it does; a batch that went unanswered and will be split gets its
+-- claim back (%(refund)s), since splitting, not the entity, is the remedy. No explicit row lock first: it
 -- would write a WAL record per row before the update rewrites the row anyway (measured: 6.5 ms ->
 -- 2.9 ms per 100 rows); the rows come locked in the order of the id array, which is sorted.
 UPDATE ingestion_logs AS l
 SET state = u.state,
     error = u.error,
-    next_attempt_at = u.next_attempt_at,
+    next_attempt_at = now() + u.retry_in * interval '1 second',
     requeued_from_state = CASE WHEN u.state IN (7, 9) THEN l.requeued_from_state END,
     is_head = l.is_head AND NOT u.superseded,
     planned_branch = CASE WHEN u.state IN (7, 9) THEN l.planned_branch ELSE %(branch)s END,
     lease_owner = NULL,
     lease_expires_at = NULL,
     lease_expiries = CASE WHEN u.state IN (7, 9) THEN l.lease_expiries ELSE 0 END,
-    answer_lost_at = u.answer_lost_at,
-    timeouts = CASE WHEN u.timed_out THEN l.timeouts + 1 ELSE 0 END,
-    attempts = CASE WHEN u.refund THEN l.attempts - 1 ELSE l.attempts END,
+    answer_lost_at = CASE WHEN u.answer_lost THEN now() WHEN u.answer_lost IS NULL THEN l.answer_lost_at END,
+    timeouts = CASE WHEN u.timed_out THEN l.timeouts + 1 WHEN u.state IN (7, 9) THEN l.timeouts ELSE 0 END,
+    attempts = CASE WHEN u.refund THEN greatest(l.attempts - 1, 0) ELSE l.attempts END,
     updated_at = now()
-FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[], %(next_attempt_at)s::timestamptz[],
-            %(superseded)s::boolean[], %(answer_lost_at)s::timestamptz[], %(timed_out)s::boolean[],
-            %(refund)s::boolean[])
-     AS u (id, state, error, next_attempt_at, superseded, answer_lost_at, timed_out, refund)
+FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[], %(retry_in)s::float8[],
+            %(superseded)s::boolean[], %(answer_lost)s::boolean[], %(timed_out)s::boolean[], %(refund)s::boolean[])
+     AS u (id, state, error, retry_in, superseded, answer_lost, timed_out, refund)
 WHERE l.id = u.id AND l.lease_owner = %(owner)s
 RETURNING l.id;
 

@@ -90,6 +90,18 @@ def test_an_errored_drift_check_stays_a_drift_check_when_seen_again(db, dsn):
     assert (state, requeued) == (states.QUEUED, states.APPLIED)
 
 
+def test_a_row_waiting_for_a_request_netbox_may_still_run_is_not_requeued_by_a_new_observation(db, dsn):
+    """An ERRORED row that gave up on an unanswered request keeps waiting for it when seen again (it was
+    QUEUED at once, and sent while that request could still run); so does one planned in another branch."""
+    inbox.write(db, STREAM, [entry(site("held")), entry(site("elsewhere"))])
+    query(dsn, "UPDATE ingestion_logs SET state = 7, planned_branch = 'old (b1)', "
+               "next_attempt_at = now() + interval '5 minutes'")
+    until = query(dsn, "SELECT next_attempt_at FROM ingestion_logs ORDER BY id")
+    inbox.write(db, STREAM, [entry(site("held")), entry(site("elsewhere"))], branch="new (b2)")
+    assert query(dsn, "SELECT state, next_attempt_at, duplicate_count FROM ingestion_logs ORDER BY id") == [
+        (states.PENDING_RETRY, until[0][0], 1), (states.PENDING_RETRY, until[1][0], 1)]
+
+
 def test_same_entity_with_other_timestamp_metadata_and_producer_is_a_duplicate(db, dsn):
     inbox.write(db, STREAM, [entry(site("a"))])
     later = site("a")

@@ -12,7 +12,7 @@ from reconciler.plugin import Result
 
 from .faultserver import plan_for
 
-NOW = datetime.datetime(2026, 11, 28, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2026, 11, 28, tzinfo=datetime.timezone.utc).timestamp()
 RETRY = RetryPolicy(max_attempts=3, base_seconds=30, max_seconds=3600)
 ENTITY = {"site": {"name": "dc-1", "slug": "dc-1"}}
 NOOPS = {"id": "cs", "branch": None, "changes": [{"change_type": "noop", "object_type": "dcim.site", "object_id": 1}]}
@@ -78,14 +78,44 @@ def test_plan_error_is_stored_with_the_plugin_details():
 
 
 def test_unavailable_retries_with_growing_delays_then_errors():
-    first = outcomes.unavailable(row(attempts=1), "HTTP 503", RETRY, NOW)
-    second = outcomes.unavailable(row(attempts=2), "HTTP 503", RETRY, NOW)
+    first = outcomes.unavailable(row(attempts=1), "HTTP 503", RETRY)
+    second = outcomes.unavailable(row(attempts=2), "HTTP 503", RETRY)
     assert first.state == second.state == states.PENDING_RETRY
-    assert 15 <= (first.next_attempt_at - NOW).total_seconds() <= 30
-    assert 30 <= (second.next_attempt_at - NOW).total_seconds() <= 60
-    spent = outcomes.unavailable(row(attempts=3), "HTTP 503", RETRY, NOW)
-    assert spent.state == states.ERRORED and spent.next_attempt_at is None
+    assert 15 <= first.retry_in <= 30 and 30 <= second.retry_in <= 60
+    spent = outcomes.unavailable(row(attempts=3), "HTTP 503", RETRY)
+    assert spent.state == states.ERRORED and spent.retry_in is None
     assert spent.error["message"] == "gave up after 3 attempts: HTTP 503"
+    assert first.answer_lost is spent.answer_lost is outcomes.KEEP
+
+
+LOST_AT = datetime.datetime(2026, 11, 27, tzinfo=datetime.timezone.utc)
+NOTHING_TO_DO = Result("7", change_set={"id": "cs", "branch": None, "changes": []})
+
+
+@pytest.mark.parametrize("result, apply, requeued_from, expected", [
+    (NOTHING_TO_DO, True, None, (states.APPLIED, outcomes.KEEP)),  # the lost attempt applied it
+    (NOTHING_TO_DO, True, states.FAILED, (states.APPLIED, outcomes.KEEP)),
+    (NOTHING_TO_DO, True, states.NO_CHANGES, (states.NO_CHANGES, False)),  # it had nothing to apply before
+    (NOTHING_TO_DO, False, None, (states.NO_CHANGES, False)),  # a lost plan changed nothing
+    (CHANGES, True, None, (states.APPLIED, False)),  # applied now, with its change set
+    (PLAN_ERROR, True, None, (states.FAILED, False)),
+    (Result("7", unavailable="HTTP 503"), True, None, (states.PENDING_RETRY, outcomes.KEEP)),
+    (Result("7", unavailable="unreadable", answer_lost=True), True, None, (states.PENDING_RETRY, outcomes.LOST)),
+], ids=["apply", "after-failed", "after-no-changes", "plan-only", "changes", "plan-error", "unavailable", "lost"])
+def test_a_row_whose_last_answer_was_lost(result, apply, requeued_from, expected):
+    claimed = Claimed(7, "dcim.site", b"", requeued_from, 2, LOST_AT)
+    decision = outcomes.decide(claimed, result, apply, ENTITY, None, RETRY, NOW)
+    assert (decision.state, decision.answer_lost) == expected
+
+
+def test_an_unanswered_request_holds_the_row_and_splits_its_batch():
+    held = outcomes.decide(row(attempts=3), Result("7", unavailable="ReadTimeoutError", running_until=NOW + 290),
+                           True, ENTITY, None, RETRY, NOW)
+    assert (held.state, held.retry_in, held.timed_out, held.answer_lost) == (states.ERRORED, 290, True, outcomes.LOST)
+    split = outcomes.in_doubt(row(attempts=3), "ReadTimeoutError", 290, 100, RETRY)  # a batch: refunded, not spent
+    assert (split.state, split.retry_in, split.refund, split.error["code"]) == \
+        (states.PENDING_RETRY, 290, True, "ERR_PLUGIN_NO_ANSWER")
+    assert outcomes.in_doubt(row(), "x", -5, 1, RETRY).retry_in == 0  # NetBox is done with it already
 
 
 @pytest.mark.parametrize("object_type, changes, name", [

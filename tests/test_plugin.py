@@ -117,9 +117,12 @@ def test_a_request_that_went_unanswered_is_never_sent_again(server, endpoint, fa
     sent_at = time.time()
     with pytest.raises(InDoubt, match="not sent again while NetBox may still be working on it") as raised:
         (plugin.plan if endpoint == "bulk-plan/" else plugin.plan_apply)(ITEMS, None)
+    gave_up = time.time()
     assert len(server.calls(endpoint)) == 1
-    assert sent_at + 120 <= raised.value.until <= time.time() + 120  # sent, plus what NetBox may take
-    assert pacer.said == [raised.value.until]  # and no all-clear after it: still in doubt
+    # NetBox may have taken it up only as we gave up (queued behind busy workers), and then works 120 s.
+    assert sent_at + 120 <= raised.value.until <= gave_up + 120
+    before, after = pacer.said  # before sending (the longest it could run), then once we gave up
+    assert before >= after == raised.value.until  # and no all-clear: still in doubt
 
 
 def test_an_answered_request_is_cleared_and_one_that_never_left_is_not_in_doubt(server):

@@ -550,22 +550,28 @@ def test_a_row_alone_that_keeps_timing_out_spends_its_attempts(env, plugin, shar
 # --- what a dead worker leaves ---
 
 
-def _claimed_by_a_worker_that_dies(env, plugin, shared, dsn) -> Worker:
-    """A worker claims the rows, and (as if SIGKILLed right after the plugin applied them) never records."""
+def _claimed_by_a_worker_that_dies(env, plugin, shared, dsn, sent: bool = True) -> Worker:
+    """A worker claims the rows and never records them: as if SIGKILLed right after the plugin answered
+    (`sent`), or before it sent anything."""
     role = Worker(make_config(env, plugin), 7, shared.cache, shared.limiter)
     role.boot()
     role._claim()
+    if sent:  # what the plugin client says around a request that was answered
+        role.in_flight(time.time() + 60)
+        role.in_flight(0.0)
     role.shutdown()
     return role
 
 
-def test_the_supervisor_releases_a_dead_workers_rows_at_once(env, plugin, shared, dsn):
-    """They waited for their lease (600 s by default) although the supervisor reaps a worker within a second."""
+@pytest.mark.parametrize("sent", [True, False], ids=["answer-lost", "nothing-sent"])
+def test_the_supervisor_releases_a_dead_workers_rows_at_once(env, plugin, shared, dsn, sent):
+    """They waited for their lease (600 s by default) although the supervisor reaps a worker within a second.
+    Rows it had sent carry answer_lost_at: the plugin may have applied them."""
     enqueue(dsn, *sites("a", "b"))
-    dead = _claimed_by_a_worker_that_dies(env, plugin, shared, dsn)
+    dead = _claimed_by_a_worker_that_dies(env, plugin, shared, dsn, sent)
     release_after_exit(dead.config, dead.index, os.getpid(), dead.link)
     assert query(dsn, "SELECT state, lease_owner, lease_expiries, answer_lost_at IS NOT NULL FROM ingestion_logs") == \
-        [(states.QUEUED, None, 1, True)] * 2
+        [(states.QUEUED, None, 1, sent)] * 2
 
 
 def test_a_dead_workers_rows_wait_while_its_request_may_still_run(env, plugin, shared, dsn):
@@ -597,3 +603,37 @@ def test_an_apply_whose_answer_was_lost_is_recorded_as_such(env, plugin, shared,
         worker.run_once()
     assert query(dsn, "SELECT state, answer_lost_at FROM ingestion_logs ORDER BY id") == [
         (states.APPLIED, lost_at), (states.NO_CHANGES, None)]
+
+
+def test_per_entity_an_unanswered_first_entity_is_held_alone_and_the_rest_given_back(env, plugin, shared, dsn):
+    """Once the whole batch was held (and split, and counted) for its first entity's request."""
+    plugin.script("generate-diff/", Step(200, {"id": "x", "errors": None, "change_set": plan_for("a")}, delay=1.0))
+    role = Worker(make_config(env, plugin, netbox_api="single", workers_auto_apply="false",
+                              netbox_timeout_seconds=0.3), 1, shared.cache, shared.limiter)
+    role.boot()
+    enqueue(dsn, *sites("a", "b", "c"))
+    role.run_once()
+    role.shutdown()
+    assert query(dsn, "SELECT state, attempts, timeouts, answer_lost_at IS NOT NULL FROM ingestion_logs ORDER BY id") == [
+        (states.PENDING_RETRY, 1, 1, True), (states.QUEUED, 0, 0, False), (states.QUEUED, 0, 0, False)]
+    assert len(plugin.calls("generate-diff/")) == 1
+
+
+def test_a_batch_is_sized_for_its_first_row_and_rows_split_further_wait_to_lead(worker, plugin, dsn):
+    plugin.default("bulk-plan-apply/", Step(answer=converge))
+    enqueue(dsn, *sites("a", "b", "c", "d", "e", "f"))
+    query(dsn, "UPDATE ingestion_logs SET timeouts = CASE id WHEN 1 THEN 1 WHEN 3 THEN 2 ELSE 0 END")
+    worker.config.workers.batch_size = 4
+    for _ in range(3):
+        worker.run_once()
+    assert [[e["id"] for e in c.body["entities"]] for c in plugin.calls("bulk-plan-apply/")] == \
+        [["1", "2"], ["3"], ["4", "5", "6"]]
+
+
+def test_an_answer_that_says_nothing_of_what_the_plugin_did_marks_the_rows(worker, plugin, dsn):
+    """A 200 that is not the plugin's JSON: the apply may have happened. Retried, with answer_lost_at set."""
+    plugin.default("bulk-plan-apply/", Step(200, b"<html>maintenance</html>"))
+    enqueue(dsn, *sites("a"))
+    worker.run_once()
+    assert query(dsn, "SELECT state, answer_lost_at IS NOT NULL FROM ingestion_logs") == [(states.PENDING_RETRY, True)]
+    assert len(plugin.calls("bulk-plan-apply/")) == 1
