@@ -15,6 +15,7 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import uuid
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
 
@@ -78,9 +79,10 @@ class Shared:
 
     @classmethod
     def for_config(cls, config) -> "Shared":
-        """The supervisor's: its Manager listens in the scratch directory."""
+        """The supervisor's: its Manager listens in the scratch directory, on a socket of its own (a
+        killed Manager leaves its socket file behind, and the next one must not need that name)."""
         return cls(config.netbox.rate_limit_per_second, config.netbox.rate_limit_burst,
-                   scratch.socket_path("cache.sock"))
+                   scratch.socket_path(f"cache-{uuid.uuid4().hex[:8]}.sock"))
 
     @property
     def sentinel(self) -> int:

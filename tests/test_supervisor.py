@@ -103,3 +103,19 @@ def _is_gone(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_a_killed_manager_is_replaced_and_every_process_restarted(env, tmp_path, redis_client, dsn):
+    """Its socket file stays behind when it is SIGKILLed: the next Manager must not need its name (the
+    supervisor once crashed with "Address already in use")."""
+    with reconciler(env, tmp_path) as run:
+        run.wait_for_log("booted")
+        consumer = role_pid(run)
+        [manager] = [pid for pid in children_of(run.process.pid) if pid != consumer]
+        os.kill(manager, signal.SIGKILL)
+        run.wait_for_log("the shared cache's Manager died; restarting every process")
+        run.wait_for_log("booted", count=2)
+        push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
+        wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs") > 0, what="rows from the new consumer")
+        run.signal(signal.SIGTERM)
+        assert run.wait(timeout=20) == errors.RET_OK
