@@ -71,6 +71,7 @@ class Role(ABC):
         self.config = config
         self._stop_requested = False
         self.link = Link.create()  # serve() replaces it with the one the supervisor shares
+        self.parent: int | None = None  # the supervisor's pid, in a served process
 
     # --- implemented by roles ---
 
@@ -102,10 +103,20 @@ class Role(ABC):
         in NetBox (0: none): if this process dies, its claimed rows are not released before then."""
         self.link.request_until.value = until
 
+    def orphaned(self) -> bool:
+        """The supervisor is gone: this process stops instead of running on as an orphan."""
+        if self.parent is None or os.getppid() == self.parent:
+            return False
+        if not self._stop_requested:
+            logger.error("supervisor %d is gone; stopping", self.parent)
+            self._stop_requested = True
+        return True
+
     def pause(self, seconds: float) -> bool:
-        """Sleep up to `seconds`, waking early on stop; False when the role should stop."""
+        """Sleep up to `seconds`, waking early on stop (the supervisor gone included: every wait for a
+        dependency passes here); False when the role should stop."""
         deadline = time.monotonic() + seconds
-        while not self._stop_requested:
+        while not self._stop_requested and not self.orphaned():
             self.beat()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -174,14 +185,13 @@ def serve(factory: Callable[[Config], Role], config: Config, link: Link, parent:
     set_title(role.name)
     logsetup.set_role(role.name)
     logsetup.setup(config.log.level, config.log.format)
-    role.link = link
+    role.link, role.parent = link, parent
     _install_child_signals(role)
     role.beat()
     _boot(role)
     try:
         while not role.stopping:
-            if os.getppid() != parent:
-                logger.error("supervisor %d is gone; stopping", parent)
+            if role.orphaned():
                 break
             _record_heartbeat(role)
             role.run_once()

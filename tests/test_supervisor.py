@@ -7,6 +7,7 @@ import signal
 import time
 
 from reconciler import errors, sample
+from reconciler.roles import Role
 
 from .support import STREAM, children_of, push, reconciler, role_pid, scalar, wait_until
 
@@ -119,3 +120,18 @@ def test_a_killed_manager_is_replaced_and_every_process_restarted(env, tmp_path,
         wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs") > 0, what="rows from the new consumer")
         run.signal(signal.SIGTERM)
         assert run.wait(timeout=20) == errors.RET_OK
+
+
+class _Waiting(Role):
+    def run_once(self) -> None:
+        pass
+
+
+def test_a_role_waiting_for_a_dependency_stops_once_its_supervisor_is_gone(config):
+    """The consumer's backoff while Redis was down, and a worker's while Postgres was, ran on after a
+    SIGKILLed supervisor: every wait passes through pause(), which now notices."""
+    role = _Waiting(config)
+    role.parent = os.getppid()
+    assert role.pause(0.01) and not role.stopping
+    role.parent = -1  # as seen from a process whose supervisor died: reparented to another pid
+    assert role.pause(3600) is False and role.stopping
