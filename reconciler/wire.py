@@ -143,7 +143,12 @@ def _field_end(data: bytes, wire_type: int, pos: int, start: int) -> tuple[int, 
     raise Unreadable(f"request is not a diode.v1.IngestRequest: wire type {wire_type} at byte {start}")
 
 
-def _fields(data: bytes):
+def length_delimited(number: int, payload: bytes) -> bytes:
+    """One length-delimited field (a string, bytes or a message), encoded."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def fields_of(data: bytes):
     """(field number, wire type, field start, payload start, field end) of each top-level field."""
     pos = 0
     while pos < len(data):
@@ -161,7 +166,7 @@ def split_request(data: bytes) -> tuple[bytes, list[bytes]]:
     """(the request without its entities, [the bytes of each entity]) from a serialized IngestRequest."""
     header = bytearray()
     entities: list[bytes] = []
-    for number, wire_type, start, payload, end in _fields(data):
+    for number, wire_type, start, payload, end in fields_of(data):
         if number == ENTITIES_FIELD and wire_type == 2:
             entities.append(data[payload:end])
         else:
@@ -231,7 +236,7 @@ def _read_header(message: Message) -> None:
     than costing the request's entities. Nothing else of the request (its stream, its metadata) is
     kept, so nothing else of it may cost them either: its fields need only be of their declared kind."""
     texts: dict[str, bytes] = {}
-    for number, wire_type, start, payload, end in _fields(message.header):
+    for number, wire_type, start, payload, end in fields_of(message.header):
         expected = _REQUEST_WIRE_TYPES.get(number)
         if expected is not None and wire_type != expected:
             raise Unreadable(f"request is not a diode.v1.IngestRequest: field {number} at byte {start} has wire "
@@ -288,7 +293,7 @@ def _entity(message: Message, index: int, data: bytes) -> EntityRow | str:
 
 def _one_entity_fields(message: Message, data: bytes) -> dict[bytes, bytes]:
     """A stream entry holding only this entity (plus the request's own fields): replayable alone."""
-    request = message.header + _varint(ENTITIES_FIELD << 3 | 2) + _varint(len(data)) + data
+    request = message.header + length_delimited(ENTITIES_FIELD, data)
     return {b"request": request, b"ingestion_ts": message.fields.get(b"ingestion_ts", b"0")}
 
 
