@@ -82,7 +82,7 @@ class Shared:
         """The supervisor's: its Manager listens in the scratch directory, on a socket of its own (a
         killed Manager leaves its socket file behind, and the next one must not need that name)."""
         return cls(config.netbox.rate_limit_per_second, config.netbox.rate_limit_burst,
-                   scratch.socket_path(f"cache-{uuid.uuid4().hex[:8]}.sock"))
+                   scratch.socket_path(f"m-{uuid.uuid4().hex[:8]}"))  # short: sun_path holds 107 bytes
 
     @property
     def sentinel(self) -> int:

@@ -11,11 +11,14 @@ import json
 import os
 import re
 import signal
+import shutil
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from netboxlabs.diode.sdk import ingester as sdk
@@ -225,8 +228,10 @@ def test_consumer_alone_is_ready_without_a_plugin_and_an_operators_directory_is_
 def test_the_scratch_directory_of_a_killed_supervisor_is_removed_by_the_next_one(env, tmp_path):
     """atexit does not run on SIGKILL: each killed supervisor once left its metrics directory (and the
     Manager's pymp-* socket directory) in the temp folder."""
-    temp = tmp_path / "tmp"
-    temp.mkdir()
+    # A short temp folder, as /tmp or systemd's /run/reconciler: under pytest's long tmp_path the
+    # Manager's socket path would not fit a Unix socket's 107 bytes, and multiprocessing's own
+    # pymp-* directory is used instead.
+    temp = Path(tempfile.mkdtemp(prefix="rcn-"))
     env = {**env, "TMPDIR": str(temp)}
     for _ in range(3):
         with reconciler(env, tmp_path) as run:
@@ -243,6 +248,7 @@ def test_the_scratch_directory_of_a_killed_supervisor_is_removed_by_the_next_one
         assert run.wait(timeout=20) == errors.RET_OK
     assert not ours.exists()
     assert list(temp.iterdir()) == [someone_elses]
+    shutil.rmtree(temp)
 
 
 def test_a_taken_port_is_logged_and_the_service_runs_on(env, tmp_path):
