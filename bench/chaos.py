@@ -440,17 +440,22 @@ class Feeder:
 # --- scenarios ---
 
 
-def consumer_kill(ctx: Ctx) -> None:
-    """kill -9 of the consumer while the stream is fed; its pending entries are taken over."""
+def _kill_while_fed(ctx: Ctx, role: str) -> None:
+    """kill -9 of `role` again and again while the stream is fed."""
     service = ctx.start_service()
     ctx.push(ctx.plan.sites)
     ctx.feed(ctx.plan.feed_rate)
     for n in range(ctx.plan.kills):
         time.sleep(random.uniform(1.0, 3.0))
-        killed = ctx.kill_role(service, "consumer")
+        killed = ctx.kill_role(service, role)
         if killed and not ctx.wait_roles(service, {killed.pid}):
             return
     time.sleep(2)
+
+
+def consumer_kill(ctx: Ctx) -> None:
+    """kill -9 of the consumer while the stream is fed; its pending entries are taken over."""
+    _kill_while_fed(ctx, "consumer")
 
 
 def worker_kill(ctx: Ctx) -> None:
@@ -491,15 +496,7 @@ def worker_kill(ctx: Ctx) -> None:
 
 def refresher_kill(ctx: Ctx) -> None:
     """kill -9 of the branch refresher (it also measures backpressure) while rows flow."""
-    service = ctx.start_service()
-    ctx.push(ctx.plan.sites)
-    ctx.feed(ctx.plan.feed_rate)
-    for n in range(ctx.plan.kills):
-        time.sleep(random.uniform(1.0, 3.0))
-        killed = ctx.kill_role(service, "refresher")
-        if killed and not ctx.wait_roles(service, {killed.pid}):
-            return
-    time.sleep(2)
+    _kill_while_fed(ctx, "refresher")
 
 
 def manager_kill(ctx: Ctx) -> None:
