@@ -213,8 +213,8 @@ class Worker(Role):
                                 self.retry, now) for row in asked if row.id not in unsent]
 
     def _give_back(self, rows: list[Claimed], reason: str) -> None:
-        """Release claimed rows that have no outcome, uncounted, for the next claim. (A row whose
-        request timed out before the stop may have been applied: it is planned afresh, never replayed.)"""
+        """Release claimed rows that were never sent, uncounted, for the next claim. (Rows the plugin got
+        are never given back: _ask_plugin records them, and holds those it may still be working on.)"""
         try:
             outbox.release(self.db, self.owner, [row.id for row in rows])
         except DatabaseError as exc:
