@@ -153,9 +153,10 @@ def _pick_port(preferred: int | None) -> int:
             return port
 
 
-def _http(url: str, headers: dict | None = None, timeout: float = 10) -> tuple[int, bytes]:
-    """GET without raising on HTTP errors; (0, b'') when nothing answers."""
-    request = urllib.request.Request(url, headers=headers or {})
+def _http(url: str, headers: dict | None = None, timeout: float = 10, method: str = "GET",
+          body: bytes | None = None) -> tuple[int, bytes]:
+    """A request (GET unless told) without raising on HTTP errors; (0, b'') when nothing answers."""
+    request = urllib.request.Request(url, headers=headers or {}, method=method, data=body)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return resp.status, resp.read()
@@ -578,6 +579,34 @@ def rest_get(path: str, params: dict | None = None, branch: str | None = None):
     if status != 200:
         raise PeerError(f"GET {url}: HTTP {status}: {body[:500]!r}")
     return json.loads(body)
+
+
+def rest_patch(path: str, fields: dict) -> dict:
+    """PATCH a NetBox object (e.g. '/api/dcim/devices/7/') as admin, as an operator editing by hand."""
+    url = current().netbox_url + path
+    status, body = _http(url, {**_rest_headers(), "Content-Type": "application/json"}, timeout=60, method="PATCH",
+                         body=json.dumps(fields).encode())
+    if status != 200:
+        raise PeerError(f"PATCH {url}: HTTP {status}: {body[:500]!r}")
+    return json.loads(body)
+
+
+def rest_delete(path: str) -> None:
+    """DELETE a NetBox object as admin (what goes with it, NetBox deletes too)."""
+    url = current().netbox_url + path
+    status, body = _http(url, _rest_headers(), timeout=60, method="DELETE")
+    if status != 204:
+        raise PeerError(f"DELETE {url}: HTTP {status}: {body[:500]!r}")
+
+
+def plugin_requests() -> int:
+    """Requests the plugin has answered since NetBox started, from gunicorn's access log (every path
+    under /api/plugins/diode/ but default-branch/, which only the refresher asks)."""
+    path = LOGS / "netbox-access.log"
+    if not path.exists():
+        return 0
+    with open(path, "rb") as log:
+        return sum(1 for line in log if b"/api/plugins/diode/" in line and b"default-branch" not in line)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 
 import redis
 
-from . import inbox, metrics, shared, wire
+from . import driftchecks, inbox, metrics, shared, wire
 from .db import Database
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
@@ -83,6 +83,7 @@ class Consumer(Role):
         self._totals = inbox.Outcome()
         self._next_summary = time.monotonic() + SUMMARY_INTERVAL
         self.vacuum = QueueVacuum(config.postgres.dsn, config.postgres.schema)
+        self.check_reobservations = driftchecks.holds_reobservations(config)
 
     # --- lifecycle ---
 
@@ -244,7 +245,8 @@ class Consumer(Role):
         backoff, conflicted = Backoff(CONFLICT_FIRST_DELAY, CONFLICT_MAX_DELAY), False
         while True:
             try:
-                return inbox.write(self.db, self.stream, batch, branch, hash_order=conflicted)
+                return inbox.write(self.db, self.stream, batch, branch, hash_order=conflicted,
+                                   check=self.check_reobservations)
             except ConflictError as exc:
                 # A concurrent writer committed the same entity or entry first (or we deadlocked with
                 # it): re-plan against what it committed, inserting new rows in hash order so writers

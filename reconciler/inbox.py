@@ -22,7 +22,7 @@ import orjson
 from . import pgcopy, wire
 from .db import Database, Tx
 from .errors import ContentRejected, DatabaseError
-from .states import REQUEUE_ON_DUPLICATE
+from .states import CHECK_ON_DUPLICATE, REQUEUE_ON_DUPLICATE
 
 COPY_COLUMNS = 12  # the column list of copy_ingestion_logs
 
@@ -52,11 +52,14 @@ class _Plan:
 
 
 def write(db: Database, stream: str, messages: list[wire.Message], branch: str | None = None,
-          hash_order: bool = False) -> Outcome:
+          hash_order: bool = False, check: bool = False) -> Outcome:
     """Commit the rows and dead letters of these stream entries; safe to call again after a crash.
 
     `branch` is today's default branch as rows record it ("<name> (<id>)", "" for main), or None
     while it is not known: then every existing row of an entity absorbs new observations.
+
+    `check`: an APPLIED or NO_CHANGES row seen again waits in CHECKING for the change-log reader
+    (driftchecks.py) instead of going back to QUEUED.
 
     New rows get their ids in arrival order. With `hash_order` (a re-plan after a ConflictError) they
     are inserted in entity-hash order instead: writers that re-plan then meet on the unique head index
@@ -65,21 +68,21 @@ def write(db: Database, stream: str, messages: list[wire.Message], branch: str |
     claims follow, which keeps the entities of one request together in a poll worker's batch.
     """
     try:
-        return _write_batch(db, stream, messages, branch, hash_order)
+        return _write_batch(db, stream, messages, branch, hash_order, check)
     except ContentRejected as exc:
         if len(messages) == 1:
             return _refuse_entry(db, stream, messages[0], exc)
-        return _write_one_by_one(db, stream, messages, branch, hash_order)
+        return _write_one_by_one(db, stream, messages, branch, hash_order, check)
 
 
 def _write_one_by_one(db: Database, stream: str, messages: list[wire.Message], branch: str | None,
-                      hash_order: bool) -> Outcome:
+                      hash_order: bool, check: bool) -> Outcome:
     """Postgres refused something outside the COPY's savepoint, where the offending row is unknown: one
     transaction per entry finds its entry. Rare (a counter out of range), so the extra commits do not
     matter; entries committed before a conflict are redelivered no-ops when the caller re-plans."""
     outcome = Outcome()
     for message in messages:
-        outcome.add(write(db, stream, [message], branch, hash_order))
+        outcome.add(write(db, stream, [message], branch, hash_order, check))
     return outcome
 
 
@@ -92,7 +95,7 @@ def _refuse_entry(db: Database, stream: str, message: wire.Message, exc: Content
 
 
 def _write_batch(db: Database, stream: str, messages: list[wire.Message], branch: str | None = None,
-                 hash_order: bool = False) -> Outcome:
+                 hash_order: bool = False, check: bool = False) -> Outcome:
     with db.transaction() as tx:
         fresh = _claim_receipts(tx, stream, messages)
         outcome = Outcome(messages=len(messages), redelivered=len(messages) - len(fresh))
@@ -102,7 +105,7 @@ def _write_batch(db: Database, stream: str, messages: list[wire.Message], branch
         heads = _lock_heads(tx, rows, branch)
         plan, refused = _insert_new_rows(tx, rows, heads, hash_order)
         outcome.dead_letters += refused
-        outcome.requeued = _mark_duplicates(tx, plan.increments, heads)
+        outcome.requeued = _mark_duplicates(tx, plan.increments, heads, check)
         outcome.inserted = len(plan.new_rows)
         outcome.duplicates = len(rows) - len(refused) - outcome.inserted
         _store_dead_letters(tx, stream, outcome.dead_letters)
@@ -245,18 +248,22 @@ def _encode(items: list) -> bytes:
     return pgcopy.stream(tuples)
 
 
-def _mark_duplicates(tx: Tx, increments: Counter, heads: dict[bytes, Head]) -> int:
-    """Count the new observations on their heads; returns how many finished heads went back to QUEUED.
+def _mark_duplicates(tx: Tx, increments: Counter, heads: dict[bytes, Head], check: bool) -> int:
+    """Count the new observations on their heads; returns how many finished heads went back to QUEUED
+    or, with `check`, to CHECKING.
 
     Which states are requeued is decided here, from the heads lock_heads locked (their state cannot
-    change before commit), so REQUEUE_ON_DUPLICATE is the one definition of that set.
+    change before commit), so REQUEUE_ON_DUPLICATE and CHECK_ON_DUPLICATE are the one definition of
+    those sets.
     """
     if not increments:
         return 0
     states = {head.id: head.state for head in heads.values()}
     ids = sorted(increments)
     requeue = [states[i] in REQUEUE_ON_DUPLICATE for i in ids]
-    tx.execute("mark_duplicates", {"ids": ids, "increments": [increments[i] for i in ids], "requeue": requeue})
+    checked = [check and states[i] in CHECK_ON_DUPLICATE for i in ids]
+    tx.execute("mark_duplicates", {"ids": ids, "increments": [increments[i] for i in ids], "requeue": requeue,
+                                   "check": checked})
     return sum(requeue)
 
 

@@ -94,6 +94,20 @@ class _Metrics:
                         registry=None)
         self.pauses = C("reconciler_backpressure_pauses", "Times the poll workers were paused by backpressure.",
                         registry=None)
+        # drift checks
+        self.reobservations = C("reconciler_reobservations", "Unchanged re-observations of APPLIED or NO_CHANGES "
+                                "rows settled by the drift checks: skipped (NetBox did not change under them) or "
+                                "planned (it did, their last plan is older than [drift] max_age_hours, or the "
+                                "change log cannot be read).", ["outcome"], registry=None)
+        self.drift_fallback = G("reconciler_drift_fallback", "1 while NetBox's change log cannot be read and every "
+                                "unchanged re-observation is planned again, as in [drift] mode always.",
+                                multiprocess_mode="livemostrecent", registry=None)
+        self.change_log_high_water = G("reconciler_change_log_high_water_timestamp_seconds", "NetBox's clock at the "
+                                       "start of the last successful read of its change log (Unix time).",
+                                       multiprocess_mode="livemostrecent", registry=None)
+        self.change_log_changes = C("reconciler_change_log_changes", "Changes read from NetBox's change log that "
+                                    "were made by others than the plugin (a change read twice counts twice).",
+                                    registry=None)
         # supervisor
         self.restarts = C("reconciler_child_restarts", "Child processes restarted by the supervisor, by role and "
                           "reason (boot_failure, killed: by a signal, crashed: a non-zero exit).",
@@ -236,3 +250,24 @@ def backpressure(paused: bool, started: bool) -> None:
     m.paused.set(1 if paused else 0)
     if started:
         m.pauses.inc()
+
+
+# --- drift checks ---
+
+
+def reobservations_settled(skipped: int, planned: int) -> None:
+    m = _m()
+    if skipped:
+        m.reobservations.labels("skipped").inc(skipped)
+    if planned:
+        m.reobservations.labels("planned").inc(planned)
+
+
+def drift_fallback(on: bool) -> None:
+    _m().drift_fallback.set(1 if on else 0)
+
+
+def change_log_read(changes: int, high_water: float) -> None:
+    m = _m()
+    m.change_log_changes.inc(changes)
+    m.change_log_high_water.set(high_water)

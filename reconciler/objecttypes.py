@@ -41,6 +41,14 @@ def _object_type(member) -> str:
     return f"{_APP_OF_MODEL[model]}.{model}"
 
 
+def object_type_of_message(message_name: str) -> str | None:
+    """The NetBox object type of a diode.v1 message (`VMInterface` -> `virtualization.vminterface`),
+    None for messages that are not NetBox objects (a custom field value, a timestamp)."""
+    model = message_name.lower()
+    app = _APP_OF_MODEL.get(model)
+    return f"{app}.{model}" if app else None
+
+
 # oneof member name (e.g. "ip_address") -> NetBox object type (e.g. "ipam.ipaddress")
 OBJECT_TYPES: dict[str, str] = {member.name: _object_type(member) for member in ENTITY_ONEOF.fields}
 

@@ -221,6 +221,13 @@ def retry_after(header: str | None) -> float | None:
     return min(max(seconds, 0.0), RETRY_AFTER_CAP)
 
 
+def http_pool(netbox, size: int) -> urllib3.PoolManager:
+    """Connections to NetBox (plugin or REST API) as [netbox] says: no urllib3 retries (each caller
+    decides what may be repeated), TLS verified unless verify_tls is off."""
+    return urllib3.PoolManager(num_pools=2, maxsize=size, retries=False,
+                               cert_reqs="CERT_REQUIRED" if netbox.verify_tls else "CERT_NONE")
+
+
 class PluginClient:
     def __init__(self, netbox, limiter: SharedRateLimiter, pacer: Pacer | None = None) -> None:
         """`netbox` is the [netbox] settings section; `pacer` the calling role (its pause ends early
@@ -233,8 +240,7 @@ class PluginClient:
         self.api = netbox.api
         self.limiter = limiter
         self.pacer = pacer or Unpaced()
-        self.pool = urllib3.PoolManager(num_pools=2, maxsize=2, retries=False,
-                                        cert_reqs="CERT_REQUIRED" if netbox.verify_tls else "CERT_NONE")
+        self.pool = http_pool(netbox, size=2)
         self.tokens = TokenSource(self.pool, netbox.token_url, netbox.client_id, _client_secret(netbox),
                                   netbox.token, self.timeout, self.pacer)
         self._bulk = {"auto": None, "bulk": True, "single": False}[netbox.api]

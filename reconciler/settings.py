@@ -63,6 +63,16 @@ def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
     return parse
 
 
+def float_at_least(minimum: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw.strip())
+        if not value >= minimum:  # NaN fails too
+            raise ValueError(f"must be >= {minimum:g}, got {raw.strip()}")
+        return value
+
+    return parse
+
+
 def seconds_above_zero(raw: str) -> float:
     value = float(raw.strip())
     if value <= 0:
@@ -263,6 +273,36 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("netbox", "verify_tls", True, parse_bool, "Verify the plugin's TLS certificate (https URLs)."),
     Setting("netbox", "branch_refresh_seconds", 300.0, seconds_above_zero,
             "How often the refresher asks the plugin for its default branch."),
+    Setting("netbox", "api_token", "", any_text,
+            "NetBox REST API token (NetBox's own, not the plugin's) that may read the change log, for [drift] "
+            "mode changes; read access to devices and virtual machines as well makes the rule finer (an "
+            "interface edited by hand then re-plans that device's interface, not every interface of its "
+            "name). NetBox's URL is [netbox] url without /api/plugins/diode. Empty: every re-observation is "
+            "planned again, as with mode always.", mask=mask_all),
+    # [drift]
+    Setting("drift", "mode", "changes", one_of("always", "changes", "never"),
+            "What an unchanged re-observation of an APPLIED or NO_CHANGES entity costs. always: it is planned "
+            "again (the Go reconciler's rule: an edit or delete by hand in NetBox is undone at the next "
+            "discovery, but every discovery run re-plans the whole inventory). changes (default): it is planned "
+            "again only when NetBox's change log shows a change by someone other than the plugin to an object "
+            "it names since it was last planned; otherwise it only counts the observation. Needs [netbox] "
+            "api_token, and behaves as always (and says so) while the change log cannot be read. never: "
+            "never planned again until max_age_hours."),
+    Setting("drift", "max_age_hours", 24.0, float_at_least(0.0),
+            "An unchanged entity last planned longer ago than this is planned again whatever the change log "
+            "says: it covers what the change log cannot (a NetBox restored from a backup, changes made with "
+            "change logging off, a high-water mark older than NetBox's CHANGELOG_RETENTION, which must be "
+            "longer). A day puts back anything missed within a day, at 1/24 of mode always's cost for hourly "
+            "discovery. 0: no floor."),
+    Setting("drift", "poll_seconds", 10.0, seconds_above_zero,
+            "How often NetBox's change log is read. A re-observation waits for the next read (plus "
+            "clock_margin_seconds) before it is settled, so this is also the delay it adds."),
+    Setting("drift", "clock_margin_seconds", 10.0, float_at_least(0.0),
+            "Slack for NetBox's clock against Postgres' and for NetBox transactions still committing: a "
+            "change log read at NetBox time T is trusted up to T minus this, and a change this much before a "
+            "row's last plan still counts as after it."),
+    Setting("drift", "plugin_user", "diode", non_empty,
+            "The NetBox user the diode plugin writes as: its changes are the reconciler's own, not drift."),
     # [supervisor]
     Setting("supervisor", "drain_seconds", 75.0, seconds_above_zero,
             "On stop, how long children may finish their batch before they are killed. Above one plugin "
@@ -422,8 +462,22 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None,
     return config
 
 
+PLUGIN_PATH = "/api/plugins/diode"
+
+
+def netbox_base_url(netbox) -> str:
+    """NetBox's own URL, for its REST API: [netbox] url less the plugin's path."""
+    url = netbox.url.rstrip("/")
+    if not url.endswith(PLUGIN_PATH):
+        raise ConfigError(f"[netbox] api_token: NetBox's URL is [netbox] url less {PLUGIN_PATH}, and {netbox.url} "
+                          f"does not end with it")
+    return url[:-len(PLUGIN_PATH)]
+
+
 def check_consistency(config: Config) -> None:
     """Rules that span several settings."""
+    if config.netbox.api_token:
+        netbox_base_url(config.netbox)
     secret_file = config.netbox.client_secret_file
     if secret_file and not os.access(secret_file, os.R_OK):
         raise ConfigError(f"[netbox] client_secret_file: cannot read {secret_file}")

@@ -1,4 +1,5 @@
-"""`reconciler status`: the inbox, the stream, the plugin's default branch and live processes.
+"""`reconciler status`: the inbox, the drift checks, the stream, the plugin's default branch and live
+processes.
 
 Each section is read on its own and a section that cannot be read says what failed instead: a
 status command is what an operator runs when something is down, so Redis, NetBox or a missing
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import redis
 
-from . import console, errors, heartbeat, states
+from . import console, driftchecks, errors, heartbeat, states
 from .db import Database, latest_version
 from .errors import DatabaseError
 from .plugin import PluginClient, Unavailable
@@ -25,7 +26,7 @@ from .streamgroup import group_info, text
 SOON_SECONDS = 60  # "PENDING_RETRY due soon": what the workers will pick up within a minute
 PLUGIN_TIMEOUT_SECONDS = 5.0  # the branch is one small GET; a NetBox that is slower counts as down
 REDIS_TIMEOUT_SECONDS = 5.0
-POSTGRES_SECTIONS = ("schema", "inbox", "dead_letters", "processes")
+POSTGRES_SECTIONS = ("schema", "inbox", "dead_letters", "drift", "processes")
 LABEL_WIDTH = 22
 
 
@@ -77,6 +78,7 @@ def _postgres_sections(db: Database, config: Config, report: dict[str, Any]) -> 
     report["schema"] = _section(lambda: _schema(db, config), DatabaseError)
     report["inbox"] = _section(lambda: _inbox(db), DatabaseError)
     report["dead_letters"] = _section(lambda: _dead_letters(db), DatabaseError)
+    report["drift"] = _section(lambda: _drift(db, config), DatabaseError)
     report["processes"] = _section(lambda: _processes(db, config), DatabaseError)
     return True
 
@@ -99,6 +101,24 @@ def _inbox(db: Database) -> dict:
 def _dead_letters(db: Database) -> dict:
     [(count, oldest, newest)] = db.fetchall("status_dead_letters")
     return {"count": count, "oldest": oldest, "newest": newest}
+
+
+def _drift(db: Database, config: Config) -> dict:
+    [(high_water, trusted_since, read_at, failing_since, failure, skipped, planned, checking,
+      age)] = db.fetchall("status_drift")
+    mode = config.drift.mode
+    if mode == "changes" and not config.netbox.api_token:
+        fallback = "no [netbox] api_token is configured"
+    elif mode == "changes" and failing_since is not None:
+        fallback = f"the change log cannot be read since {failing_since:%Y-%m-%d %H:%M:%S UTC}: {failure}"
+    else:
+        fallback = None
+    return {"mode": mode, "max_age_hours": config.drift.max_age_hours,
+            "checks_change_log": mode == "changes" and driftchecks.holds_reobservations(config),
+            "fallback_to_always": fallback, "high_water": high_water,
+            "high_water_age_seconds": age.total_seconds() if age is not None else None,
+            "trusted_since": trusted_since, "last_read_at": read_at, "checking": checking,
+            "last_hour": {"skipped": skipped, "planned": planned}}
 
 
 def _processes(db: Database, config: Config) -> dict:
@@ -157,7 +177,7 @@ def render(report: dict[str, Any]) -> str:
     else:
         inbox = "\n".join(["Postgres inbox", _failed(report["postgres"])])
         processes = "\n".join(["Live processes", _line("unavailable:", "Postgres cannot be reached")])
-    parts = [f"reconciler status at {stamp}", inbox, _render_stream(report["stream"]),
+    parts = [f"reconciler status at {stamp}", inbox, _render_drift(report["drift"]), _render_stream(report["stream"]),
              _render_branch(report["default_branch"]), processes]
     return "\n\n".join(parts)
 
@@ -201,6 +221,26 @@ def _render_dead_letters(section: dict, now: datetime.datetime) -> str:
         return _line("dead letters", 0)
     newest = console.human_seconds((now - section["newest"]).total_seconds())
     return _line("dead letters", f"{section['count']} (newest {newest} ago; see `reconciler dead-letters list`)")
+
+
+def _render_drift(section: dict) -> str:
+    if "error" in section:
+        return "\n".join(["Drift checks", _failed(section)])
+    floor = f"{section['max_age_hours']:g} h" if section["max_age_hours"] > 0 else "none"
+    lines = [f"Drift checks (mode {section['mode']}, max age {floor})"]
+    if section["fallback_to_always"]:
+        lines.append(_line("FALLBACK", f"every re-observation is planned again, as mode always: "
+                                       f"{section['fallback_to_always']}"))
+    if section["mode"] == "changes" and section["high_water"] is not None:
+        age = console.human_seconds(section["high_water_age_seconds"])
+        lines.append(_line("change log read up to", f"{section['high_water']:%Y-%m-%d %H:%M:%S UTC} ({age} ago)"))
+    elif section["mode"] == "changes":
+        lines.append(_line("change log read up to", "never read yet"))
+    last_hour = section["last_hour"]
+    lines.append(_line("last hour", f"{last_hour['skipped']} re-observations skipped, {last_hour['planned']} "
+                                    f"planned again"))
+    lines.append(_line("CHECKING", f"{section['checking']} waiting for the next read"))
+    return "\n".join(lines)
 
 
 def _render_stream(section: dict) -> str:

@@ -68,7 +68,10 @@ FROM STDIN WITH (FORMAT binary);
 
 -- mark_duplicates --
 -- Another observation of rows we already have: count it, and send the rows flagged in
--- %(requeue)s back to QUEUED so they are planned again, remembering where they came from. The
+-- %(requeue)s back to QUEUED so they are planned again, remembering where they came from; those
+-- also flagged in %(check)s (APPLIED and NO_CHANGES ones, in [drift] mode changes or never) go to
+-- CHECKING instead (0010), where the change-log reader decides whether they need a plan, and keep
+-- their error and attempts in case it gives them back their state. The
 -- caller flags the finished ones (states.REQUEUE_ON_DUPLICATE: APPLIED, FAILED, NO_CHANGES,
 -- ERRORED) from the states lock_heads locked, so that set is written down once, in Python. Rows
 -- that are queued, in flight, OPEN or IGNORED keep their state. lease_expiries is kept: a row that
@@ -79,16 +82,17 @@ UPDATE ingestion_logs AS l
 SET duplicate_count = l.duplicate_count + d.increment,
     last_seen = now(),
     updated_at = now(),
-    state = CASE WHEN NOT d.requeue THEN l.state WHEN l.next_attempt_at > now() THEN 9 ELSE 1 END,
+    state = CASE WHEN NOT d.requeue THEN l.state WHEN d.checked THEN 10 WHEN l.next_attempt_at > now() THEN 9 ELSE 1 END,
     -- An ERRORED drift check (requeued from APPLIED, then the plugin stayed unreachable) keeps its
     -- APPLIED origin: its object is still in NetBox, so the next plan is still a drift check.
     requeued_from_state = CASE WHEN NOT d.requeue THEN l.requeued_from_state
                                WHEN l.state = 7 AND l.requeued_from_state = 3 THEN 3
                                ELSE l.state END,
-    error = CASE WHEN d.requeue THEN NULL ELSE l.error END,
-    attempts = CASE WHEN d.requeue THEN 0 ELSE l.attempts END,
+    error = CASE WHEN d.requeue AND NOT d.checked THEN NULL ELSE l.error END,
+    attempts = CASE WHEN d.requeue AND NOT d.checked THEN 0 ELSE l.attempts END,
     next_attempt_at = CASE WHEN NOT d.requeue OR l.next_attempt_at > now() THEN l.next_attempt_at END
-FROM unnest(%(ids)s::bigint[], %(increments)s::integer[], %(requeue)s::boolean[]) AS d (id, increment, requeue)
+FROM unnest(%(ids)s::bigint[], %(increments)s::integer[], %(requeue)s::boolean[], %(check)s::boolean[])
+     AS d (id, increment, requeue, checked)
 WHERE l.id = d.id;
 
 -- insert_dead_letters --
@@ -181,7 +185,7 @@ WITH due AS (
 UPDATE ingestion_logs AS l
 SET state = %(state)s, lease_owner = %(owner)s,
     lease_expires_at = now() + %(lease_seconds)s::float8 * interval '1 second',
-    attempts = l.attempts + 1, updated_at = now()
+    attempts = l.attempts + 1, claimed_at = now(), updated_at = now()
 FROM chosen
 WHERE l.id = chosen.id
 RETURNING l.id, l.object_type, l.entity, l.requeued_from_state, l.attempts, l.answer_lost_at, l.timeouts;
@@ -200,7 +204,8 @@ WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
 -- clear it. A drift prior stops being the head: its clone is. A row the plugin planned (any state
 -- but PENDING_RETRY and ERRORED, which mean it could not be asked) did not kill this worker:
 -- lease_expiries is cleared (0007), so rows that only shared a killed batch are claimed in batches
--- again, while a suspect the plugin never got to stays one. next_attempt_at is %(retry_in)s seconds
+-- again, while a suspect the plugin never got to stays one. planned_at (0010) is when the claim that
+-- got this answer was made: a change in NetBox after it may not be in the plan. next_attempt_at is %(retry_in)s seconds
 -- from now, by this server's clock. answer_lost_at (0009) is set now, kept (NULL) or cleared, as the
 -- worker decided; timeouts counts unanswered requests in a row, kept while the plugin says nothing
 -- about the row (7, 9), cleared once it does; a batch that went unanswered and will be split gets its
@@ -214,6 +219,7 @@ SET state = u.state,
     requeued_from_state = CASE WHEN u.state IN (7, 9) THEN l.requeued_from_state END,
     is_head = l.is_head AND NOT u.superseded,
     planned_branch = CASE WHEN u.state IN (7, 9) THEN l.planned_branch ELSE %(branch)s END,
+    planned_at = CASE WHEN u.state IN (7, 9) THEN l.planned_at ELSE l.claimed_at END,
     lease_owner = NULL,
     lease_expires_at = NULL,
     lease_expiries = CASE WHEN u.state IN (7, 9) THEN l.lease_expiries ELSE 0 END,
@@ -232,9 +238,10 @@ RETURNING l.id;
 -- its new state, the new head of its entity hash.
 INSERT INTO ingestion_logs (object_type, request_id, ingestion_ts, source_ts, producer_app_name, producer_app_version,
                             sdk_name, sdk_version, entity, entity_hash, source_metadata, state, error, planned_branch,
-                            drift_of)
+                            drift_of, planned_at, drift_keys)
 SELECT p.object_type, p.request_id, %(now_ns)s, p.source_ts, p.producer_app_name, p.producer_app_version,
-       p.sdk_name, p.sdk_version, p.entity, p.entity_hash, p.source_metadata, u.state, u.error, %(branch)s, p.id
+       p.sdk_name, p.sdk_version, p.entity, p.entity_hash, p.source_metadata, u.state, u.error, %(branch)s, p.id,
+       p.claimed_at, p.drift_keys
 FROM ingestion_logs AS p
 JOIN unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[]) AS u (id, state, error) ON p.id = u.id
 ORDER BY p.id
@@ -410,3 +417,88 @@ ORDER BY cs.id;
 -- ping --
 -- /readyz: Postgres answers, within the probe's statement timeout.
 SELECT 1;
+
+-- change_log_progress --
+SELECT high_water, trusted_since, read_at, failing_since, failure FROM change_log;
+
+-- change_log_read --
+-- A read of NetBox's change log that went through: the changes it found, then its progress. The
+-- high-water mark only moves forward (two replicas may read at once); trusted_since moves when the
+-- read could not start where the last one ended (its first, or after a gap longer than max_age).
+UPDATE change_log
+SET high_water = greatest(high_water, %(high_water)s),
+    trusted_since = CASE WHEN %(restarted)s OR trusted_since IS NULL THEN %(read_from)s ELSE trusted_since END,
+    read_at = now(), failing_since = NULL, failure = NULL
+RETURNING high_water, trusted_since;
+
+-- change_log_failed --
+UPDATE change_log SET failing_since = coalesce(failing_since, now()), failure = %(failure)s
+RETURNING failing_since;
+
+-- store_netbox_changes --
+INSERT INTO netbox_changes (key, changed_at, change_id)
+SELECT * FROM unnest(%(keys)s::text[], %(changed_at)s::timestamptz[], %(change_ids)s::bigint[])
+ON CONFLICT DO NOTHING;
+
+-- prune_netbox_changes --
+-- Changes older than any plan a CHECKING row may still be judged by: older plans are re-planned by
+-- max_age anyway.
+DELETE FROM netbox_changes WHERE changed_at < now() - %(keep_seconds)s::float8 * interval '1 second';
+
+-- checking_without_keys --
+SELECT id, entity FROM ingestion_logs WHERE state = 10 AND drift_keys IS NULL ORDER BY id LIMIT %(limit)s;
+
+-- store_drift_keys --
+-- Keys joined by newlines: unnest cannot take an array of arrays of different lengths.
+UPDATE ingestion_logs AS l SET drift_keys = string_to_array(k.keys, E'\n')
+FROM unnest(%(ids)s::bigint[], %(keys)s::text[]) AS k (id, keys)
+WHERE l.id = k.id AND l.state = 10;
+
+-- settle_checks --
+-- Rows in CHECKING seen no later than %(seen_before)s (NULL: any) go back to the state they were
+-- seen in (requeued_from_state), or to QUEUED to be planned again when: %(replan_all)s (the change
+-- log cannot be read), they were never planned since 0010, their last plan is older than
+-- %(max_age)s seconds (0: no floor), or, with %(match)s, it came before the change log was read
+-- continuously, or a change in NetBox by someone other than the plugin met one of their keys at or
+-- after their last plan (less %(margin)s seconds). A row without keys yet waits for them when
+-- changes are matched. Locked in id order, like every other writer of many rows.
+WITH waiting AS (
+    SELECT id FROM ingestion_logs
+    WHERE state = 10 AND (%(seen_before)s::timestamptz IS NULL OR last_seen <= %(seen_before)s::timestamptz)
+      AND (drift_keys IS NOT NULL OR NOT %(match)s OR %(replan_all)s)
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), judged AS (
+    SELECT l.id, (%(replan_all)s OR l.planned_at IS NULL
+                  OR (%(max_age)s > 0 AND l.planned_at < now() - %(max_age)s * interval '1 second')
+                  OR (%(match)s AND (l.planned_at < %(trusted_since)s::timestamptz + %(margin)s * interval '1 second'
+                                     OR EXISTS (SELECT FROM netbox_changes AS c
+                                                WHERE c.key = ANY(l.drift_keys)
+                                                  AND c.changed_at >= l.planned_at - %(margin)s * interval '1 second'))))
+           AS replan
+    FROM ingestion_logs AS l JOIN waiting ON l.id = waiting.id
+)
+UPDATE ingestion_logs AS l
+SET state = CASE WHEN j.replan THEN 1 ELSE l.requeued_from_state END,
+    requeued_from_state = CASE WHEN j.replan THEN l.requeued_from_state END,
+    error = CASE WHEN j.replan THEN NULL ELSE l.error END,
+    attempts = CASE WHEN j.replan THEN 0 ELSE l.attempts END,
+    updated_at = now()
+FROM judged AS j
+WHERE l.id = j.id
+RETURNING j.replan;
+
+-- tally_checks --
+INSERT INTO drift_tally (skipped, planned) VALUES (%(skipped)s, %(planned)s);
+
+-- prune_drift_tally --
+DELETE FROM drift_tally WHERE at < now() - interval '1 hour';
+
+-- status_drift --
+SELECT c.high_water, c.trusted_since, c.read_at, c.failing_since, c.failure,
+       (SELECT coalesce(sum(skipped), 0) FROM drift_tally WHERE at >= now() - interval '1 hour'),
+       (SELECT coalesce(sum(planned), 0) FROM drift_tally WHERE at >= now() - interval '1 hour'),
+       (SELECT count(*) FROM ingestion_logs WHERE state = 10),
+       now() - c.high_water
+FROM change_log AS c;
