@@ -194,6 +194,7 @@ class DriftChecks(Role):
             with self.db.transaction() as tx:
                 tx.execute("store_drift_keys", {"ids": [row_id for row_id, _ in rows],
                                                 "keys": ["\n".join(_entity_keys(bytes(entity))) for _, entity in rows]})
+            self.beat()  # a large backlog takes many rounds; each is progress
             if len(rows) < KEYS_BATCH:
                 return
 
@@ -215,6 +216,7 @@ class DriftChecks(Role):
                     tx.execute("tally_checks", {"skipped": len(replans) - batch_planned, "planned": batch_planned})
             skipped += len(replans) - batch_planned
             planned += batch_planned
+            self.beat()
             if len(replans) < SETTLE_BATCH:
                 break
         metrics.reobservations_settled(skipped, planned)

@@ -177,7 +177,8 @@ def render(report: dict[str, Any]) -> str:
     else:
         inbox = "\n".join(["Postgres inbox", _failed(report["postgres"])])
         processes = "\n".join(["Live processes", _line("unavailable:", "Postgres cannot be reached")])
-    parts = [f"reconciler status at {stamp}", inbox, _render_drift(report["drift"]), _render_stream(report["stream"]),
+    parts = [f"reconciler status at {stamp}", inbox, _render_drift(report["drift"], report["default_branch"]),
+             _render_stream(report["stream"]),
              _render_branch(report["default_branch"]), processes]
     return "\n\n".join(parts)
 
@@ -223,14 +224,16 @@ def _render_dead_letters(section: dict, now: datetime.datetime) -> str:
     return _line("dead letters", f"{section['count']} (newest {newest} ago; see `reconciler dead-letters list`)")
 
 
-def _render_drift(section: dict) -> str:
+def _render_drift(section: dict, branch: dict) -> str:
     if "error" in section:
         return "\n".join(["Drift checks", _failed(section)])
     floor = f"{section['max_age_hours']:g} h" if section["max_age_hours"] > 0 else "none"
     lines = [f"Drift checks (mode {section['mode']}, max age {floor})"]
-    if section["fallback_to_always"]:
-        lines.append(_line("FALLBACK", f"every re-observation is planned again, as mode always: "
-                                       f"{section['fallback_to_always']}"))
+    fallback = section["fallback_to_always"]
+    if not fallback and section["mode"] == "changes" and branch.get("branch"):
+        fallback = f"plans go to branch {branch['branch']['name']}, whose changes are not in main's change log"
+    if fallback:
+        lines.append(_line("FALLBACK", f"every re-observation is planned again, as mode always: {fallback}"))
     if section["mode"] == "changes" and section["high_water"] is not None:
         age = console.human_seconds(section["high_water_age_seconds"])
         lines.append(_line("change log read up to", f"{section['high_water']:%Y-%m-%d %H:%M:%S UTC} ({age} ago)"))

@@ -457,7 +457,8 @@ WHERE l.id = k.id AND l.state = 10;
 -- settle_checks --
 -- Rows in CHECKING seen no later than %(seen_before)s (NULL: any) go back to the state they were
 -- seen in (requeued_from_state), or to QUEUED to be planned again when: %(replan_all)s (the change
--- log cannot be read), they were never planned since 0010, their last plan is older than
+-- log cannot be read), they were never planned since 0010, or planned in a branch (whose changes
+-- are not in main's change log), their last plan is older than
 -- %(max_age)s seconds (0: no floor), or, with %(match)s, it came before the change log was read
 -- continuously, or a change in NetBox by someone other than the plugin met one of their keys at or
 -- after their last plan (less %(margin)s seconds). A row without keys yet waits for them when
@@ -470,7 +471,7 @@ WITH waiting AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), judged AS (
-    SELECT l.id, (%(replan_all)s OR l.planned_at IS NULL
+    SELECT l.id, (%(replan_all)s OR l.planned_at IS NULL OR l.planned_branch IS DISTINCT FROM ''
                   OR (%(max_age)s > 0 AND l.planned_at < now() - %(max_age)s * interval '1 second')
                   OR (%(match)s AND (l.planned_at < %(trusted_since)s::timestamptz + %(margin)s * interval '1 second'
                                      OR EXISTS (SELECT FROM netbox_changes AS c

@@ -132,7 +132,8 @@ def test_status_json_matches_the_known_state(plugin_env, known_state):
     report = cli_json(plugin_env, "status")
 
     assert report["inbox"]["states"] == {"QUEUED": 3, "OPEN": 0, "APPLIED": 1, "FAILED": 1, "NO_CHANGES": 0,
-                                         "IGNORED": 0, "ERRORED": 0, "APPLYING": 2, "PENDING_RETRY": 2}
+                                         "IGNORED": 0, "ERRORED": 0, "APPLYING": 2, "PENDING_RETRY": 2,
+                                         "CHECKING": 0}
     assert report["inbox"]["total"] == 9
     assert 85 <= report["inbox"]["oldest_queued_seconds"] < 300
     assert (report["inbox"]["in_flight"], report["inbox"]["expired_leases"]) == (2, 1)
@@ -145,6 +146,9 @@ def test_status_json_matches_the_known_state(plugin_env, known_state):
     live = {(p["host"], p["role"]) for p in report["processes"]["live"]}
     assert live == {(socket.gethostname(), "worker 1"), ("other-host", "consumer")}
     assert report["schema"]["version"] == report["schema"]["wanted"]
+    drift = report["drift"]
+    assert (drift["mode"], drift["fallback_to_always"], drift["high_water"]) == (
+        "changes", "no [netbox] api_token is configured", None)
 
 
 def test_status_text_is_a_readable_table_of_the_same(plugin_env, known_state):
@@ -157,6 +161,8 @@ def test_status_text_is_a_readable_table_of_the_same(plugin_env, known_state):
                      r"PENDING_RETRY\s+2 \(1 due within 60s\)", r"dead letters\s+2 \(newest",
                      r"length\s+3\n", r"consumer group\s+diode-reconciler: lag 2, pending 1, consumers 1",
                      r"default branch\s+staging \(td5smq0f\)", r"other-host\s+42\s+consumer",
+                     r"Drift checks \(mode changes, max age 24 h\)\n\s+FALLBACK\s+every re-observation is planned "
+                     r"again, as mode always: no \[netbox\] api_token is configured",
                      rf"{re.escape(socket.gethostname())}\s+\d+\s+worker 1"):
         assert re.search(expected, text), f"{expected!r} not in:\n{text}"
     assert "gone-host" not in text and "Traceback" not in done.stderr
@@ -496,10 +502,10 @@ def test_status_lists_the_processes_of_a_running_service(env, tmp_path, dsn):
         with reconciler(env, tmp_path) as run:
             run.wait_for_log("ready: running")
             roles = lambda: sorted(p["role"] for p in cli_json(env, "status")["processes"]["live"])  # noqa: E731
-            wait_until(lambda: roles() == ["consumer", "refresher", "worker 1", "worker 2"],
+            wait_until(lambda: roles() == ["consumer", "drift-checks", "refresher", "worker 1", "worker 2"],
                        what=lambda: f"every role in `status`, saw {roles()}")
             pids = {p["pid"] for p in cli_json(env, "status")["processes"]["live"]}
-            assert run.process.pid not in pids and len(pids) == 4
+            assert run.process.pid not in pids and len(pids) == 5
             run.signal(signal.SIGTERM)
             assert run.wait(20) == errors.RET_OK
     finally:

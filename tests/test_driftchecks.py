@@ -1,0 +1,103 @@
+"""The drift-checks role's rules on a real Postgres, where NetBox's answer is not the point: mode
+never and its max age, a change log that cannot be read, rows another mode left in CHECKING.
+Against the real NetBox change log: tests/test_drift_netbox.py."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from reconciler import inbox, settings, states
+from reconciler.db import Database
+from reconciler.driftchecks import DriftChecks, holds_reobservations
+
+from .support import query, scalar
+from .test_inbox import STREAM, entry, site
+
+
+@pytest.fixture
+def db(dsn):
+    database = Database(dsn, "reconciler")
+    yield database
+    database.close()
+
+
+def drift_config(env, **drift) -> settings.Config:
+    values = {f"RECONCILER_DRIFT_{key.upper()}": str(value) for key, value in drift.items()}
+    return settings.load(path="/dev/null", environ={**env, **values})
+
+
+def applied_then_seen_again(db, dsn, config, planned_hours_ago: float = 0.0, names=("a", "b")) -> None:
+    """Rows APPLIED by a plan `planned_hours_ago`, then each seen again unchanged."""
+    inbox.write(db, STREAM, [entry(*(site(n) for n in names))])
+    query(dsn, "UPDATE ingestion_logs SET state = 3, attempts = 1, planned_at = now() - %s * interval '1 hour', "
+               "planned_branch = '' WHERE state = 1",
+          (planned_hours_ago,))
+    inbox.write(db, STREAM, [entry(*(site(n) for n in names))], check=holds_reobservations(config))
+
+
+def run_once(config) -> tuple[int, int]:
+    role = DriftChecks(config)
+    role.boot()
+    try:
+        return role.check_once()
+    finally:
+        role.shutdown()
+
+
+def states_of(dsn) -> list[tuple]:
+    return query(dsn, "SELECT state, requeued_from_state, duplicate_count, attempts FROM ingestion_logs ORDER BY id")
+
+
+def test_mode_never_gives_an_unchanged_row_back_its_state_until_its_plan_is_older_than_max_age(db, dsn, env):
+    config = drift_config(env, mode="never", max_age_hours=24)
+    applied_then_seen_again(db, dsn, config, planned_hours_ago=1, names=("fresh",))
+    applied_then_seen_again(db, dsn, config, planned_hours_ago=25, names=("stale",))
+    assert [state for state, *_ in states_of(dsn)] == [states.CHECKING, states.CHECKING]
+    assert run_once(config) == (1, 1)
+    assert states_of(dsn) == [(states.APPLIED, None, 1, 1),  # counted, nothing else touched
+                              (states.QUEUED, states.APPLIED, 1, 0)]  # a drift check, planned again
+    assert scalar(dsn, "SELECT sum(skipped) || '/' || sum(planned) FROM drift_tally") == "1/1"
+
+
+def test_a_row_planned_before_the_change_aware_rules_existed_is_planned_again(db, dsn, env):
+    config = drift_config(env, mode="never")
+    applied_then_seen_again(db, dsn, config)
+    query(dsn, "UPDATE ingestion_logs SET planned_at = NULL")  # as migration 0010 leaves older rows
+    assert run_once(config) == (0, 2)
+
+
+def test_a_row_planned_in_a_branch_is_planned_again_main_s_change_log_says_nothing_of_it(db, dsn, env):
+    config = drift_config(env, mode="never")
+    applied_then_seen_again(db, dsn, config, names=("main",))
+    applied_then_seen_again(db, dsn, config, names=("branched",))
+    query(dsn, "UPDATE ingestion_logs SET planned_branch = 'staging (td5smq0f)' WHERE id = 2")
+    assert run_once(config) == (1, 1)
+    assert [state for state, *_ in states_of(dsn)] == [states.APPLIED, states.QUEUED]
+
+
+def test_a_change_log_that_cannot_be_read_plans_every_reobservation_and_says_so(db, dsn, env, caplog):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/api/plugins/diode"
+    config = drift_config(env, mode="changes")
+    config = config.replace(**{"netbox.url": url, "netbox.api_token": "t"})
+    applied_then_seen_again(db, dsn, config)
+    assert run_once(config) == (0, 2)
+    [(failing_since, failure)] = query(dsn, "SELECT failing_since, failure FROM change_log")
+    assert failing_since is not None and failure.startswith("unreachable: no answer from NetBox")
+    assert "every unchanged re-observation is planned again" in caplog.text
+
+
+def test_without_an_api_token_reobservations_are_requeued_as_in_mode_always(db, dsn, env):
+    config = drift_config(env, mode="changes")
+    assert not holds_reobservations(config)
+    applied_then_seen_again(db, dsn, config)
+    assert [state for state, *_ in states_of(dsn)] == [states.QUEUED, states.QUEUED]
+
+
+def test_rows_another_mode_left_in_checking_are_planned_in_mode_always(db, dsn, env):
+    applied_then_seen_again(db, dsn, drift_config(env, mode="never"))
+    assert run_once(drift_config(env, mode="always")) == (0, 2)
+    assert {state for state, *_ in states_of(dsn)} == {states.QUEUED}
