@@ -139,13 +139,18 @@ def edit_by_hand(mode: Mode, share: float, rng: random.Random) -> list[tuple]:
         objects = peer.rest_get(path, params={site_filter: mode.site_name, "limit": 1000})["results"]
         for obj in rng.sample(objects, math.ceil(len(objects) * share)):
             peer.rest_patch(f"{path}{obj['id']}/", {field_name: value})
-            edited.append((path, obj["id"], field_name, obj[field_name] if source is None else source))
+            edited.append((path, obj["id"], field_name, _value(obj[field_name]) if source is None else source))
     return edited
 
 
 def missed(edits: list[tuple]) -> list[tuple]:
     return [(path, object_id, name) for path, object_id, name, source in edits
-            if peer.rest_get(f"{path}{object_id}/")[name] != source]
+            if _value(peer.rest_get(f"{path}{object_id}/")[name]) != source]
+
+
+def _value(field):
+    """A field as NetBox's REST API shows it: choices come as {"value", "label"}."""
+    return field["value"] if isinstance(field, dict) and "value" in field else field
 
 
 def main() -> None:

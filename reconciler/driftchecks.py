@@ -152,8 +152,8 @@ class DriftChecks(Role):
         return rows
 
     def _look_up_owners(self, records: list[dict], owner_names: dict[tuple[str, int], set[str]]) -> None:
-        """Names of the devices and VMs the changed components belong to. Without read access to them,
-        a component's change meets every component of its name: coarser, never wrong."""
+        """Names of the owners (devices, VMs, sites) of the changed objects. Without read access to them, a
+        change meets every object of its type and name: coarser, never wrong."""
         wanted = defaultdict(set)
         for record in records:
             for owner_type, owner_id in driftkeys.owner_ids(record):
@@ -164,8 +164,8 @@ class DriftChecks(Role):
                 for owner_id, name in self.api.names(owner_type, ids).items():
                     owner_names[(owner_type, owner_id)].add(name)
             except ChangeLogUnreadable as exc:
-                log.info("cannot read the names of %s (%s): changes to their components re-plan every "
-                         "component of the same name", OWNER_ENDPOINTS[owner_type], exc)
+                log.info("cannot read the names of %s (%s): a change to what they own re-plans everything "
+                         "of its type and name", OWNER_ENDPOINTS[owner_type], exc)
 
     def _failed(self, exc: ChangeLogUnreadable) -> None:
         with self.db.transaction() as tx:

@@ -6,9 +6,10 @@ to a NetBox object by natural keys, then writing the fields the entity sets. So 
 hand can only matter to an entity that names the edited object. Both sides name objects the same
 way: their type and their primary value (`name`, `address`, `model`... the SDK's PRIMARY_VALUE_MAP,
 which is also what the plugin reports as `object_primary_value`), normalised so that spellings the
-plugin treats as one object meet (case, an IP address's mask, MAC separators). Components (an
-interface, a VM interface, a console port...) are also qualified by the device or virtual machine
-they belong to: `ge-0/0/1` exists on every switch, and an edit of one must not re-plan them all.
+plugin treats as one object meet (case, an IP address's mask, MAC separators). Objects are also
+qualified by their owner: components (an interface, a VM interface, a console port...) by their
+device or virtual machine, devices, racks and VLANs by their site: `ge-0/0/1` exists on every
+switch and `core-1` in every site, and an edit of one must not re-plan them all.
 
 The rule may only over-select, never miss. Every doubt widens the match instead of narrowing it:
   `T|?`       every object the entity names carries this; a change whose object's primary value
@@ -16,8 +17,8 @@ The rule may only over-select, never miss. Every doubt widens the match instead 
   `T|*`       an object the entity names without a primary value (or by NetBox id alone) meets
               every change of type T, which always emits it;
   `T|n|*`     an object without a known owner: meets every change of a T named n;
-  `T|n|o`     a component named n of owner o; it also carries `T|n|?`, which a change emits when it
-              cannot tell the owner, so such a change meets every component named n.
+  `T|n|o`     an object named n of owner o; it also carries `T|n|?`, which a change emits when it
+              cannot tell an owner, so such a change meets every object of type T named n.
 Normalising only merges values (never tells apart what the plugin would treat as one), so two
 objects that share a key are at worst both re-planned.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from google.protobuf.message import Message
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
@@ -34,8 +35,9 @@ from netboxlabs.diode.sdk.ingester import PRIMARY_VALUE_MAP
 
 from .objecttypes import ENTITY_ONEOF, MEMBERS, object_type_of_message
 
-# Owner fields of components: the same name in the diode schema and in NetBox's serialized data.
-OWNER_FIELDS = {"device": "dcim.device", "virtual_machine": "virtualization.virtualmachine"}
+# Fields that scope a name, by the type they point to: the same name in the diode schema and in
+# NetBox's serialized data. A row is qualified by the first of them its message sets.
+OWNER_FIELDS = {"device": "dcim.device", "virtual_machine": "virtualization.virtualmachine", "site": "dcim.site"}
 _SEPARATORS = re.compile(r"[\s:.\-_]")
 _ADDRESS_LIKE = re.compile(r"[0-9a-f:.]+(/\d+)?$")  # worth asking ipaddress whether it is one
 
@@ -110,7 +112,7 @@ def _set_value(message: Message, name: str):
 
 
 def _owner_of(message: Message) -> str | None:
-    """`<owner type>=<normalised owner name>` of a component, None when it has no known owner."""
+    """`<owner type>=<normalised owner name>` of an object, None when it has no known owner."""
     for field_name, owner_type in OWNER_FIELDS.items():
         field = message.DESCRIPTOR.fields_by_name.get(field_name)
         if field is None or field.message_type is None or not message.HasField(field_name):
@@ -149,27 +151,36 @@ def change_keys(change: dict, owner_names: dict[tuple[str, int], set[str]]) -> l
         keys.add(f"{object_type}|?")
     for name in names:
         keys.add(f"{object_type}|{name}|*")
-        keys.update(f"{object_type}|{name}|{owner}" for owner in _owners(snapshots, owner_names))
+        keys.update(f"{object_type}|{name}|{owner}" for owner in _owners(object_type, snapshots, owner_names))
     return sorted(keys)
 
 
-def _owners(snapshots: list[dict], owner_names: dict[tuple[str, int], set[str]]) -> Iterable[str]:
-    """The owners of the component in these snapshots, `?` for one that is unknown or unresolved."""
+def _owner_fields(object_type: str) -> list[str]:
+    """The owner fields the diode message of this type has, in OWNER_FIELDS order."""
+    member = MEMBERS.get(object_type)
+    if member is None:
+        return []
+    fields = pb.Entity.DESCRIPTOR.fields_by_name[member].message_type.fields_by_name
+    return [name for name in OWNER_FIELDS if name in fields and fields[name].message_type is not None]
+
+
+def _owners(object_type: str, snapshots: list[dict], owner_names: dict[tuple[str, int], set[str]]) -> set[str]:
+    """The owners of the changed object, by every owner field an entity may qualify it with; `?` when
+    one of them is missing from the data or cannot be named (then it meets every owner)."""
     owners = set()
     for data in snapshots:
-        for field_name, owner_type in OWNER_FIELDS.items():
+        for field_name in _owner_fields(object_type):
             owner_id = data.get(field_name)
-            if owner_id is None:
-                continue
-            names = owner_names.get((owner_type, owner_id), set()) if isinstance(owner_id, int) else set()
-            owners.update(f"{owner_type}={normalise(name)}" for name in names if name not in (None, ""))
-            if not any(name not in (None, "") for name in names):
+            names = {n for n in owner_names.get((OWNER_FIELDS[field_name], owner_id), ()) if n not in (None, "")} \
+                if isinstance(owner_id, int) else set()
+            owners.update(f"{OWNER_FIELDS[field_name]}={normalise(name)}" for name in names)
+            if not names:
                 owners.add("?")
     return owners or {"?"}
 
 
 def owner_ids(change: dict) -> set[tuple[str, int]]:
-    """The (owner type, NetBox id) of the component a change is about, to resolve into names."""
+    """The (owner type, NetBox id) of the owners of the object a change is about, to resolve into names."""
     found = set()
     for data in (change.get("prechange_data"), change.get("postchange_data")):
         if isinstance(data, dict):

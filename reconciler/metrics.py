@@ -70,7 +70,8 @@ class _Metrics:
         self.entities = C("reconciler_entities_consumed", "Entities in the committed stream entries.", registry=None)
         self.duplicates = C("reconciler_entities_duplicate", "Entities already in the inbox (same entity hash): "
                             "counted on the existing row instead of a new one.", registry=None)
-        self.requeued = C("reconciler_entities_requeued", "Duplicates that sent a finished row back to QUEUED.",
+        self.requeued = C("reconciler_entities_requeued", "Duplicates that sent a finished row back to QUEUED (or, "
+                          "for the drift checks, to CHECKING).",
                           registry=None)
         self.dead_letters = C("reconciler_dead_letters", "Stream entries or entities stored as dead letters, "
                               "by kind of reason.", ["kind"], registry=None)

@@ -1,5 +1,5 @@
-"""NetBox's own REST API (not the plugin's): its change log, and the names of devices and virtual
-machines the change log refers to by id. Read with `[netbox] api_token`; nothing here writes.
+"""NetBox's own REST API (not the plugin's): its change log, and the names of the devices, virtual
+machines and sites the change log refers to by id. Read with `[netbox] api_token`; nothing here writes.
 
 A read that fails raises ChangeLogUnreadable with a `kind` (a contract for logs, status and
 metrics): `no_token`, `unauthorized` (401), `forbidden` (403), `unreachable` (no answer), `http_error`
@@ -25,7 +25,8 @@ from .settings import netbox_base_url, plugin_connect_seconds
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 1000  # NetBox's default MAX_PAGE_SIZE
-OWNER_ENDPOINTS = {"dcim.device": "dcim/devices", "virtualization.virtualmachine": "virtualization/virtual-machines"}
+OWNER_ENDPOINTS = {"dcim.device": "dcim/devices", "virtualization.virtualmachine": "virtualization/virtual-machines",
+                   "dcim.site": "dcim/sites"}
 IDS_PER_LOOKUP = 100  # ids per name lookup: keeps the query string far below any URL limit
 
 
@@ -64,7 +65,7 @@ class NetBoxAPI:
         return records, server_time
 
     def names(self, owner_type: str, ids: set[int]) -> dict[int, str]:
-        """{id: name} of the devices or virtual machines with these ids that exist and can be read."""
+        """{id: name} of the devices, virtual machines or sites with these ids that exist and can be read."""
         names: dict[int, str] = {}
         ordered = sorted(ids)
         for first in range(0, len(ordered), IDS_PER_LOOKUP):
@@ -110,7 +111,7 @@ def _server_time(header: str | None) -> datetime.datetime:
 
 
 def owner_names_in(records: list[dict]) -> Iterator[tuple[str, int, str]]:
-    """(owner type, id, name) of the devices and virtual machines the records themselves describe,
+    """(owner type, id, name) of the devices, virtual machines and sites the records themselves describe,
     under each name they had: a device deleted with its interfaces can no longer be looked up, but
     its delete record names it."""
     for record in records:

@@ -275,9 +275,9 @@ SETTINGS: tuple[Setting, ...] = (
             "How often the refresher asks the plugin for its default branch."),
     Setting("netbox", "api_token", "", any_text,
             "NetBox REST API token (NetBox's own, not the plugin's) that may read the change log, for [drift] "
-            "mode changes; read access to devices and virtual machines as well makes the rule finer (an "
+            "mode changes; read access to sites, devices and virtual machines as well makes the rule finer (an "
             "interface edited by hand then re-plans that device's interface, not every interface of its "
-            "name). NetBox's URL is [netbox] url without /api/plugins/diode. Empty: every re-observation is "
+            "name; a device, rack or VLAN, those of its site). NetBox's URL is [netbox] url without /api/plugins/diode. Empty: every re-observation is "
             "planned again, as with mode always.", mask=mask_all),
     # [drift]
     Setting("drift", "mode", "changes", one_of("always", "changes", "never"),

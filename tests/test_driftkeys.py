@@ -33,6 +33,14 @@ def test_an_interface_edited_on_one_switch_meets_that_switchs_interface_and_not_
     assert not meets(interface_entity("sw-1", "ge-0/0/2"), edit, owners)
 
 
+def test_a_device_edited_in_one_site_does_not_meet_its_namesake_in_another():
+    edit = change("dcim.device", {"name": "core-1", "site": 3, "serial": "A"}, {"name": "core-1", "site": 3})
+    in_site = lambda site: sdk.Entity(device=sdk.Device(name="core-1", site=sdk.Site(name=site)))  # noqa: E731
+    assert meets(in_site("dc-1"), edit, {("dcim.site", 3): {"dc-1"}})
+    assert not meets(in_site("dc-2"), edit, {("dcim.site", 3): {"dc-1"}})
+    assert meets(in_site("dc-2"), edit)  # the site cannot be named: every core-1
+
+
 def test_an_interface_whose_switch_cannot_be_named_meets_every_interface_of_its_name():
     edit = change("dcim.interface", {"name": "ge-0/0/1", "device": 7})
     assert meets(interface_entity("sw-1", "ge-0/0/1"), edit)
