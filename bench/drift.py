@@ -111,9 +111,20 @@ def stop(mode: Mode) -> None:
         mode.process.wait(120)
 
 
+def plans(mode: Mode) -> dict:
+    """Rows planned so far, by why: new rows (first plan), drift checks that found drift (clones), and
+    the drift checks' own tally of skipped and re-planned re-observations (mode changes)."""
+    [(rows, clones, skipped, replanned)] = mode.sql(
+        "SELECT (SELECT count(*) FROM ingestion_logs WHERE drift_of IS NULL), "
+        "(SELECT count(*) FROM ingestion_logs WHERE drift_of IS NOT NULL), "
+        "(SELECT coalesce(sum(skipped), 0) FROM drift_tally), (SELECT coalesce(sum(planned), 0) FROM drift_tally)")
+    return {"new_rows": rows, "drift_found": clones, "skipped": skipped, "replanned": replanned}
+
+
 def run_cycle(mode: Mode, cycle: int, changed: float) -> dict:
     client = redis.Redis.from_url(mode.redis_url)
     requests_before, (seconds_before, _) = peer.plugin_requests(), mode.netbox_seconds()
+    plans_before = plans(mode)
     started = time.perf_counter()
     for fields in _site_entries(mode.site, cycle, changed if cycle == 2 else 0.0):
         client.xadd(STREAM, fields)
@@ -123,8 +134,9 @@ def run_cycle(mode: Mode, cycle: int, changed: float) -> dict:
     wall = time.perf_counter() - started
     seconds_after, _ = mode.netbox_seconds()
     states = dict(mode.sql("SELECT state, count(*) FROM ingestion_logs WHERE is_head GROUP BY 1"))
+    counts = {key: value - plans_before[key] for key, value in plans(mode).items()}
     return {"requests": peer.plugin_requests() - requests_before, "netbox_seconds": seconds_after - seconds_before,
-            "wall_seconds": wall, "states": states}
+            "wall_seconds": wall, "states": states, **counts}
 
 
 def _site_entries(site: int, cycle: int, changed: float):
@@ -198,12 +210,14 @@ def main() -> None:
 def report(results: dict, missed_edits: dict, args) -> None:
     print(f"\nsample network: {SHAPE.entity_count()} entities per mode; cycle 2: {args.edited:.0%} of each kind of "
           f"object edited by hand, {args.changed:.0%} of descriptions changed at the source\n")
-    print("| cycle | mode | plugin requests | NetBox time (s) | seconds until final | hand edits | not put back |")
-    print("|---|---|---|---|---|---|---|")
+    print("| cycle | mode | plugin requests | NetBox time (s) | seconds until final | new rows | re-observations "
+          "skipped / planned | drift found | hand edits | not put back |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (cycle, mode), r in results.items():
         lost = len(missed_edits.get(mode, [])) if cycle == 2 else "-"
+        checks = f"{r['skipped']} / {r['replanned']}" if mode == "changes" else "- / all"
         print(f"| {cycle} | {mode} | {r['requests']} | {r['netbox_seconds']:.1f} | {r['wall_seconds']:.1f} | "
-              f"{r['edited'] or '-'} | {lost} |")
+              f"{r['new_rows']} | {checks} | {r['drift_found']} | {r['edited'] or '-'} | {lost} |")
     print()
     for cycle in (1, 2):
         always, changes = results[(cycle, "always")], results[(cycle, "changes")]

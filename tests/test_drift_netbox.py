@@ -14,6 +14,7 @@ from reconciler import driftkeys, sample, settings, states, status
 from reconciler.db import Database
 
 from .support import push, query, reconciler, scalar, wait_until
+from .test_metrics import base_url, scrape, value
 from .test_e2e import EXPECTED, SHAPE, head_states, netbox, netbox_counts, site_entries, wait_finished  # noqa: F401
 
 WAITING = (states.QUEUED, states.CHECKING, states.PENDING_RETRY)
@@ -47,6 +48,13 @@ def device(name: str) -> dict:
     return peer.rest_get("/api/dcim/devices/", params={"name": name})["results"][0]
 
 
+def serial_edited_by_hand(name: str) -> str:
+    """Edit a device's serial as an operator would (REST PATCH as the admin); its serial before."""
+    original = device(name)
+    peer.rest_patch(f"/api/dcim/devices/{original['id']}/", {"serial": "CHANGED-BY-HAND"})
+    return original["serial"]
+
+
 def naming(site: int, object_type: str, name: str) -> int:
     """How many of a site's entities name this object: what a change to it re-plans."""
     key = f"{object_type}|{driftkeys.normalise(name)}|*"
@@ -55,17 +63,25 @@ def naming(site: int, object_type: str, name: str) -> int:
 
 def test_an_unchanged_resend_asks_the_plugin_nothing(drift_env, dsn, redis_client, tmp_path):
     site, total = 21, SHAPE.entity_count()
-    with reconciler(drift_env, tmp_path):
+    with reconciler(drift_env, tmp_path) as run:
         push(redis_client, site_entries(site))
         wait_finished(dsn, total)
         before = peer.plugin_requests()
         push(redis_client, site_entries(site, cycle=1))  # the next discovery run: new timestamps, same objects
         wait_settled(dsn, total, seen=1)
         assert peer.plugin_requests() == before
+        samples = scrape(base_url(run))
     assert head_states(dsn) == {states.APPLIED: total}
     assert scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE duplicate_count = 1 AND last_seen > created_at") \
         == total
     assert scalar(dsn, "SELECT sum(skipped) FROM drift_tally") == total and replanned(dsn) == 0
+    assert value(samples, "reconciler_reobservations_total", outcome="skipped") == total
+    assert value(samples, "reconciler_drift_fallback") == 0
+    report, _ = status.collect(settings.load(path="/dev/null", environ=drift_env))
+    drift = report["drift"]
+    assert drift["last_hour"] == {"skipped": total, "planned": 0} and drift["fallback_to_always"] is None
+    assert 0 <= drift["high_water_age_seconds"] < 60
+    assert "change log read up to" in status.render(report)
 
 
 def test_a_serial_changed_by_hand_is_put_back_and_only_what_names_its_device_is_planned(
@@ -75,11 +91,10 @@ def test_a_serial_changed_by_hand_is_put_back_and_only_what_names_its_device_is_
     with reconciler(drift_env, tmp_path):
         push(redis_client, site_entries(site))
         wait_finished(dsn, total)
-        original = device(name)
-        peer.rest_patch(f"/api/dcim/devices/{original['id']}/", {"serial": "CHANGED-BY-HAND"})
+        original = serial_edited_by_hand(name)
         push(redis_client, site_entries(site, cycle=1))  # at once: the change log has not been read since
         wait_settled(dsn, total, seen=1)
-    assert device(name)["serial"] == original["serial"]
+    assert device(name)["serial"] == original
     # The device, its interfaces and the addresses on them (each names the device): 10 of the 35 rows.
     assert replanned(dsn) == naming(site, "dcim.device", name) == 10
     assert head_states(dsn) == {states.APPLIED: total}
@@ -137,8 +152,7 @@ def test_in_plan_only_mode_a_hand_edit_becomes_an_open_drift_row_that_would_undo
     with reconciler(drift_env, tmp_path):
         push(redis_client, site_entries(site))
         wait_finished(dsn, total)
-    original = device(name)
-    peer.rest_patch(f"/api/dcim/devices/{original['id']}/", {"serial": "CHANGED-BY-HAND"})
+    original = serial_edited_by_hand(name)
     with reconciler({**drift_env, "RECONCILER_WORKERS_AUTO_APPLY": "false"}, tmp_path):
         push(redis_client, site_entries(site, cycle=1))
         wait_settled(dsn, total, seen=1)
@@ -147,6 +161,6 @@ def test_in_plan_only_mode_a_hand_edit_becomes_an_open_drift_row_that_would_undo
     [(before, after)] = query(dsn, "SELECT c.before, c.after FROM changes c JOIN change_sets s ON s.id = "
                                    "c.change_set_id WHERE s.ingestion_log_id = %s AND c.change_type = 'update' "
                                    "AND c.object_type = 'dcim.device'", (row_id,))
-    assert (before["serial"], after["serial"]) == ("CHANGED-BY-HAND", original["serial"])
+    assert (before["serial"], after["serial"]) == ("CHANGED-BY-HAND", original)
     assert device(name)["serial"] == "CHANGED-BY-HAND"  # plan only: NetBox is left as it is
     assert scalar(dsn, "SELECT state FROM ingestion_logs WHERE id = %s", (drift_of,)) == states.APPLIED
