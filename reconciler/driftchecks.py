@@ -100,7 +100,7 @@ class DriftChecks(Role):
     def _read_change_log(self) -> datetime.datetime | None:
         """Read what is new in the change log; the high-water mark, or None while it cannot be read."""
         drift = self.config.drift
-        [(high_water, trusted_since, *_)] = self.db.fetchall("change_log_progress")
+        [(high_water, *_)] = self.db.fetchall("change_log_progress")
         read_from, restarted = self._read_from(high_water)
         try:
             records, server_time = self.api.changes_since(read_from, drift.plugin_user)
@@ -108,18 +108,18 @@ class DriftChecks(Role):
             self._failed(exc)
             return None
         rows = self._keys_of(records)
+        new: set[int] = set()
         with self.db.transaction() as tx:
             if rows:
                 keys, changed_at, change_ids = zip(*rows)
-                tx.execute("store_netbox_changes", {"keys": list(keys), "changed_at": list(changed_at),
-                                                    "change_ids": list(change_ids)})
-            [(high_water, trusted_since)] = tx.fetchall("change_log_read", {
+                new = {change_id for change_id, in tx.fetchall("store_netbox_changes", {
+                    "keys": list(keys), "changed_at": list(changed_at), "change_ids": list(change_ids)})}
+            [(high_water, _)] = tx.fetchall("change_log_read", {
                 "high_water": server_time, "restarted": restarted, "read_from": read_from or EPOCH})
         self._recovered()
-        metrics.change_log_read(len(records), high_water.timestamp())
-        if records:
-            log.info("change log: %d changes by others than %s since %s", len(records), drift.plugin_user,
-                     read_from.isoformat() if read_from else "its start")
+        metrics.change_log_read(len(new), high_water.timestamp())
+        if new:  # each read starts clock_margin_seconds before the last one ended: only the new ones
+            log.info("change log: %d new changes by others than %s", len(new), drift.plugin_user)
         return high_water
 
     def _read_from(self, high_water: datetime.datetime | None) -> tuple[datetime.datetime | None, bool]:

@@ -106,8 +106,8 @@ class _Metrics:
         self.change_log_high_water = G("reconciler_change_log_high_water_timestamp_seconds", "NetBox's clock at the "
                                        "start of the last successful read of its change log (Unix time).",
                                        multiprocess_mode="livemostrecent", registry=None)
-        self.change_log_changes = C("reconciler_change_log_changes", "Changes read from NetBox's change log that "
-                                    "were made by others than the plugin (a change read twice counts twice).",
+        self.change_log_changes = C("reconciler_change_log_changes", "Changes made by others than the plugin, read "
+                                    "from NetBox's change log (each once).",
                                     registry=None)
         # supervisor
         self.restarts = C("reconciler_child_restarts", "Child processes restarted by the supervisor, by role and "

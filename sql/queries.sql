@@ -436,9 +436,12 @@ UPDATE change_log SET failing_since = coalesce(failing_since, now()), failure = 
 RETURNING failing_since;
 
 -- store_netbox_changes --
+-- Reads overlap (each starts clock_margin_seconds before the last high-water mark): what is kept
+-- already is left alone, and the ids of the changes new to us are returned.
 INSERT INTO netbox_changes (key, changed_at, change_id)
 SELECT * FROM unnest(%(keys)s::text[], %(changed_at)s::timestamptz[], %(change_ids)s::bigint[])
-ON CONFLICT DO NOTHING;
+ON CONFLICT DO NOTHING
+RETURNING change_id;
 
 -- prune_netbox_changes --
 -- Changes older than any plan a CHECKING row may still be judged by: older plans are re-planned by
