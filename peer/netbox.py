@@ -79,6 +79,7 @@ class Peer:
         return {
             "RECONCILER_NETBOX_URL": self.plugin_url,
             "RECONCILER_NETBOX_TOKEN": PLUGIN_TOKEN,
+            "RECONCILER_NETBOX_API_TOKEN": self.netbox_token,  # the change log, for [drift] mode changes
             "PEER_NETBOX_URL": self.netbox_url,
             "PEER_NETBOX_TOKEN": self.netbox_token,
             "PEER_INTROSPECT_URL": self.introspect_url,

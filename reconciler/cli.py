@@ -13,7 +13,7 @@ from typing import Callable
 from . import errors, operate, settings
 from . import log as logsetup
 from .consumer import Consumer
-from .driftchecks import DriftChecks
+from .driftchecks import DriftChecks, holds_reobservations
 from .refresher import Refresher
 from .roles import set_title
 from .db import Database
@@ -27,9 +27,11 @@ log = logging.getLogger("reconciler")
 
 
 def role_specs(config: Config, shared: Shared) -> list[RoleSpec]:
-    """The processes `reconciler run` keeps running: the consumer and the drift checks that settle
-    what it parks in CHECKING, and with workers the refresher."""
-    specs = [RoleSpec("consumer", partial(Consumer, cache=shared.cache)), RoleSpec("drift-checks", DriftChecks)]
+    """The processes `reconciler run` keeps running: the consumer, the drift checks when it parks
+    re-observations in CHECKING for them, and with workers the refresher."""
+    specs = [RoleSpec("consumer", partial(Consumer, cache=shared.cache))]
+    if holds_reobservations(config):
+        specs.append(RoleSpec("drift-checks", DriftChecks))
     if config.workers.count > 0:
         specs.append(RoleSpec("refresher", partial(Refresher, cache=shared.cache, limiter=shared.limiter)))
         specs += [RoleSpec(f"worker {n}", partial(Worker, index=n, cache=shared.cache, limiter=shared.limiter),

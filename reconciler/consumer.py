@@ -99,7 +99,20 @@ class Consumer(Role):
             self._ensure_group()
         except (redis.RedisError, OSError) as exc:
             raise BootError(f"cannot use Redis at {settings.url.split('@')[-1]}: {exc}") from exc
+        if not self.check_reobservations:
+            self._plan_every_reobservation()
         log.info("consuming %s as %s of group %s", self.stream, self.consumer, self.group)
+
+    def _plan_every_reobservation(self) -> None:
+        """No drift-checks process runs: re-observations are requeued here, and rows an earlier
+        configuration parked in CHECKING are sent to QUEUED rather than left waiting for one."""
+        released = driftchecks.release_checking(self.db)
+        if released:
+            log.warning("%d rows waited in CHECKING for drift checks that no longer run; planning them", released)
+        if self.config.drift.mode == "changes":  # not what was asked for: say so, as the role would
+            log.warning("[drift] mode changes without [netbox] api_token: every unchanged re-observation is "
+                        "planned again, as in mode always")
+            metrics.drift_fallback(True)
 
     def shutdown(self) -> None:
         if self.db is not None:

@@ -14,10 +14,11 @@ every `[drift] poll_seconds`:
    plan, or their last plan is older than `[drift] max_age_hours`. A row seen after the mark waits
    for the next read: an edit made a second before the re-send is in the change log by then.
 
-When the change log cannot be read (no `[netbox] api_token`, 401/403, NetBox down), every CHECKING
-row is planned again, as in mode always, and the role says so: a log line when it starts and when it
-ends, `reconciler status`, the reconciler_drift_fallback gauge. In mode always the consumer requeues
-directly, and this role only sends back to QUEUED what an earlier mode left in CHECKING.
+When the change log cannot be read (401/403, NetBox down), every CHECKING row is planned again, as
+in mode always, and the role says so: a log line when it starts and when it ends, `reconciler
+status`, the reconciler_drift_fallback gauge. Without `[netbox] api_token`, or in mode always, the
+consumer requeues re-observations itself and this role does not run; the consumer says so at boot
+and sends to QUEUED whatever an earlier configuration left in CHECKING (release_checking).
 """
 
 from __future__ import annotations
@@ -44,9 +45,37 @@ EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
 def holds_reobservations(config) -> bool:
-    """Whether the consumer parks unchanged re-observations in CHECKING (else: QUEUED, mode always)."""
+    """Whether the consumer parks unchanged re-observations in CHECKING for this role (else it requeues
+    them, as mode always)."""
     mode = config.drift.mode
     return mode == "never" or (mode == "changes" and bool(config.netbox.api_token))
+
+
+def release_checking(db: Database) -> int:
+    """Send every CHECKING row to QUEUED, to be planned: what a consumer that does not park
+    re-observations does at boot with those an earlier configuration parked, so that none waits for a
+    drift-checks process that no longer runs. Returns how many."""
+    return sum(settle(db, {"seen_before": None, "trusted_since": EPOCH, "margin": 0.0, "max_age": 0.0,
+                           "match": False, "replan_all": True, "limit": SETTLE_BATCH}))
+
+
+def settle(db: Database, params: dict, role: Role | None = None) -> tuple[int, int]:
+    """settle_checks in batches until none is left; (skipped, planned). Each batch is tallied for
+    `reconciler status`; a role's stop ends the loop, its heartbeat is kept."""
+    skipped = planned = 0
+    while role is None or not role.stopping:
+        with db.transaction() as tx:
+            replans = [replan for replan, in tx.fetchall("settle_checks", params)]
+            batch_planned = sum(replans)
+            if replans:
+                tx.execute("tally_checks", {"skipped": len(replans) - batch_planned, "planned": batch_planned})
+        skipped += len(replans) - batch_planned
+        planned += batch_planned
+        if role is not None:
+            role.beat()  # a large backlog takes many batches; each is progress
+        if len(replans) < SETTLE_BATCH:
+            break
+    return skipped, planned
 
 
 class DriftChecks(Role):
@@ -84,12 +113,11 @@ class DriftChecks(Role):
 
     def check_once(self) -> tuple[int, int]:
         """One round: read the change log (mode changes), settle what can be. (skipped, planned)."""
-        mode = self.config.drift.mode
         high_water = None
-        if mode == "changes":
+        if self.config.drift.mode == "changes":
             high_water = self._read_change_log()
             self._give_keys()
-        settled = self._settle(mode, high_water)
+        settled = self._settle(high_water)
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_INTERVAL
             self._prune()
@@ -169,7 +197,7 @@ class DriftChecks(Role):
 
     def _failed(self, exc: ChangeLogUnreadable) -> None:
         with self.db.transaction() as tx:
-            tx.execute("change_log_failed", {"failure": f"{exc.kind}: {exc}"})
+            tx.execute("change_log_failed", {"failure": str(exc)})
         if self.failing is None:
             log.error("cannot read NetBox's change log (%s): %s. Until it can be read, every unchanged "
                       "re-observation is planned again, as in [drift] mode always", exc.kind, exc)
@@ -198,27 +226,17 @@ class DriftChecks(Role):
             if len(rows) < KEYS_BATCH:
                 return
 
-    def _settle(self, mode: str, high_water: datetime.datetime | None) -> tuple[int, int]:
+    def _settle(self, high_water: datetime.datetime | None) -> tuple[int, int]:
+        """Mode changes with the change log read up to `high_water` (None: it cannot be read), or never."""
         drift = self.config.drift
-        matching = mode == "changes" and high_water is not None
+        changes = drift.mode == "changes"
+        matching = changes and high_water is not None
         [(_, trusted_since, *_)] = self.db.fetchall("change_log_progress")
         margin = datetime.timedelta(seconds=drift.clock_margin_seconds)
-        params = {"seen_before": high_water - margin if matching else None, "trusted_since": trusted_since or EPOCH,
-                  "margin": drift.clock_margin_seconds, "max_age": drift.max_age_hours * 3600.0,
-                  "match": matching, "replan_all": mode == "always" or (mode == "changes" and not matching),
-                  "limit": SETTLE_BATCH}
-        skipped = planned = 0
-        while not self.stopping:
-            with self.db.transaction() as tx:
-                replans = [replan for replan, in tx.fetchall("settle_checks", params)]
-                batch_planned = sum(replans)
-                if replans:
-                    tx.execute("tally_checks", {"skipped": len(replans) - batch_planned, "planned": batch_planned})
-            skipped += len(replans) - batch_planned
-            planned += batch_planned
-            self.beat()
-            if len(replans) < SETTLE_BATCH:
-                break
+        skipped, planned = settle(self.db, {
+            "seen_before": high_water - margin if matching else None, "trusted_since": trusted_since or EPOCH,
+            "margin": drift.clock_margin_seconds, "max_age": drift.max_age_hours * 3600.0, "match": matching,
+            "replan_all": changes and not matching, "limit": SETTLE_BATCH}, role=self)
         metrics.reobservations_settled(skipped, planned)
         if planned or skipped:
             log.info("unchanged re-observations: %d skipped, %d planned again", skipped, planned)

@@ -143,8 +143,9 @@ def change_keys(change: dict, owner_names: dict[tuple[str, int], set[str]]) -> l
     """
     object_type = change.get("changed_object_type") or ""
     keys = {f"{object_type}|*"}
+    # NetBox gives a create no prechange data and a delete none after it: null, or an empty object.
     snapshots = [data for data in (change.get("prechange_data"), change.get("postchange_data"))
-                 if isinstance(data, dict)]
+                 if isinstance(data, dict) and data]
     field = primary_field(object_type)
     names = {normalise(data[field]) for data in snapshots if data.get(field) not in (None, "")}
     if not names:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import redis
 
-from . import console, driftchecks, errors, heartbeat, states
+from . import console, errors, heartbeat, states
 from .db import Database, latest_version
 from .errors import DatabaseError
 from .plugin import PluginClient, Unavailable
@@ -107,14 +107,12 @@ def _drift(db: Database, config: Config) -> dict:
     [(high_water, trusted_since, read_at, failing_since, failure, skipped, planned, checking,
       age)] = db.fetchall("status_drift")
     mode = config.drift.mode
-    if mode == "changes" and not config.netbox.api_token:
+    fallback = None
+    if mode == "changes" and not config.netbox.api_token:  # then no drift-checks process runs
         fallback = "no [netbox] api_token is configured"
     elif mode == "changes" and failing_since is not None:
         fallback = f"the change log cannot be read since {failing_since:%Y-%m-%d %H:%M:%S UTC}: {failure}"
-    else:
-        fallback = None
     return {"mode": mode, "max_age_hours": config.drift.max_age_hours,
-            "checks_change_log": mode == "changes" and driftchecks.holds_reobservations(config),
             "fallback_to_always": fallback, "high_water": high_water,
             "high_water_age_seconds": age.total_seconds() if age is not None else None,
             "trusted_since": trusted_since, "last_read_at": read_at, "checking": checking,

@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from reconciler import inbox, settings, states
+from reconciler.consumer import Consumer
 from reconciler.db import Database
 from reconciler.driftchecks import DriftChecks, holds_reobservations
 
@@ -86,7 +87,7 @@ def test_a_change_log_that_cannot_be_read_plans_every_reobservation_and_says_so(
     applied_then_seen_again(db, dsn, config)
     assert run_once(config) == (0, 2)
     [(failing_since, failure)] = query(dsn, "SELECT failing_since, failure FROM change_log")
-    assert failing_since is not None and failure.startswith("unreachable: no answer from NetBox")
+    assert failing_since is not None and failure.startswith("no answer from NetBox at http://127.0.0.1:")
     assert "every unchanged re-observation is planned again" in caplog.text
 
 
@@ -97,7 +98,13 @@ def test_without_an_api_token_reobservations_are_requeued_as_in_mode_always(db, 
     assert [state for state, *_ in states_of(dsn)] == [states.QUEUED, states.QUEUED]
 
 
-def test_rows_another_mode_left_in_checking_are_planned_in_mode_always(db, dsn, env):
+@pytest.mark.parametrize("drift", [{"mode": "always"}, {"mode": "changes"}], ids=["always", "changes-no-token"])
+def test_a_consumer_that_requeues_itself_plans_what_an_earlier_configuration_left_in_checking(
+        db, dsn, env, drift, caplog):
     applied_then_seen_again(db, dsn, drift_config(env, mode="never"))
-    assert run_once(drift_config(env, mode="always")) == (0, 2)
+    consumer = Consumer(drift_config(env, **drift))
+    consumer.boot()
+    consumer.shutdown()
     assert {state for state, *_ in states_of(dsn)} == {states.QUEUED}
+    assert "2 rows waited in CHECKING for drift checks that no longer run" in caplog.text
+    assert ("mode changes without [netbox] api_token" in caplog.text) == (drift["mode"] == "changes")

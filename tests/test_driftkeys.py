@@ -41,6 +41,13 @@ def test_a_device_edited_in_one_site_does_not_meet_its_namesake_in_another():
     assert meets(in_site("dc-2"), edit)  # the site cannot be named: every core-1
 
 
+def test_a_deleted_interface_of_a_named_switch_meets_only_that_switchs_interface():
+    deleted = change("dcim.interface", {"name": "ge-0/0/1", "device": 7}, {})  # NetBox's delete: {} after
+    owners = {("dcim.device", 7): {"sw-1"}}
+    assert meets(interface_entity("sw-1", "ge-0/0/1"), deleted, owners)
+    assert not meets(interface_entity("sw-2", "ge-0/0/1"), deleted, owners)
+
+
 def test_an_interface_whose_switch_cannot_be_named_meets_every_interface_of_its_name():
     edit = change("dcim.interface", {"name": "ge-0/0/1", "device": 7})
     assert meets(interface_entity("sw-1", "ge-0/0/1"), edit)

@@ -147,8 +147,8 @@ def test_status_json_matches_the_known_state(plugin_env, known_state):
     assert live == {(socket.gethostname(), "worker 1"), ("other-host", "consumer")}
     assert report["schema"]["version"] == report["schema"]["wanted"]
     drift = report["drift"]
-    assert (drift["mode"], drift["fallback_to_always"], drift["high_water"]) == (
-        "changes", "no [netbox] api_token is configured", None)
+    assert (drift["mode"], drift["fallback_to_always"], drift["high_water"], drift["checking"]) == (
+        "changes", "no [netbox] api_token is configured", None, 0)
 
 
 def test_status_text_is_a_readable_table_of_the_same(plugin_env, known_state):
@@ -162,7 +162,7 @@ def test_status_text_is_a_readable_table_of_the_same(plugin_env, known_state):
                      r"length\s+3\n", r"consumer group\s+diode-reconciler: lag 2, pending 1, consumers 1",
                      r"default branch\s+staging \(td5smq0f\)", r"other-host\s+42\s+consumer",
                      r"Drift checks \(mode changes, max age 24 h\)\n\s+FALLBACK\s+every re-observation is planned "
-                     r"again, as mode always: no \[netbox\] api_token is configured",
+                     r"again, as mode always: no \[netbox\] api_token is configured\n",
                      rf"{re.escape(socket.gethostname())}\s+\d+\s+worker 1"):
         assert re.search(expected, text), f"{expected!r} not in:\n{text}"
     assert "gone-host" not in text and "Traceback" not in done.stderr
@@ -502,10 +502,10 @@ def test_status_lists_the_processes_of_a_running_service(env, tmp_path, dsn):
         with reconciler(env, tmp_path) as run:
             run.wait_for_log("ready: running")
             roles = lambda: sorted(p["role"] for p in cli_json(env, "status")["processes"]["live"])  # noqa: E731
-            wait_until(lambda: roles() == ["consumer", "drift-checks", "refresher", "worker 1", "worker 2"],
+            wait_until(lambda: roles() == ["consumer", "refresher", "worker 1", "worker 2"],
                        what=lambda: f"every role in `status`, saw {roles()}")
             pids = {p["pid"] for p in cli_json(env, "status")["processes"]["live"]}
-            assert run.process.pid not in pids and len(pids) == 5
+            assert run.process.pid not in pids and len(pids) == 4
             run.signal(signal.SIGTERM)
             assert run.wait(20) == errors.RET_OK
     finally:

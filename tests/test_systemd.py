@@ -94,7 +94,7 @@ def test_watchdog_is_pinged_at_half_the_interval(env, tmp_path, notify):
 def test_processes_are_titled_by_role(env, tmp_path, plugin):
     ini = write_ini(tmp_path, workers=2)
     with reconciler(worker_env(env, plugin), tmp_path, "-c", str(ini)) as run:
-        for role in ("consumer", "drift-checks", "refresher", "worker 1", "worker 2"):
+        for role in ("consumer", "refresher", "worker 1", "worker 2"):
             pid = role_pid(run, role)  # logged at fork, before the child has renamed itself
             wait_until(lambda: process_title(pid) == f"reconciler: {role}",
                        what=lambda: f"the title of {role}, now {process_title(pid)!r}")
