@@ -132,10 +132,10 @@ class DriftChecks(Role):
         read_from, restarted = self._read_from(high_water)
         try:
             records, server_time = self.api.changes_since(read_from, drift.plugin_user)
+            rows = self._keys_of(records)
         except ChangeLogUnreadable as exc:
             self._failed(exc)
             return None
-        rows = self._keys_of(records)
         new: set[int] = set()
         with self.db.transaction() as tx:
             if rows:
@@ -175,8 +175,15 @@ class DriftChecks(Role):
         self._look_up_owners(records, owner_names)
         rows = []
         for record in records:
-            changed_at = datetime.datetime.fromisoformat(record["time"])
-            rows += [(key, changed_at, record["id"]) for key in driftkeys.change_keys(record, owner_names)]
+            try:
+                changed_at = datetime.datetime.fromisoformat(record["time"])
+                change_id = int(record["id"])
+                keys = driftkeys.change_keys(record, owner_names)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # One change we cannot judge, and the high-water mark would move past it: read nothing.
+                raise ChangeLogUnreadable("unreadable", f"a change-log record NetBox returned cannot be read "
+                                                        f"({exc!r}): {str(record)[:300]}") from exc
+            rows += [(key, changed_at, change_id) for key in keys]
         return rows
 
     def _look_up_owners(self, records: list[dict], owner_names: dict[tuple[str, int], set[str]]) -> None:

@@ -465,7 +465,10 @@ WHERE l.id = k.id AND l.state = 10;
 -- %(max_age)s seconds (0: no floor), or, with %(match)s, it came before the change log was read
 -- continuously, or a change in NetBox by someone other than the plugin met one of their keys at or
 -- after their last plan (less %(margin)s seconds). A row without keys yet waits for them when
--- changes are matched. Locked in id order, like every other writer of many rows.
+-- changes are matched. Locked in id order, like every other writer of many rows. The keys are
+-- matched as one join of the batch's keys with the kept changes (a hash join, whatever the size of
+-- either), not as a probe per row and key, which Postgres may run as a scan of netbox_changes per
+-- row (docs/benchmarks.md, bench/driftsettle.py).
 WITH waiting AS (
     SELECT id FROM ingestion_logs
     WHERE state = 10 AND (%(seen_before)s::timestamptz IS NULL OR last_seen <= %(seen_before)s::timestamptz)
@@ -473,13 +476,18 @@ WITH waiting AS (
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), met AS (
+    SELECT DISTINCT l.id
+    FROM ingestion_logs AS l
+    JOIN waiting ON l.id = waiting.id
+    CROSS JOIN LATERAL unnest(l.drift_keys) AS k (key)
+    JOIN netbox_changes AS c ON c.key = k.key AND c.changed_at >= l.planned_at - %(margin)s * interval '1 second'
+    WHERE %(match)s
 ), judged AS (
     SELECT l.id, (%(replan_all)s OR l.planned_at IS NULL OR l.planned_branch IS DISTINCT FROM ''
                   OR (%(max_age)s > 0 AND l.planned_at < now() - %(max_age)s * interval '1 second')
                   OR (%(match)s AND (l.planned_at < %(trusted_since)s::timestamptz + %(margin)s * interval '1 second'
-                                     OR EXISTS (SELECT FROM netbox_changes AS c
-                                                WHERE c.key = ANY(l.drift_keys)
-                                                  AND c.changed_at >= l.planned_at - %(margin)s * interval '1 second'))))
+                                     OR l.id IN (SELECT id FROM met))))
            AS replan
     FROM ingestion_logs AS l JOIN waiting ON l.id = waiting.id
 )

@@ -104,7 +104,8 @@ class FaultServer:
             return self.defaults.get(path, Step(404, b"<html>Not Found</html>"))
 
     def _handle(self, handler: BaseHTTPRequestHandler, body: Any) -> None:
-        path = handler.path.split("/api/plugins/diode/", 1)[-1]
+        # Plugin paths relative to the plugin (`bulk-plan/`), NetBox's own whole (`/api/core/...`); no query.
+        path = handler.path.split("?", 1)[0].split("/api/plugins/diode/", 1)[-1]
         with self._lock:
             self.seen.append(Seen(handler.command, path, dict(handler.headers), body))
         step = self._next_step(path)

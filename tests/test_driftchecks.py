@@ -13,6 +13,7 @@ from reconciler.consumer import Consumer
 from reconciler.db import Database
 from reconciler.driftchecks import DriftChecks, holds_reobservations
 
+from .faultserver import FaultServer, Step
 from .support import query, scalar
 from .test_inbox import STREAM, entry, site
 
@@ -108,3 +109,25 @@ def test_a_consumer_that_requeues_itself_plans_what_an_earlier_configuration_lef
     assert {state for state, *_ in states_of(dsn)} == {states.QUEUED}
     assert "2 rows waited in CHECKING for drift checks that no longer run" in caplog.text
     assert ("mode changes without [netbox] api_token" in caplog.text) == (drift["mode"] == "changes")
+
+
+@pytest.mark.parametrize("step, failure", [
+    (Step(403, {"detail": "You do not have permission to perform this action."}),
+     "NetBox answered 403 to GET http://127.0.0.1:"),
+    (Step(200, {"count": 1, "next": None, "results": [{"id": 1, "changed_object_type": "dcim.site"}]}),
+     "a change-log record NetBox returned cannot be read (KeyError('time'))"),
+], ids=["forbidden", "record-without-time"])
+def test_a_change_log_that_refuses_or_makes_no_sense_is_a_fallback_not_a_crash(db, dsn, env, step, failure):
+    """Faults NetBox does not produce on demand, from the scripted server: the role plans everything
+    it holds, records why, and does not move the high-water mark past what it could not read."""
+    netbox = FaultServer()
+    netbox.default("/api/core/object-changes/", step)
+    try:
+        config = drift_config(env, mode="changes").replace(**{"netbox.url": netbox.url, "netbox.api_token": "t"})
+        applied_then_seen_again(db, dsn, config)
+        assert run_once(config) == (0, 2)
+    finally:
+        netbox.close()
+    [(failing_since, text, high_water)] = query(dsn, "SELECT failing_since, failure, high_water FROM change_log")
+    assert failing_since is not None and failure in text and high_water is None
+    assert netbox.calls("/api/core/object-changes/")[0].headers["Authorization"] == "Token t"
