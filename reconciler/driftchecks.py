@@ -33,7 +33,7 @@ from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from . import driftkeys, metrics
 from .db import Database
 from .errors import DatabaseError
-from .netboxapi import OWNER_ENDPOINTS, ChangeLogUnreadable, NetBoxAPI, owner_names_in
+from .netboxapi import OWNER_ENDPOINTS, ChangeLogUnreadable, NetBoxAPI
 from .roles import Role
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,11 @@ class DriftChecks(Role):
     def _read_change_log(self) -> datetime.datetime | None:
         """Read what is new in the change log; the high-water mark, or None while it cannot be read."""
         drift = self.config.drift
-        [(high_water, *_)] = self.db.fetchall("change_log_progress")
+        [(high_water, _, postgres_now)] = self.db.fetchall("change_log_progress")
         read_from, restarted = self._read_from(high_water)
         try:
-            records, server_time = self.api.changes_since(read_from, drift.plugin_user)
+            records, server_time = self.api.changes_since(read_from, drift.plugin_user, progress=self.beat)
+            self._check_clock(server_time, postgres_now)
             rows = self._keys_of(records)
         except ChangeLogUnreadable as exc:
             self._failed(exc)
@@ -149,6 +150,19 @@ class DriftChecks(Role):
         if new:  # each read starts clock_margin_seconds before the last one ended: only the new ones
             log.info("change log: %d new changes by others than %s", len(new), drift.plugin_user)
         return high_water
+
+    def _check_clock(self, server_time: datetime.datetime, postgres_now: datetime.datetime) -> None:
+        """NetBox's clock is compared with Postgres' (the rows' times): beyond the margin, changes could
+        be judged against the wrong plans, and a clock ahead would carry the high-water mark past
+        changes not yet read. (Postgres' now() was taken before the read: NetBox's may be later by as
+        long as the read took, never earlier.)"""
+        margin = self.config.drift.clock_margin_seconds
+        ahead = (server_time - postgres_now).total_seconds()
+        if ahead < -margin - 1 or ahead > margin + (datetime.datetime.now(datetime.timezone.utc)
+                                                     - postgres_now).total_seconds() + 1:
+            raise ChangeLogUnreadable("clock", f"NetBox's clock ({server_time.isoformat()}) is {ahead:+.0f} s from "
+                                               f"Postgres' ({postgres_now.isoformat()}), more than [drift] "
+                                               f"clock_margin_seconds ({margin:g})")
 
     def _read_from(self, high_water: datetime.datetime | None) -> tuple[datetime.datetime | None, bool]:
         """Where this read starts, and whether it cannot continue the last one (its first read, or one
@@ -170,7 +184,7 @@ class DriftChecks(Role):
 
     def _keys_of(self, records: list[dict]) -> list[tuple[str, datetime.datetime, int]]:
         owner_names: dict[tuple[str, int], set[str]] = defaultdict(set)
-        for owner_type, owner_id, name in owner_names_in(records):
+        for owner_type, owner_id, name in driftkeys.owner_names_in(records):
             owner_names[(owner_type, owner_id)].add(name)
         self._look_up_owners(records, owner_names)
         rows = []
@@ -204,7 +218,7 @@ class DriftChecks(Role):
 
     def _failed(self, exc: ChangeLogUnreadable) -> None:
         with self.db.transaction() as tx:
-            tx.execute("change_log_failed", {"failure": str(exc)})
+            tx.execute("change_log_failed", {"kind": exc.kind, "failure": str(exc)})
         if self.failing is None:
             log.error("cannot read NetBox's change log (%s): %s. Until it can be read, every unchanged "
                       "re-observation is planned again, as in [drift] mode always", exc.kind, exc)
@@ -238,7 +252,7 @@ class DriftChecks(Role):
         drift = self.config.drift
         changes = drift.mode == "changes"
         matching = changes and high_water is not None
-        [(_, trusted_since, *_)] = self.db.fetchall("change_log_progress")
+        [(_, trusted_since, _)] = self.db.fetchall("change_log_progress")
         margin = datetime.timedelta(seconds=drift.clock_margin_seconds)
         skipped, planned = settle(self.db, {
             "seen_before": high_water - margin if matching else None, "trusted_since": trusted_since or EPOCH,

@@ -38,15 +38,22 @@ from .objecttypes import ENTITY_ONEOF, MEMBERS, object_type_of_message
 # Fields that scope a name, by the type they point to: the same name in the diode schema and in
 # NetBox's serialized data. A row is qualified by the first of them its message sets.
 OWNER_FIELDS = {"device": "dcim.device", "virtual_machine": "virtualization.virtualmachine", "site": "dcim.site"}
+OWNER_TYPES = frozenset(OWNER_FIELDS.values())
+# Other fields the plugin may match an object of these types by (its part-number fallback binds a
+# device type whose model differs from the entity's): names under them are names too.
+ALIAS_FIELDS = {"dcim.devicetype": ("part_number",), "dcim.moduletype": ("part_number",)}
 _SEPARATORS = re.compile(r"[\s:.\-_]")
 _ADDRESS_LIKE = re.compile(r"[0-9a-f:.]+(/\d+)?$")  # worth asking ipaddress whether it is one
 
 
-def normalise(value) -> str:
-    """One spelling for values the plugin matches as one: case, an IP's mask, MAC separators."""
+def normalise(value, field: str = "name") -> str:
+    """One spelling for values the plugin matches as one: case, an IP's mask, MAC separators, and a
+    prefix's host bits (NetBox stores 10.0.0.1/24 as 10.0.0.0/24)."""
     text = str(value).strip().lower()
     if _ADDRESS_LIKE.match(text):
         try:
+            if field == "prefix":
+                return str(ipaddress.ip_network(text, strict=False).network_address)
             return str(ipaddress.ip_interface(text).ip)
         except ValueError:
             pass
@@ -79,6 +86,9 @@ def _message_keys(message: Message) -> Iterator[str]:
     for field, value in message.ListFields():
         if field.message_type is None:
             continue
+        if field.name == "custom_fields":  # a custom field redefined by hand rewrites its values unlogged
+            yield "extras.customfield|?"
+            yield from (f"extras.customfield|{normalise(name)}|*" for name in value)
         if field.is_repeated:
             values = value.values() if field.message_type.GetOptions().map_entry else value
             for item in values:
@@ -96,11 +106,15 @@ def _object_keys(object_type: str, message: Message) -> Iterator[str]:
         yield f"{object_type}|*"
         return
     owner = _owner_of(message)
-    if owner is None:
-        yield f"{object_type}|{normalise(name)}|*"
-    else:
-        yield f"{object_type}|{normalise(name)}|{owner}"
-        yield f"{object_type}|{normalise(name)}|?"
+    names = {normalise(name, name_field)}
+    names.update(normalise(alias) for alias in (_set_value(message, field) for field in ALIAS_FIELDS.get(
+        object_type, ())) if alias is not None)
+    for normalised in names:
+        if owner is None:
+            yield f"{object_type}|{normalised}|*"
+        else:
+            yield f"{object_type}|{normalised}|{owner}"
+            yield f"{object_type}|{normalised}|?"
 
 
 def _set_value(message: Message, name: str):
@@ -144,16 +158,26 @@ def change_keys(change: dict, owner_names: dict[tuple[str, int], set[str]]) -> l
     object_type = change.get("changed_object_type") or ""
     keys = {f"{object_type}|*"}
     # NetBox gives a create no prechange data and a delete none after it: null, or an empty object.
-    snapshots = [data for data in (change.get("prechange_data"), change.get("postchange_data"))
-                 if isinstance(data, dict) and data]
+    before, after = (data if isinstance(data, dict) and data else None
+                     for data in (change.get("prechange_data"), change.get("postchange_data")))
+    snapshots = [data for data in (before, after) if data is not None]
     field = primary_field(object_type)
-    names = {normalise(data[field]) for data in snapshots if data.get(field) not in (None, "")}
-    if not names:
+    names = {normalise(data[field], field) for data in snapshots if data.get(field) not in (None, "")}
+    names.update(normalise(data[alias]) for alias in ALIAS_FIELDS.get(object_type, ()) for data in snapshots
+                 if data.get(alias) not in (None, ""))
+    if not names or (before is None and _action(change) != "create"):
+        # Nothing names the object as it was (a script that changed it without NetBox's snapshot):
+        # whatever of type T it was, this change may be about it.
         keys.add(f"{object_type}|?")
     for name in names:
         keys.add(f"{object_type}|{name}|*")
         keys.update(f"{object_type}|{name}|{owner}" for owner in _owners(object_type, snapshots, owner_names))
     return sorted(keys)
+
+
+def _action(change: dict) -> str | None:
+    action = change.get("action")
+    return action.get("value") if isinstance(action, dict) else action
 
 
 def _owner_fields(object_type: str) -> list[str]:
@@ -189,3 +213,15 @@ def owner_ids(change: dict) -> set[tuple[str, int]]:
                 if isinstance(data.get(field_name), int):
                     found.add((owner_type, data[field_name]))
     return found
+
+
+def owner_names_in(records: list[dict]) -> Iterator[tuple[str, int, str]]:
+    """(owner type, id, name) of the devices, virtual machines and sites the records themselves describe,
+    under each name they had: a device deleted with its interfaces can no longer be looked up, but
+    its delete record names it."""
+    for record in records:
+        object_type = record.get("changed_object_type")
+        if object_type in OWNER_TYPES and isinstance(record.get("changed_object_id"), int):
+            for data in (record.get("prechange_data"), record.get("postchange_data")):
+                if isinstance(data, dict) and data.get("name"):
+                    yield object_type, record["changed_object_id"], data["name"]

@@ -1,17 +1,17 @@
 """NetBox's own REST API (not the plugin's): its change log, and the names of the devices, virtual
 machines and sites the change log refers to by id. Read with `[netbox] api_token`; nothing here writes.
 
-A read that fails raises ChangeLogUnreadable with a `kind` (a contract for logs, status and
-metrics): `no_token`, `unauthorized` (401), `forbidden` (403), `unreachable` (no answer), `http_error`
-(any other status), `unreadable` (an answer that is not the JSON NetBox sends).
+A read that fails raises ChangeLogUnreadable with a `kind`, which the drift checks log and store for
+`reconciler status`: `no_token`, `unauthorized` (401), `forbidden` (403), `unreachable` (no answer),
+`http_error` (any other status), `unreadable` (an answer or a record that is not what NetBox sends),
+`clock` (NetBox's clock too far from Postgres', raised by the drift checks).
 """
 
 from __future__ import annotations
 
 import datetime
 import email.utils
-import logging
-from typing import Any, Iterator
+from typing import Any, Callable
 from urllib.parse import urlencode
 
 import orjson
@@ -22,9 +22,8 @@ from .plugin import http_pool
 from .settings import netbox_base_url, plugin_connect_seconds
 
 
-log = logging.getLogger(__name__)
-
 PAGE_SIZE = 1000  # NetBox's default MAX_PAGE_SIZE
+# Where the owners driftkeys.OWNER_FIELDS names are listed.
 OWNER_ENDPOINTS = {"dcim.device": "dcim/devices", "virtualization.virtualmachine": "virtualization/virtual-machines",
                    "dcim.site": "dcim/sites"}
 IDS_PER_LOOKUP = 100  # ids per name lookup: keeps the query string far below any URL limit
@@ -47,11 +46,12 @@ class NetBoxAPI:
     def close(self) -> None:
         self.pool.clear()
 
-    def changes_since(self, start: datetime.datetime | None,
-                      but_user: str) -> tuple[list[dict], datetime.datetime]:
+    def changes_since(self, start: datetime.datetime | None, but_user: str,
+                      progress: Callable[[], None] = lambda: None) -> tuple[list[dict], datetime.datetime]:
         """Every change made at or after `start` (None: all there are) by anyone but `but_user`, oldest
-        first, and NetBox's clock when the read began (second precision, rounded down): nothing made
-        before that time is missing from the list, except what was still committing."""
+        first, and NetBox's clock when it answered the first page (its Date header, second precision,
+        rounded down): nothing made before that time is missing from the list, except what was still
+        committing. `progress` is called after each page."""
         query = {"user_name__n": but_user, "ordering": "id", "limit": PAGE_SIZE}
         if start is not None:
             query["time_after"] = start.isoformat()
@@ -61,6 +61,7 @@ class NetBoxAPI:
             page, date = self._get(url)
             server_time = server_time or date
             records += page.get("results") or []
+            progress()
             url = page.get("next")
         return records, server_time
 
@@ -108,15 +109,3 @@ def _server_time(header: str | None) -> datetime.datetime:
         except (TypeError, ValueError):
             pass
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-
-
-def owner_names_in(records: list[dict]) -> Iterator[tuple[str, int, str]]:
-    """(owner type, id, name) of the devices, virtual machines and sites the records themselves describe,
-    under each name they had: a device deleted with its interfaces can no longer be looked up, but
-    its delete record names it."""
-    for record in records:
-        object_type = record.get("changed_object_type")
-        if object_type in OWNER_ENDPOINTS and isinstance(record.get("changed_object_id"), int):
-            for data in (record.get("prechange_data"), record.get("postchange_data")):
-                if isinstance(data, dict) and data.get("name"):
-                    yield object_type, record["changed_object_id"], data["name"]

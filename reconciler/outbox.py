@@ -60,6 +60,7 @@ def _finish_rows(tx: Tx, owner: str, branch_scope: str, decisions: list[Decision
         "answer_lost": [d.answer_lost for d in decisions],
         "timed_out": [d.timed_out for d in decisions],
         "refund": [d.refund for d in decisions],
+        "planned": [d.planned for d in decisions],
     })
     return {row[0] for row in rows}
 

@@ -89,6 +89,7 @@ class Decision:
     answer_lost: bool | None = False  # LOST: set answer_lost_at now; KEEP: keep it; False: clear it
     timed_out: bool = False  # its request went unanswered: the next claim is half the size
     refund: bool = False  # the claim does not count against max_attempts
+    planned: bool = True  # the plugin produced a plan: NetBox changes from now on may not be in it
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -188,8 +189,8 @@ def _transient_apply(apply_errors: Any) -> bool:
 
 
 def plan_failed(row: Claimed, failure: dict, entity: dict | None, branch_id: str | None) -> Decision:
-    if row.drift_check:  # an applied object whose re-check failed stays applied
-        return Decision(row.id, states.APPLIED, answer_lost=KEEP)
+    if row.drift_check:  # an applied object whose re-check failed stays applied, its last plan unchanged
+        return Decision(row.id, states.APPLIED, answer_lost=KEEP, planned=False)
     return Decision(row.id, states.FAILED, failure, placeholder(row, entity, branch_id))
 
 

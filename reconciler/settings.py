@@ -297,10 +297,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("drift", "poll_seconds", 10.0, seconds_above_zero,
             "How often NetBox's change log is read. A re-observation waits for the next read (plus "
             "clock_margin_seconds) before it is settled, so this is also the delay it adds."),
-    Setting("drift", "clock_margin_seconds", 10.0, float_at_least(0.0),
-            "Slack for NetBox's clock against Postgres' and for NetBox transactions still committing: a "
-            "change log read at NetBox time T is trusted up to T minus this, and a change this much before a "
-            "row's last plan still counts as after it."),
+    Setting("drift", "clock_margin_seconds", 60.0, float_at_least(0.0),
+            "Slack for NetBox transactions still committing and for NetBox's clock against Postgres': each "
+            "read of the change log starts this long before the last one ended, a re-observation is settled "
+            "once the change log was read this long past it, and a change stamped this long before a row's "
+            "last plan still counts as after it. A change NetBox stamped longer than this before its "
+            "transaction committed (a bulk edit, import or script running longer) can be missed until "
+            "max_age_hours: raise it if yours run longer. Clocks further apart than this stop the checks "
+            "(as mode always) until they agree."),
     Setting("drift", "plugin_user", "diode", non_empty,
             "The NetBox user the diode plugin writes as: its changes are the reconciler's own, not drift."),
     # [supervisor]

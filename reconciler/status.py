@@ -104,7 +104,7 @@ def _dead_letters(db: Database) -> dict:
 
 
 def _drift(db: Database, config: Config) -> dict:
-    [(high_water, trusted_since, read_at, failing_since, failure, skipped, planned, checking,
+    [(high_water, trusted_since, read_at, failing_since, failure_kind, failure, skipped, planned, checking,
       age)] = db.fetchall("status_drift")
     mode = config.drift.mode
     fallback = None
@@ -113,7 +113,8 @@ def _drift(db: Database, config: Config) -> dict:
     elif mode == "changes" and failing_since is not None:
         fallback = f"the change log cannot be read since {failing_since:%Y-%m-%d %H:%M:%S UTC}: {failure}"
     return {"mode": mode, "max_age_hours": config.drift.max_age_hours,
-            "fallback_to_always": fallback, "high_water": high_water,
+            "fallback_to_always": fallback, "failure_kind": failure_kind if failing_since else None,
+            "high_water": high_water,
             "high_water_age_seconds": age.total_seconds() if age is not None else None,
             "trusted_since": trusted_since, "last_read_at": read_at, "checking": checking,
             "last_hour": {"skipped": skipped, "planned": planned}}

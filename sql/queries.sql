@@ -83,6 +83,7 @@ SET duplicate_count = l.duplicate_count + d.increment,
     last_seen = now(),
     updated_at = now(),
     state = CASE WHEN NOT d.requeue THEN l.state WHEN d.checked THEN 10 WHEN l.next_attempt_at > now() THEN 9 ELSE 1 END,
+    checking_since = CASE WHEN d.checked THEN now() ELSE l.checking_since END,
     -- An ERRORED drift check (requeued from APPLIED, then the plugin stayed unreachable) keeps its
     -- APPLIED origin: its object is still in NetBox, so the next plan is still a drift check.
     requeued_from_state = CASE WHEN NOT d.requeue THEN l.requeued_from_state
@@ -205,7 +206,8 @@ WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
 -- but PENDING_RETRY and ERRORED, which mean it could not be asked) did not kill this worker:
 -- lease_expiries is cleared (0007), so rows that only shared a killed batch are claimed in batches
 -- again, while a suspect the plugin never got to stays one. planned_at (0010) is when the claim that
--- got this answer was made: a change in NetBox after it may not be in the plan. next_attempt_at is %(retry_in)s seconds
+-- got a plan (%(planned)s: not a drift check whose plan failed) was made: a change in NetBox after it
+-- may not be in the plan. next_attempt_at is %(retry_in)s seconds
 -- from now, by this server's clock. answer_lost_at (0009) is set now, kept (NULL) or cleared, as the
 -- worker decided; timeouts counts unanswered requests in a row, kept while the plugin says nothing
 -- about the row (7, 9), cleared once it does; a batch that went unanswered and will be split gets its
@@ -219,7 +221,7 @@ SET state = u.state,
     requeued_from_state = CASE WHEN u.state IN (7, 9) THEN l.requeued_from_state END,
     is_head = l.is_head AND NOT u.superseded,
     planned_branch = CASE WHEN u.state IN (7, 9) THEN l.planned_branch ELSE %(branch)s END,
-    planned_at = CASE WHEN u.state IN (7, 9) THEN l.planned_at ELSE l.claimed_at END,
+    planned_at = CASE WHEN u.planned AND u.state NOT IN (7, 9) THEN l.claimed_at ELSE l.planned_at END,
     lease_owner = NULL,
     lease_expires_at = NULL,
     lease_expiries = CASE WHEN u.state IN (7, 9) THEN l.lease_expiries ELSE 0 END,
@@ -228,8 +230,9 @@ SET state = u.state,
     attempts = CASE WHEN u.refund THEN greatest(l.attempts - 1, 0) ELSE l.attempts END,
     updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[], %(retry_in)s::float8[],
-            %(superseded)s::boolean[], %(answer_lost)s::boolean[], %(timed_out)s::boolean[], %(refund)s::boolean[])
-     AS u (id, state, error, retry_in, superseded, answer_lost, timed_out, refund)
+            %(superseded)s::boolean[], %(answer_lost)s::boolean[], %(timed_out)s::boolean[], %(refund)s::boolean[],
+            %(planned)s::boolean[])
+     AS u (id, state, error, retry_in, superseded, answer_lost, timed_out, refund, planned)
 WHERE l.id = u.id AND l.lease_owner = %(owner)s
 RETURNING l.id;
 
@@ -419,7 +422,8 @@ ORDER BY cs.id;
 SELECT 1;
 
 -- change_log_progress --
-SELECT high_water, trusted_since, read_at, failing_since, failure FROM change_log;
+-- With Postgres' clock, which NetBox's is checked against.
+SELECT high_water, trusted_since, now() FROM change_log;
 
 -- change_log_read --
 -- A read of NetBox's change log that went through: the changes it found, then its progress. The
@@ -428,12 +432,11 @@ SELECT high_water, trusted_since, read_at, failing_since, failure FROM change_lo
 UPDATE change_log
 SET high_water = greatest(high_water, %(high_water)s),
     trusted_since = CASE WHEN %(restarted)s OR trusted_since IS NULL THEN %(read_from)s ELSE trusted_since END,
-    read_at = now(), failing_since = NULL, failure = NULL
+    read_at = now(), failing_since = NULL, failure_kind = NULL, failure = NULL
 RETURNING high_water, trusted_since;
 
 -- change_log_failed --
-UPDATE change_log SET failing_since = coalesce(failing_since, now()), failure = %(failure)s
-RETURNING failing_since;
+UPDATE change_log SET failing_since = coalesce(failing_since, now()), failure_kind = %(kind)s, failure = %(failure)s;
 
 -- store_netbox_changes --
 -- Reads overlap (each starts clock_margin_seconds before the last high-water mark): what is kept
@@ -446,7 +449,8 @@ RETURNING change_id;
 -- prune_netbox_changes --
 -- Changes older than any plan a CHECKING row may still be judged by: older plans are re-planned by
 -- max_age anyway.
-DELETE FROM netbox_changes WHERE changed_at < now() - %(keep_seconds)s::float8 * interval '1 second';
+DELETE FROM netbox_changes WHERE read_at < now() - %(keep_seconds)s::float8 * interval '1 second'
+                             AND changed_at < now() - %(keep_seconds)s::float8 * interval '1 second';
 
 -- checking_without_keys --
 SELECT id, entity FROM ingestion_logs WHERE state = 10 AND drift_keys IS NULL ORDER BY id LIMIT %(limit)s;
@@ -458,20 +462,20 @@ FROM unnest(%(ids)s::bigint[], %(keys)s::text[]) AS k (id, keys)
 WHERE l.id = k.id AND l.state = 10;
 
 -- settle_checks --
--- Rows in CHECKING seen no later than %(seen_before)s (NULL: any) go back to the state they were
+-- Rows in CHECKING since no later than %(seen_before)s (NULL: any) go back to the state they were
 -- seen in (requeued_from_state), or to QUEUED to be planned again when: %(replan_all)s (the change
 -- log cannot be read), they were never planned since 0010, or planned in a branch (whose changes
--- are not in main's change log), their last plan is older than
--- %(max_age)s seconds (0: no floor), or, with %(match)s, it came before the change log was read
--- continuously, or a change in NetBox by someone other than the plugin met one of their keys at or
--- after their last plan (less %(margin)s seconds). A row without keys yet waits for them when
--- changes are matched. Locked in id order, like every other writer of many rows. The keys are
+-- are not in main's change log), their last plan is older than %(max_age)s seconds (0: no floor),
+-- or, with %(match)s, it came before the change log was read continuously, their entity could not
+-- be given keys, or a change in NetBox by someone other than the plugin met one of their keys and
+-- was stamped or first read at or after their last plan (less %(margin)s seconds). A row without
+-- keys yet waits for them when changes are matched. Locked in id order, like every other writer of many rows. The keys are
 -- matched as one join of the batch's keys with the kept changes (a hash join, whatever the size of
 -- either), not as a probe per row and key, which Postgres may run as a scan of netbox_changes per
 -- row (docs/benchmarks.md, bench/driftsettle.py).
 WITH waiting AS (
     SELECT id FROM ingestion_logs
-    WHERE state = 10 AND (%(seen_before)s::timestamptz IS NULL OR last_seen <= %(seen_before)s::timestamptz)
+    WHERE state = 10 AND (%(seen_before)s::timestamptz IS NULL OR checking_since <= %(seen_before)s::timestamptz)
       AND (drift_keys IS NOT NULL OR NOT %(match)s OR %(replan_all)s)
     ORDER BY id
     LIMIT %(limit)s
@@ -481,13 +485,13 @@ WITH waiting AS (
     FROM ingestion_logs AS l
     JOIN waiting ON l.id = waiting.id
     CROSS JOIN LATERAL unnest(l.drift_keys) AS k (key)
-    JOIN netbox_changes AS c ON c.key = k.key AND c.changed_at >= l.planned_at - %(margin)s * interval '1 second'
-    WHERE %(match)s
+    JOIN netbox_changes AS c ON c.key = k.key
+    WHERE %(match)s AND greatest(c.changed_at, c.read_at) >= l.planned_at - %(margin)s * interval '1 second'
 ), judged AS (
     SELECT l.id, (%(replan_all)s OR l.planned_at IS NULL OR l.planned_branch IS DISTINCT FROM ''
                   OR (%(max_age)s > 0 AND l.planned_at < now() - %(max_age)s * interval '1 second')
                   OR (%(match)s AND (l.planned_at < %(trusted_since)s::timestamptz + %(margin)s * interval '1 second'
-                                     OR l.id IN (SELECT id FROM met))))
+                                     OR cardinality(l.drift_keys) = 0 OR l.id IN (SELECT id FROM met))))
            AS replan
     FROM ingestion_logs AS l JOIN waiting ON l.id = waiting.id
 )
@@ -508,7 +512,7 @@ INSERT INTO drift_tally (skipped, planned) VALUES (%(skipped)s, %(planned)s);
 DELETE FROM drift_tally WHERE at < now() - interval '1 hour';
 
 -- status_drift --
-SELECT c.high_water, c.trusted_since, c.read_at, c.failing_since, c.failure,
+SELECT c.high_water, c.trusted_since, c.read_at, c.failing_since, c.failure_kind, c.failure,
        (SELECT coalesce(sum(skipped), 0) FROM drift_tally WHERE at >= now() - interval '1 hour'),
        (SELECT coalesce(sum(planned), 0) FROM drift_tally WHERE at >= now() - interval '1 hour'),
        (SELECT count(*) FROM ingestion_logs WHERE state = 10),

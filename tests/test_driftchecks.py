@@ -4,6 +4,7 @@ Against the real NetBox change log: tests/test_drift_netbox.py."""
 
 from __future__ import annotations
 
+import datetime
 import socket
 
 import pytest
@@ -12,6 +13,7 @@ from reconciler import inbox, settings, states
 from reconciler.consumer import Consumer
 from reconciler.db import Database
 from reconciler.driftchecks import DriftChecks, holds_reobservations
+from reconciler.netboxapi import ChangeLogUnreadable
 
 from .faultserver import FaultServer, Step
 from .support import query, scalar
@@ -87,8 +89,8 @@ def test_a_change_log_that_cannot_be_read_plans_every_reobservation_and_says_so(
     config = config.replace(**{"netbox.url": url, "netbox.api_token": "t"})
     applied_then_seen_again(db, dsn, config)
     assert run_once(config) == (0, 2)
-    [(failing_since, failure)] = query(dsn, "SELECT failing_since, failure FROM change_log")
-    assert failing_since is not None and failure.startswith("no answer from NetBox at http://127.0.0.1:")
+    [(failing_since, kind)] = query(dsn, "SELECT failing_since, failure_kind FROM change_log")
+    assert failing_since is not None and kind == "unreachable"
     assert "every unchanged re-observation is planned again" in caplog.text
 
 
@@ -111,13 +113,11 @@ def test_a_consumer_that_requeues_itself_plans_what_an_earlier_configuration_lef
     assert ("mode changes without [netbox] api_token" in caplog.text) == (drift["mode"] == "changes")
 
 
-@pytest.mark.parametrize("step, failure", [
-    (Step(403, {"detail": "You do not have permission to perform this action."}),
-     "NetBox answered 403 to GET http://127.0.0.1:"),
-    (Step(200, {"count": 1, "next": None, "results": [{"id": 1, "changed_object_type": "dcim.site"}]}),
-     "a change-log record NetBox returned cannot be read (KeyError('time'))"),
+@pytest.mark.parametrize("step, kind", [
+    (Step(403, {"detail": "You do not have permission to perform this action."}), "forbidden"),
+    (Step(200, {"count": 1, "next": None, "results": [{"id": 1, "changed_object_type": "dcim.site"}]}), "unreadable"),
 ], ids=["forbidden", "record-without-time"])
-def test_a_change_log_that_refuses_or_makes_no_sense_is_a_fallback_not_a_crash(db, dsn, env, step, failure):
+def test_a_change_log_that_refuses_or_makes_no_sense_is_a_fallback_not_a_crash(db, dsn, env, step, kind):
     """Faults NetBox does not produce on demand, from the scripted server: the role plans everything
     it holds, records why, and does not move the high-water mark past what it could not read."""
     netbox = FaultServer()
@@ -128,6 +128,37 @@ def test_a_change_log_that_refuses_or_makes_no_sense_is_a_fallback_not_a_crash(d
         assert run_once(config) == (0, 2)
     finally:
         netbox.close()
-    [(failing_since, text, high_water)] = query(dsn, "SELECT failing_since, failure, high_water FROM change_log")
-    assert failing_since is not None and failure in text and high_water is None
+    [(failing_since, failure_kind, high_water)] = query(dsn, "SELECT failing_since, failure_kind, high_water "
+                                                             "FROM change_log")
+    assert failing_since is not None and failure_kind == kind and high_water is None
     assert netbox.calls("/api/core/object-changes/")[0].headers["Authorization"] == "Token t"
+
+
+@pytest.mark.parametrize("netbox_ahead, refused", [(0.0, False), (5.0, False), (-12.0, True), (3600.0, True)])
+def test_netbox_s_clock_is_checked_against_postgres_s(env, netbox_ahead, refused):
+    role = DriftChecks(drift_config(env, mode="changes", clock_margin_seconds=10))
+    postgres_now = datetime.datetime.now(datetime.timezone.utc)
+    check = lambda: role._check_clock(postgres_now + datetime.timedelta(seconds=netbox_ahead), postgres_now)  # noqa
+    if refused:
+        with pytest.raises(ChangeLogUnreadable) as raised:
+            check()
+        assert raised.value.kind == "clock"
+    else:
+        check()
+
+
+def test_a_row_seen_again_while_it_waits_is_settled_by_when_it_began_waiting(db, dsn, env):
+    """An entity re-sent more often than the change log is read would otherwise wait for ever."""
+    config = drift_config(env, mode="changes", clock_margin_seconds=0).replace(**{"netbox.api_token": "t"})
+    applied_then_seen_again(db, dsn, config, names=("busy",))
+    query(dsn, "UPDATE ingestion_logs SET checking_since = now() - interval '1 minute', last_seen = now()")
+    query(dsn, "UPDATE change_log SET trusted_since = now() - interval '1 day'")
+    role = DriftChecks(config)
+    role.boot()
+    try:
+        role._give_keys()
+        read_up_to = scalar(dsn, "SELECT now() - interval '30 seconds'")  # after it began waiting, before last_seen
+        assert role._settle(read_up_to) == (1, 0)
+    finally:
+        role.shutdown()
+    assert states_of(dsn) == [(states.APPLIED, None, 1, 1)]

@@ -128,3 +128,24 @@ def _named_objects(message):
 def test_an_entity_without_its_primary_value_meets_every_change_of_its_type(member):
     entity = sdk.Entity(**{member: {}})
     assert meets(entity, change(OBJECT_TYPES[member], {"name": "x", "address": "10.0.0.1", "model": "m"}))
+
+
+def test_a_prefix_meets_netbox_s_spelling_of_it_without_host_bits():
+    assert meets(sdk.Entity(prefix=sdk.Prefix(prefix="10.0.0.1/24")), change("ipam.prefix", {"prefix": "10.0.0.0/24"}))
+
+
+def test_a_custom_field_redefined_by_hand_meets_every_entity_that_sets_it():
+    entity = sdk.Entity(site=sdk.Site(name="dc-1", custom_fields={"owner_team": sdk.CustomFieldValue(text="net")}))
+    assert meets(entity, {**change("extras.customfield", {"name": "owner_team"}, None), "action": {"value": "delete"}})
+    assert not meets(entity, {**change("extras.customfield", {"name": "other"}, None), "action": {"value": "delete"}})
+
+
+def test_an_update_without_netbox_s_snapshot_before_it_meets_every_entity_naming_its_type():
+    renamed = {**change("dcim.interface", {}, {"name": "renamed", "device": 7}), "action": {"value": "update"}}
+    assert meets(interface_entity("sw-1", "ge-0/0/1"), renamed, {("dcim.device", 7): {"sw-9"}})
+
+
+def test_a_device_type_bound_by_part_number_meets_the_entities_of_its_model():
+    edited = change("dcim.devicetype", {"model": "Catalyst 3850 48P", "part_number": "WS-C3850-48P"})
+    entity = sdk.Entity(device_type=sdk.DeviceType(model="WS-C3850-48P", manufacturer=sdk.Manufacturer(name="Cisco")))
+    assert meets(entity, edited)

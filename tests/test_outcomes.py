@@ -167,3 +167,14 @@ def test_odd_values_in_names_do_not_break_them():
     entity = {"site": {"name": "dc\x001"}}
     name = outcomes.placeholder(row(), entity, None).deviation_name
     assert name == "Site dc\ufffd1 reported"
+
+
+@pytest.mark.parametrize("result, requeued_from, planned", [
+    (PLAN_ERROR, states.APPLIED, False),  # a drift check whose plan failed: its last plan is still the one before
+    (None, states.APPLIED, False),
+    (Result("7", change_set=NOOPS), states.APPLIED, True),
+    (CHANGES, states.APPLIED, True),
+    (PLAN_ERROR, None, True),  # FAILED: its failure is the plugin's answer about it
+])
+def test_only_a_plan_moves_the_time_drift_checks_judge_from(result, requeued_from, planned):
+    assert decide(result, requeued_from=requeued_from).planned is planned
