@@ -29,7 +29,7 @@ import orjson
 import psycopg2
 import redis
 
-from reconciler.wire import ENTITIES_FIELD, fields_of, length_delimited, split_request
+from reconciler.streamentry import ENTITIES_FIELD, fields_of, length_delimited, split_request
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -1042,7 +1042,7 @@ class Holder:
             self.proc.wait(5)
 
 
-# --- protobuf wire format, enough to build malformed IngestRequests (reconciler.wire's walker) ---
+# --- protobuf wire format, enough to build malformed IngestRequests (reconciler.streamentry's walker) ---
 
 
 def join_request(header: bytes, entities: list[bytes]) -> bytes:

@@ -35,7 +35,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reconciler import inbox, sample, settings, wire  # noqa: E402
+from reconciler import inbox, sample, settings, streamentry  # noqa: E402
 from reconciler.consumer import Consumer  # noqa: E402
 from reconciler.db import Database  # noqa: E402
 from reconciler.roles import Link, serve  # noqa: E402
@@ -168,7 +168,7 @@ class Bench:
         batch = self.args.read_count
         payloads = []
         for i in range(0, len(entries), batch):
-            messages = [wire.decode_entry(f"{i + n}-0".encode(), fields) for n, fields in enumerate(entries[i:i + batch])]
+            messages = [streamentry.decode_entry(f"{i + n}-0".encode(), fields) for n, fields in enumerate(entries[i:i + batch])]
             payloads.append(inbox._encode([[row, 0] for m in messages for row in m.rows]))
         self.sql("CHECKPOINT")
         database = Database(self.dsn, "reconciler")
@@ -311,9 +311,9 @@ class Bench:
     @staticmethod
     def _churn_payload(entities: list[bytes]) -> bytes:
         """Rows with fresh random hashes: every round's rows are new heads, as new entities would be."""
-        message = wire.Message(stream_id=b"0-0", fields={}, request_id="r", producer_app_name="bench",
+        message = streamentry.Message(stream_id=b"0-0", fields={}, request_id="r", producer_app_name="bench",
                                producer_app_version="1", sdk_name="s", sdk_version="1")
-        rows = [[wire.EntityRow(message, n, "dcim.interface", data, os.urandom(32), None), 0]
+        rows = [[streamentry.EntityRow(message, n, "dcim.interface", data, os.urandom(32), None), 0]
                 for n, data in enumerate(entities)]
         return inbox._encode(rows)
 

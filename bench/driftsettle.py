@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb  # noqa: E402
 
-from reconciler import driftkeys, inbox, sample, settings, wire  # noqa: E402
+from reconciler import driftkeys, inbox, sample, settings, streamentry  # noqa: E402
 from reconciler.db import Database  # noqa: E402
 from reconciler.driftchecks import KEYS_BATCH, SETTLE_BATCH, DriftChecks  # noqa: E402
 
@@ -48,7 +48,7 @@ def fill(db: Database, dsn: str, rows: int) -> None:
     """`rows` entities APPLIED an hour ago, then seen again unchanged: CHECKING."""
     shape = sample.Shape(sites=math.ceil(rows / sample.Shape().entity_count()))
     for cycle in (0, 1):
-        entries = [wire.decode_entry(f"{cycle + 1}{n:09d}-0".encode(), fields)
+        entries = [streamentry.decode_entry(f"{cycle + 1}{n:09d}-0".encode(), fields)
                    for n, fields in enumerate(sample.entries(shape, cycle=cycle, per_request=100))]
         for first in range(0, len(entries), 25):  # the consumer's read_count
             inbox.write(db, STREAM, entries[first:first + 25], branch="", check=cycle == 1)

@@ -1,5 +1,5 @@
 """Command line: `reconciler run | migrate | check-config | print-config`, and the operator commands
-(`status | retry | dead-letters | show`, operate.py)."""
+(`status | retry | dead-letters | show`, ops.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from functools import partial
 from typing import Callable
 
-from . import errors, operate, settings
+from . import errors, ops, settings
 from . import log as logsetup
 from .consumer import Consumer
 from .driftchecks import DriftChecks, holds_reobservations
@@ -19,7 +19,7 @@ from .roles import set_title
 from .db import Database
 from .errors import ConfigError, DatabaseError, SchemaError
 from .settings import SETTINGS, Config
-from .shared import Shared
+from .sharedcache import Shared
 from .supervisor import RoleSpec, Supervisor
 from .worker import Worker, release_after_exit
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--defaults", action="store_true", help="print every setting with its default, commented")
     show.add_argument("--markdown", action="store_true", help="print the settings table used in README.md")
     show.set_defaults(handler=cmd_print_config)
-    operate.add_commands(commands, parent)  # status, retry, dead-letters, show
+    ops.add_commands(commands, parent)  # status, retry, dead-letters, show
     return parser
 
 

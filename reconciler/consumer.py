@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 
 import redis
 
-from . import driftchecks, inbox, metrics, shared, wire
+from . import driftchecks, inbox, metrics, sharedcache, streamentry
 from .db import Database
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
@@ -74,7 +74,7 @@ class Consumer(Role):
         settings = config.redis
         self.stream, self.group = settings.stream, settings.group
         self.consumer = consumer_name()
-        self.limits = wire.Limits.of(settings)
+        self.limits = streamentry.Limits.of(settings)
         self.redis: redis.Redis | None = None
         self.db: Database | None = None
         self._claim_cursor = "0-0"
@@ -193,7 +193,7 @@ class Consumer(Role):
     # --- one batch ---
 
     def _handle(self, entries: list) -> None:
-        batch = [wire.decode_entry(entry_id, fields, self.limits) for entry_id, fields in entries]
+        batch = [streamentry.decode_entry(entry_id, fields, self.limits) for entry_id, fields in entries]
         outcome = self._retry("write the batch to Postgres", self._attempts(batch))
         if outcome is None:
             return  # stopping: the entries stay pending and are redelivered (a no-op if committed)
@@ -202,7 +202,7 @@ class Consumer(Role):
             self._retry("acknowledge the batch in Redis", lambda: self._acknowledge(ids))
         self._report(outcome)
 
-    def _attempts(self, batch: list[wire.Message]) -> Callable[[], inbox.Outcome | None]:
+    def _attempts(self, batch: list[streamentry.Message]) -> Callable[[], inbox.Outcome | None]:
         """The write of a batch for _retry; every retry first leaves out entries no longer ours."""
         attempted = False
 
@@ -214,7 +214,7 @@ class Consumer(Role):
             return self._write(batch)
         return attempt
 
-    def _still_ours(self, batch: list[wire.Message]) -> list[wire.Message]:
+    def _still_ours(self, batch: list[streamentry.Message]) -> list[streamentry.Message]:
         """The entries of the batch still pending with this consumer, their idle time reset.
 
         While a write is retried (Postgres down or cut off), the entries idle in our pending list and
@@ -228,7 +228,7 @@ class Consumer(Role):
         if not batch:
             return batch
         ids = [message.stream_id for message in batch]
-        ordered = sorted(ids, key=wire.stream_id_parts)
+        ordered = sorted(ids, key=streamentry.stream_id_parts)
         # len(ids) is enough: a consumer handles one batch at a time and acknowledges it before the
         # next, so its pending list holds this batch alone (an id missed would only be left pending).
         pending = self.redis.xpending_range(self.stream, self.group, min=ordered[0], max=ordered[-1],
@@ -247,10 +247,10 @@ class Consumer(Role):
         """Today's default branch as rows record it, or None while the refresher does not know it."""
         if self.cache is None:
             return None
-        view = shared.read(self.cache)  # a gone Manager raises: the supervisor restarts everything
+        view = sharedcache.read(self.cache)  # a gone Manager raises: the supervisor restarts everything
         return view.branch_scope if view.branch_known else None
 
-    def _write(self, batch: list[wire.Message]) -> inbox.Outcome | None:
+    def _write(self, batch: list[streamentry.Message]) -> inbox.Outcome | None:
         """inbox.write, re-planned after each conflict; None when the role stops meanwhile."""
         if not batch:
             return inbox.Outcome()  # everything was taken over: nothing of ours to write
@@ -337,11 +337,11 @@ class Consumer(Role):
     def _oldest_unacknowledged(self) -> tuple[int, int] | None:
         summary = self.redis.xpending(self.stream, self.group)
         if summary["pending"]:
-            return wire.stream_id_parts(_as_bytes(summary["min"]))
+            return streamentry.stream_id_parts(_as_bytes(summary["min"]))
         group = group_info(self.redis, self.stream, self.group)
         if group is None:
             return None
-        ms, seq = wire.stream_id_parts(_as_bytes(group["last-delivered-id"]))
+        ms, seq = streamentry.stream_id_parts(_as_bytes(group["last-delivered-id"]))
         return ms, seq + 1
 
 

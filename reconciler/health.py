@@ -29,7 +29,7 @@ from typing import Callable
 import redis
 import urllib3
 
-from . import shared as shared_state
+from . import sharedcache as shared_state
 from .db import Database
 from .errors import DatabaseError
 from .roles import STOP_SIGNALS

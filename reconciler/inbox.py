@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import orjson
 
-from . import pgcopy, wire
+from . import pgcopy, streamentry
 from .db import Database, Tx
 from .errors import ContentRejected, DatabaseError
 from .states import CHECK_ON_DUPLICATE, REQUEUE_ON_DUPLICATE
@@ -37,7 +37,7 @@ class Outcome:
     inserted: int = 0
     duplicates: int = 0
     requeued: int = 0
-    dead_letters: list[wire.Rejection] = field(default_factory=list)
+    dead_letters: list[streamentry.Rejection] = field(default_factory=list)
 
     def add(self, other: "Outcome") -> None:
         """Accumulate another outcome into this one: counts add up, dead letters are appended."""
@@ -51,7 +51,7 @@ class _Plan:
     increments: Counter = field(default_factory=Counter)  # head id -> observations
 
 
-def write(db: Database, stream: str, messages: list[wire.Message], branch: str | None = None,
+def write(db: Database, stream: str, messages: list[streamentry.Message], branch: str | None = None,
           hash_order: bool = False, check: bool = False) -> Outcome:
     """Commit the rows and dead letters of these stream entries; safe to call again after a crash.
 
@@ -75,7 +75,7 @@ def write(db: Database, stream: str, messages: list[wire.Message], branch: str |
         return _write_one_by_one(db, stream, messages, branch, hash_order, check)
 
 
-def _write_one_by_one(db: Database, stream: str, messages: list[wire.Message], branch: str | None,
+def _write_one_by_one(db: Database, stream: str, messages: list[streamentry.Message], branch: str | None,
                       hash_order: bool, check: bool) -> Outcome:
     """Postgres refused something outside the COPY's savepoint, where the offending row is unknown: one
     transaction per entry finds its entry. Rare (a counter out of range), so the extra commits do not
@@ -86,15 +86,15 @@ def _write_one_by_one(db: Database, stream: str, messages: list[wire.Message], b
     return outcome
 
 
-def _refuse_entry(db: Database, stream: str, message: wire.Message, exc: ContentRejected) -> Outcome:
+def _refuse_entry(db: Database, stream: str, message: streamentry.Message, exc: ContentRejected) -> Outcome:
     """The whole entry as a dead letter with Postgres' reason, and its receipt (a redelivery stays a no-op)."""
-    refused = wire.Message(stream_id=message.stream_id, fields=message.fields)
-    refused.rejections.append(wire.Rejection(message, None, f"Postgres refused the stream entry: {exc}",
+    refused = streamentry.Message(stream_id=message.stream_id, fields=message.fields)
+    refused.rejections.append(streamentry.Rejection(message, None, f"Postgres refused the stream entry: {exc}",
                                              message.fields))
     return _write_batch(db, stream, [refused])
 
 
-def _write_batch(db: Database, stream: str, messages: list[wire.Message], branch: str | None = None,
+def _write_batch(db: Database, stream: str, messages: list[streamentry.Message], branch: str | None = None,
                  hash_order: bool = False, check: bool = False) -> Outcome:
     with db.transaction() as tx:
         fresh = _claim_receipts(tx, stream, messages)
@@ -112,9 +112,9 @@ def _write_batch(db: Database, stream: str, messages: list[wire.Message], branch
     return outcome
 
 
-def _claim_receipts(tx: Tx, stream: str, messages: list[wire.Message]) -> list[wire.Message]:
+def _claim_receipts(tx: Tx, stream: str, messages: list[streamentry.Message]) -> list[streamentry.Message]:
     """The entries not committed before."""
-    keys = [wire.stream_id_parts(m.stream_id) for m in messages]
+    keys = [streamentry.stream_id_parts(m.stream_id) for m in messages]
     claimed = {(int(ms), int(seq)) for ms, seq in tx.fetchall("claim_receipts", {
         "stream": stream, "ms": [ms for ms, _ in keys], "seq": [seq for _, seq in keys],
         "entities": [m.entity_count for m in messages]})}
@@ -136,7 +136,7 @@ class Head(NamedTuple):
                 and self.state in REQUEUE_ON_DUPLICATE and not self.held)
 
 
-def _lock_heads(tx: Tx, rows: list[wire.EntityRow], branch: str | None) -> dict[bytes, Head]:
+def _lock_heads(tx: Tx, rows: list[streamentry.EntityRow], branch: str | None) -> dict[bytes, Head]:
     """{hash: head} for the hashes that already have a row in today's branch, locked until commit.
 
     Heads finished in another branch are demoted here, so these entities become new rows.
@@ -152,7 +152,7 @@ def _lock_heads(tx: Tx, rows: list[wire.EntityRow], branch: str | None) -> dict[
     return {entity_hash: head for entity_hash, head in heads.items() if not head.other_branch(branch)}
 
 
-def _plan(rows: list[wire.EntityRow], heads: dict[bytes, Head], refused: set[int]) -> _Plan:
+def _plan(rows: list[streamentry.EntityRow], heads: dict[bytes, Head], refused: set[int]) -> _Plan:
     plan = _Plan()
     for row in rows:
         if id(row) in refused:
@@ -167,15 +167,15 @@ def _plan(rows: list[wire.EntityRow], heads: dict[bytes, Head], refused: set[int
     return plan
 
 
-def _insert_new_rows(tx: Tx, rows: list[wire.EntityRow], heads: dict[bytes, Head],
-                     hash_order: bool = False) -> tuple[_Plan, list[wire.Rejection]]:
+def _insert_new_rows(tx: Tx, rows: list[streamentry.EntityRow], heads: dict[bytes, Head],
+                     hash_order: bool = False) -> tuple[_Plan, list[streamentry.Rejection]]:
     """COPY the new rows (in arrival order, or in hash order, see write); rows Postgres refuses are
     found, left out and returned as rejections.
 
     Leaving a row out changes the plan (an in-batch copy of it may become the new row instead),
     so the plan is rebuilt after each refusal. Each round removes at least one row.
     """
-    refused: dict[int, wire.Rejection] = {}
+    refused: dict[int, streamentry.Rejection] = {}
     while True:
         plan = _plan(rows, heads, set(refused))
         order = sorted(plan.new_rows) if hash_order else plan.new_rows
@@ -192,8 +192,8 @@ def _insert_new_rows(tx: Tx, rows: list[wire.EntityRow], heads: dict[bytes, Head
                 # passed): the rows may well be fine, and a dead letter would take them out of the inbox.
                 raise DatabaseError(f"Postgres refused the batch's new rows but none of them alone: {exc}") from exc
             for (row, _), reason in culprits:
-                refused[id(row)] = wire.Rejection(row.message, row.index, f"Postgres refused the row: {reason}",
-                                                  wire.entity_fields(row))
+                refused[id(row)] = streamentry.Rejection(row.message, row.index, f"Postgres refused the row: {reason}",
+                                                  streamentry.entity_fields(row))
 
 
 def _find_refused(tx: Tx, items: list) -> list[tuple[list, str]]:
@@ -208,8 +208,8 @@ def _find_refused(tx: Tx, items: list) -> list[tuple[list, str]]:
     return _find_refused(tx, items[:middle]) + _find_refused(tx, items[middle:])
 
 
-def _request_prefix(message: wire.Message) -> bytes:
-    # source_metadata says which request fields were cleaned to be storable (wire._read_header).
+def _request_prefix(message: streamentry.Message) -> bytes:
+    # source_metadata says which request fields were cleaned to be storable (streamentry._read_header).
     metadata = orjson.dumps({"cleaned_request_fields": message.cleaned}) if message.cleaned else None
     return b"".join((
         pgcopy.tuple_start(COPY_COLUMNS), pgcopy.text(message.request_id), pgcopy.bigint(message.ingestion_ts),
@@ -267,7 +267,7 @@ def _mark_duplicates(tx: Tx, increments: Counter, heads: dict[bytes, Head], chec
     return sum(requeue)
 
 
-def _store_dead_letters(tx: Tx, stream: str, rejections: list[wire.Rejection]) -> None:
+def _store_dead_letters(tx: Tx, stream: str, rejections: list[streamentry.Rejection]) -> None:
     if not rejections:
         return
     rows = []

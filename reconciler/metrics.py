@@ -36,7 +36,7 @@ OUTCOME_LABELS = {states.OPEN: "planned", states.APPLIED: "applied", states.FAIL
                   states.NO_CHANGES: "no_changes", states.PENDING_RETRY: "pending_retry",
                   states.ERRORED: "errored"}
 
-# Dead-letter reason texts (wire.py, inbox.py) by the kind they are counted as: first match wins.
+# Dead-letter reason texts (streamentry.py, inbox.py) by the kind they are counted as: first match wins.
 DEAD_LETTER_KINDS = (
     ("Postgres refused", "postgres_refused"),
     ("brotli", "undecodable"),

@@ -1,6 +1,6 @@
 """What the plugin's answer means for each claimed row (pure functions, no I/O).
 
-The rules are the reference's (diode-reconciler.md §7.3), with retries added:
+The Go reconciler's rules for a plugin answer, with retries added:
 
 | answer                        | plan-only                   | auto-apply                        |
 |-------------------------------|-----------------------------|-----------------------------------|
@@ -32,64 +32,21 @@ from __future__ import annotations
 import datetime
 import random
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from netboxlabs.diode.sdk.ingester import PRIMARY_VALUE_MAP
 
 from . import states
+from .changesets import has_changes, malformed_change_set
+from .claims import LOST, KEEP, ChangeSet, Claimed, Decision
 from .objecttypes import DISPLAY_NAMES, MEMBERS
-from .plugin import Result, malformed_change_set, without_nul
+from .text import without_nul
 
-TRANSIENT_APPLY_ERRORS = {"db_deadlock_after_retries", "db_error"}  # the plugin's stable codes for DB trouble
-LOST, KEEP = True, None  # Decision.answer_lost: what becomes of the row's answer_lost_at
+if TYPE_CHECKING:  # the decisions read the client's results, but never call it
+    from .plugin import Result
 
-
-@dataclass(frozen=True)
-class Claimed:
-    """A row as claimed by a worker."""
-
-    id: int
-    object_type: str
-    entity: bytes
-    requeued_from_state: int | None
-    attempts: int
-    answer_lost_at: datetime.datetime | None = None
-    timeouts: int = 0
-
-    @property
-    def drift_check(self) -> bool:
-        return self.requeued_from_state == states.APPLIED
-
-    @property
-    def planned_before(self) -> bool:
-        """Whether earlier change sets can exist: it was requeued, or claimed before."""
-        return self.requeued_from_state is not None or self.attempts > 1
-
-
-@dataclass
-class ChangeSet:
-    """A change set as stored: the plugin's, or a placeholder recording a failure."""
-
-    external_id: str
-    branch_id: str | None
-    deviation_name: str
-    changes: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class Decision:
-    row_id: int
-    state: int
-    error: dict | None = None
-    change_set: ChangeSet | None = None
-    drift_state: int | None = None  # drift: the prior becomes APPLIED; a clone gets this state, error, set
-    retry_in: float | None = None  # seconds from the write until the row is due again (PENDING_RETRY)
-    answer_lost: bool | None = False  # LOST: set answer_lost_at now; KEEP: keep it; False: clear it
-    timed_out: bool = False  # its request went unanswered: the next claim is half the size
-    refund: bool = False  # the claim does not count against max_attempts
-    planned: bool = True  # the plugin produced a plan: NetBox changes from now on may not be in it
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -178,16 +135,6 @@ def _stored_change_set(row: Claimed, change_set: dict) -> ChangeSet:
                      deviation_name(row.object_type, changes), changes)
 
 
-def _has_changes(change_set: dict | None) -> bool:
-    """A plan counts as changes unless it is empty or only noops (referenced objects that exist)."""
-    changes = (change_set or {}).get("changes") or []
-    return any(change.get("change_type") != "noop" for change in changes)
-
-
-def _transient_apply(apply_errors: Any) -> bool:
-    return bool(apply_errors) and set(_flatten(apply_errors)) <= {f"__all__: {code}" for code in TRANSIENT_APPLY_ERRORS}
-
-
 def plan_failed(row: Claimed, failure: dict, entity: dict | None, branch_id: str | None) -> Decision:
     if row.drift_check:  # an applied object whose re-check failed stays applied, its last plan unchanged
         return Decision(row.id, states.APPLIED, answer_lost=KEEP, planned=False)
@@ -214,11 +161,11 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
     if problem:
         return plan_failed(row, error(f"the plugin returned a malformed change set for ingestion log {row.id}: "
                                       f"{problem}", "ERR_OPS_GENERATE_DIFF", result.change_set), entity, branch_id)
-    if not _has_changes(result.change_set):
+    if not has_changes(result.change_set):
         if row.drift_check or (apply and row.answer_lost_at and row.requeued_from_state != states.NO_CHANGES):
             return Decision(row.id, states.APPLIED, answer_lost=KEEP)  # by the attempt whose answer was lost
         return Decision(row.id, states.NO_CHANGES)
-    if apply and _transient_apply(result.apply_errors):
+    if apply and result.apply_transient:
         return unavailable(row, f"apply failed in NetBox's database: {_flatten(result.apply_errors)[0]}", retry)
     change_set = _stored_change_set(row, result.change_set)
     if not apply:
@@ -262,7 +209,7 @@ def unstorable(decision: Decision, reason: str) -> Decision:
     """A decision whose change set or error Postgres refused to store, as one it can store: the same
     outcome without the change set, and why in `error`. A plan that can no longer be reviewed (OPEN)
     is FAILED; an apply that happened in NetBox stays APPLIED."""
-    failure = error(f"Postgres refused to store the plugin's answer for this row ({reason.replace(chr(0), '')}); "
+    failure = error(f"Postgres refused to store the plugin's answer for this row ({without_nul(reason)}); "
                     "recorded without its change set", "ERR_INTERNAL")
     field_name = "drift_state" if decision.drift_state is not None else "state"
     state = getattr(decision, field_name)

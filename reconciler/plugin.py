@@ -36,9 +36,11 @@ import orjson
 import urllib3
 
 from . import metrics
+from .changesets import malformed_change_set
 from .errors import ReconcilerError
 from .ratelimit import SharedRateLimiter
 from .settings import plugin_connect_seconds, plugin_request_seconds
+from .text import without_nul
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,8 @@ RETRY_AFTER_CAP = 60.0
 # 5xx answers that end the request: the application's own error, or "unavailable" before it started.
 # Any other 5xx is a gateway's (502, 504, a CDN's 52x, 598/599...): the request may still run behind it.
 ENDED_5XX = (500, 503)
+# The plugin's stable error codes for an apply that NetBox's database could not carry out.
+TRANSIENT_APPLY_ERRORS = frozenset({"db_deadlock_after_retries", "db_error"})
 
 
 class Pacer(Protocol):
@@ -102,10 +106,11 @@ class InDoubt(AnswerLost):
 class Result:
     """The plugin's answer for one entity, whatever the endpoint."""
 
-    id: str
+    id: int
     change_set: dict | None = None
     plan_errors: Any = None
     apply_errors: Any = None
+    apply_transient: bool = False  # apply_errors are only NetBox's database in trouble: worth a retry
     warnings: list = field(default_factory=list)
     unavailable: str | None = None  # per-entity path: why this entity has no outcome
     sent: bool = True  # False: nothing about this entity was sent
@@ -115,9 +120,10 @@ class Result:
 
 @dataclass(frozen=True)
 class Item:
-    """One entity to send: our row id (echoed by the plugin), its NetBox type and its protojson."""
+    """One entity to send: our row id (echoed by the plugin, as text on the wire), its NetBox type and
+    its protojson."""
 
-    id: str
+    id: int
     object_type: str
     entity: dict
 
@@ -258,21 +264,21 @@ class PluginClient:
             raise Unavailable(f"default-branch answered an unexpected body: {response.body[:200]!r}")
         return branch
 
-    def plan(self, items: list[Item], branch: str | None, deadline: float | None = None) -> dict[str, Result]:
+    def plan(self, items: list[Item], branch: str | None, deadline: float | None = None) -> dict[int, Result]:
         """Plan only (bulk-plan/, or generate-diff/ per entity on plugins older than 1.12).
         `deadline`: time.monotonic() by which every request must have finished."""
         return self._bulk_or_single("bulk-plan/", items, branch, apply=False, deadline=deadline)
 
-    def plan_apply(self, items: list[Item], branch: str | None, deadline: float | None = None) -> dict[str, Result]:
+    def plan_apply(self, items: list[Item], branch: str | None, deadline: float | None = None) -> dict[int, Result]:
         """Plan and apply (bulk-plan-apply/, or generate-diff/ + apply-change-set/ per entity)."""
         return self._bulk_or_single("bulk-plan-apply/", items, branch, apply=True, deadline=deadline)
 
     # --- bulk and single-entity paths ---
 
     def _bulk_or_single(self, path: str, items: list[Item], branch: str | None, apply: bool,
-                        deadline: float | None) -> dict[str, Result]:
+                        deadline: float | None) -> dict[int, Result]:
         if self._bulk is not False:
-            response = self._call("POST", path, {"entities": [vars(item) for item in items]}, branch, deadline)
+            response = self._call("POST", path, {"entities": [_wire_item(item) for item in items]}, branch, deadline)
             if response.status != 404:
                 self._bulk = True
                 return self._bulk_results(response, path, items, apply)
@@ -282,7 +288,7 @@ class PluginClient:
             self._bulk = False
         return self._singles(items, branch, apply, deadline)
 
-    def _bulk_results(self, response: Response, path: str, items: list[Item], apply: bool) -> dict[str, Result]:
+    def _bulk_results(self, response: Response, path: str, items: list[Item], apply: bool) -> dict[int, Result]:
         if response.status == 400 and _is_json(response):
             # The whole envelope was refused; say so for every entity.
             errors = {"request": response.json()}
@@ -299,10 +305,10 @@ class PluginClient:
         return results
 
     def _singles(self, items: list[Item], branch: str | None, apply: bool,
-                 deadline: float | None) -> dict[str, Result]:
+                 deadline: float | None) -> dict[int, Result]:
         """One entity after the other. Once the plugin cannot be asked (down, a stop, the deadline), the
         entities not done are reported unavailable; those done keep their results (some may be applied)."""
-        results: dict[str, Result] = {}
+        results: dict[int, Result] = {}
         for position, item in enumerate(items):
             try:
                 results[item.id] = self._single(item, branch, apply, deadline)
@@ -333,6 +339,7 @@ class PluginClient:
         applied = self._call("POST", "apply-change-set/", result.change_set, branch, deadline, replay_safe=False)
         answer = self._expect_json(applied, "apply-change-set", accept=(200, 400))
         result.apply_errors = answer.get("errors")
+        result.apply_transient = transient_apply_errors(result.apply_errors)
         result.warnings = answer.get("warnings") or []
         return result
 
@@ -462,30 +469,6 @@ def _backoff(failures: int) -> float:
     return min(10.0, 0.25 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
 
 
-def malformed_change_set(change_set: Any) -> str | None:
-    """Why the plugin's change set cannot be read as one (None: it can): not sent to
-    apply-change-set/, and its row fails (outcomes.decide)."""
-    if not isinstance(change_set, dict):
-        return f"the change set is {type(change_set).__name__}, not an object"
-    changes = change_set.get("changes")
-    if changes is not None and not isinstance(changes, list):
-        return f"its changes are {type(changes).__name__}, not a list"
-    if changes and not all(isinstance(change, dict) for change in changes):
-        return "one of its changes is not an object"
-    return None
-
-
-def without_nul(value: Any) -> Any:
-    """`value` with U+0000, which Postgres text and jsonb cannot hold, replaced by U+FFFD throughout."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, list):
-        return [without_nul(item) for item in value]
-    if isinstance(value, dict):
-        return {without_nul(key): without_nul(item) for key, item in value.items()}
-    return value
-
-
 def _is_json(response: Response) -> bool:
     try:
         orjson.loads(response.body)
@@ -496,15 +479,41 @@ def _is_json(response: Response) -> bool:
 
 def _parse_result(raw: Any, apply: bool) -> Result | None:
     """One element of results[] (keys may be missing; plan errors come wrapped on plan-apply)."""
-    if not isinstance(raw, dict) or raw.get("id") is None:
+    row_id = _row_id(raw.get("id")) if isinstance(raw, dict) else None
+    if row_id is None:
         return None
-    result = Result(str(raw["id"]), change_set=raw.get("change_set"), warnings=raw.get("warnings") or [])
+    result = Result(row_id, change_set=raw.get("change_set"), warnings=raw.get("warnings") or [])
     errors = raw.get("errors")
     if apply and isinstance(errors, dict) and set(errors) <= {"plan", "apply"}:
         result.plan_errors, result.apply_errors = errors.get("plan"), errors.get("apply")
+        result.apply_transient = transient_apply_errors(result.apply_errors)
     else:
         result.plan_errors = errors
     return result
+
+
+def _row_id(echoed: Any) -> int | None:
+    """The row id the plugin echoed (we send it as text), or None when it is not one of ours."""
+    try:
+        return int(echoed)
+    except (TypeError, ValueError):
+        return None
+
+
+def _wire_item(item: Item) -> dict:
+    return {"id": str(item.id), "object_type": item.object_type, "entity": item.entity}
+
+
+def transient_apply_errors(errors: Any) -> bool:
+    """Whether an apply failed only because NetBox's database was in trouble (the plugin's stable codes
+    under `__all__`), not because of the change set: such a row is retried, not FAILED."""
+    if isinstance(errors, list):  # one error object per change
+        return bool(errors) and all(transient_apply_errors(each) for each in errors)
+    if not isinstance(errors, dict) or set(errors) != {"__all__"}:
+        return False
+    codes = errors["__all__"]
+    codes = codes if isinstance(codes, list) else [codes]
+    return bool(codes) and all(isinstance(code, str) and code in TRANSIENT_APPLY_ERRORS for code in codes)
 
 
 def _client_secret(netbox) -> str:

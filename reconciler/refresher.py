@@ -24,7 +24,7 @@ from .db import Database
 from .errors import BootError
 from .plugin import PluginClient, Unavailable
 from .roles import Role
-from .shared import PROXY_ERRORS
+from .sharedcache import PROXY_ERRORS
 from .streamgroup import group_info
 
 log = logging.getLogger(__name__)

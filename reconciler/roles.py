@@ -29,7 +29,7 @@ import setproctitle
 from . import errors
 from . import log as logsetup
 from .db import Database
-from .heartbeat import heartbeat
+from .processes import heartbeat
 from .settings import Config
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from typing import Callable
 from . import errors, health, metrics
 from .roles import STOP_SIGNALS, Link, Role, serve
 from .settings import Config
-from .shared import MP, Shared
+from .sharedcache import MP, Shared
 from .systemd import Notifier
 
 log = logging.getLogger(__name__)

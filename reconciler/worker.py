@@ -3,7 +3,7 @@
 Per iteration: read the shared cache (branch, backpressure); claim up to `batch_size` rows under
 a lease and commit; call the plugin with no transaction open (bulk-plan-apply/ when auto_apply,
 bulk-plan/ otherwise, never both); decide every row's outcome (outcomes.py); write them in one
-transaction (outbox.py). Every `LEASE_SWEEP_INTERVAL` it also returns rows whose lease expired
+transaction (claims.py). Every `LEASE_SWEEP_INTERVAL` it also returns rows whose lease expired
 (a dead worker's, here or on another replica) to QUEUED. When a worker process dies, its supervisor
 ends its leases at once (release_after_exit), or once NetBox can no longer be working on a request
 it sent.
@@ -23,10 +23,11 @@ import time
 from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from . import metrics, outbox, outcomes, protojson, shared, states
+from . import claims, metrics, outcomes, protojson, sharedcache, states
 from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
-from .outcomes import Claimed, Decision, RetryPolicy
+from .claims import Claimed, Decision
+from .outcomes import RetryPolicy
 from .plugin import AnswerLost, InDoubt, Item, PluginClient, Unavailable
 from .roles import Link, Role
 from .settings import check_runnable, claim_lease_seconds, lease_budget_seconds
@@ -67,8 +68,8 @@ class Worker(Role):
         self.db.check_schema()
         self.plugin = PluginClient(self.config.netbox, self.limiter, pacer=self)
         try:
-            shared.read(self.cache)
-        except shared.PROXY_ERRORS as exc:
+            sharedcache.read(self.cache)
+        except sharedcache.PROXY_ERRORS as exc:
             raise BootError(f"the shared cache is unreachable: {exc!r}") from exc
         log.info("%s mode, batches of %d, lease %s", "auto-apply" if self.apply else "plan-only",
                  self.config.workers.batch_size, self.owner)
@@ -100,13 +101,13 @@ class Worker(Role):
 
     # --- shared cache ---
 
-    def _view(self) -> shared.View:
+    def _view(self) -> sharedcache.View:
         try:
-            return shared.read(self.cache)
-        except shared.PROXY_ERRORS as exc:
+            return sharedcache.read(self.cache)
+        except sharedcache.PROXY_ERRORS as exc:
             raise ProxyGone(f"the shared cache's Manager is gone ({exc!r}); exiting to be restarted") from exc
 
-    def _branch_known(self, view: shared.View) -> bool:
+    def _branch_known(self, view: sharedcache.View) -> bool:
         if not view.branch_known:
             if not self._waiting_for_branch:
                 log.warning("default branch not yet known; claiming nothing until it is")
@@ -121,12 +122,10 @@ class Worker(Role):
         if time.monotonic() < self._next_sweep:
             return
         self._next_sweep = time.monotonic() + LEASE_SWEEP_INTERVAL
-        with self.db.transaction() as tx:
-            released = tx.fetchall("release_expired_leases", {"max_attempts": self.retry.max_attempts,
-                                                              "unsent_owner": None})
+        released = claims.sweep(self.db, self.retry.max_attempts)
         if released:
-            owners = ", ".join(sorted({owner for _, owner, _ in released}))
-            given_up = [row_id for row_id, _, state in released if state == states.ERRORED]
+            owners = ", ".join(sorted({row.owner for row in released}))
+            given_up = [row.id for row in released if row.state == states.ERRORED]
             if len(given_up) < len(released):
                 log.warning("%d rows outlived their lease (held by %s); back to QUEUED",
                             len(released) - len(given_up), owners)
@@ -141,19 +140,15 @@ class Worker(Role):
 
     def _claim(self) -> list[Claimed]:
         in_flight = states.APPLYING if self.apply else states.OPEN
-        with self.db.transaction() as tx:
-            rows = tx.fetchall("claim_batch", {
-                "limit": self.config.workers.batch_size, "state": in_flight, "owner": self.owner,
-                "lease_seconds": claim_lease_seconds(self.config)})
-        return [Claimed(row_id, object_type, bytes(entity), requeued, attempts, answer_lost_at, timeouts)
-                for row_id, object_type, entity, requeued, attempts, answer_lost_at, timeouts in sorted(rows)]
+        return claims.claim(self.db, self.owner, in_flight, self.config.workers.batch_size,
+                            claim_lease_seconds(self.config))
 
     # --- one batch ---
 
-    def _process(self, rows: list[Claimed], view: shared.View, deadline: float) -> None:
+    def _process(self, rows: list[Claimed], view: sharedcache.View, deadline: float) -> None:
         metrics.claimed(row.object_type for row in rows)
         entities, decisions = self._entities(rows)
-        items = [Item(str(row.id), row.object_type, entities[row.id]) for row in rows if row.id in entities]
+        items = [Item(row.id, row.object_type, entities[row.id]) for row in rows if row.id in entities]
         if items:
             decisions += self._ask_plugin(items, rows, view, deadline)
         unrecorded = self._persist(decisions, view, {row.id for row in rows if row.planned_before},
@@ -183,13 +178,13 @@ class Worker(Role):
                 failed.append(outcomes.plan_failed(row, failure, None, None))
         return dict(zip(parsed, protojson.batch_to_dicts(list(parsed.values())))), failed
 
-    def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: shared.View,
+    def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: sharedcache.View,
                     deadline: float) -> list[Decision]:
         """The decisions for the rows asked about. On a stop, the rows without an outcome are given
         back uncounted instead (per entity, those not sent; in bulk, the whole batch), unless the
         plugin got them: those are recorded, and those it may still be working on are held."""
         by_id = {row.id: row for row in rows}
-        asked = [by_id[int(item.id)] for item in items]
+        asked = [by_id[item.id] for item in items]
         try:
             call = self.plugin.plan_apply if self.apply else self.plugin.plan
             results = call(items, view.branch_id, deadline)
@@ -204,25 +199,25 @@ class Worker(Role):
                 return []
             log.warning("plugin unavailable for a batch of %d: %s", len(asked), exc)
             return [outcomes.unavailable(row, str(exc), self.retry, answer_lost=lost) for row in asked]
-        unsent = {row.id for row in asked if (result := results.get(str(row.id))) and not result.sent}
+        unsent = {row.id for row in asked if (result := results.get(row.id)) and not result.sent}
         if unsent:
-            self._give_back([by_id[row_id] for row_id in sorted(unsent)], results[str(min(unsent))].unavailable)
-        entities = {int(item.id): item.entity for item in items}
+            self._give_back([by_id[row_id] for row_id in sorted(unsent)], results[min(unsent)].unavailable)
+        entities = {item.id: item.entity for item in items}
         now = time.time()
-        return [outcomes.decide(row, results.get(str(row.id)), self.apply, entities[row.id], view.branch_id,
+        return [outcomes.decide(row, results.get(row.id), self.apply, entities[row.id], view.branch_id,
                                 self.retry, now) for row in asked if row.id not in unsent]
 
     def _give_back(self, rows: list[Claimed], reason: str) -> None:
         """Release claimed rows that were never sent, uncounted, for the next claim. (Rows the plugin got
         are never given back: _ask_plugin records them, and holds those it may still be working on.)"""
         try:
-            outbox.release(self.db, self.owner, [row.id for row in rows])
+            claims.release(self.db, self.owner, [row.id for row in rows])
         except DatabaseError as exc:
             log.warning("could not give %d claimed rows back (%s); they return after their lease", len(rows), exc)
             return
         log.info("gave %d claimed rows back without an outcome: %s", len(rows), reason)
 
-    def _persist(self, decisions: list[Decision], view: shared.View, planned_before: set[int],
+    def _persist(self, decisions: list[Decision], view: sharedcache.View, planned_before: set[int],
                  object_types: dict[int, str]) -> set[int]:
         """Record the decisions; the ids of rows left unrecorded (planned again after their lease)."""
         written, unrecorded = self._record(decisions, view.branch_scope, planned_before)
@@ -250,7 +245,7 @@ class Worker(Role):
         degraded = False
         while True:
             try:
-                written = outbox.persist(self.db, self.owner, branch_scope, decisions, planned_before)
+                written = claims.record(self.db, self.owner, branch_scope, decisions, planned_before)
                 return [d for d in decisions if d.row_id in written], set()
             except ContentRejected as exc:
                 if len(decisions) > 1:
@@ -296,11 +291,8 @@ def release_after_exit(config, index: int, pid: int, link: Link) -> None:
                   statement_timeout_ms=5_000)
     owner = lease_owner(index, pid, link)
     try:
-        with db.transaction() as tx:
-            ended = tx.fetchall("end_leases_of", {
-                "owner": owner, "request_seconds": max(0.0, link.request_until.value - time.time())})
-            released = tx.fetchall("release_expired_leases", {
-                "max_attempts": config.workers.max_attempts, "unsent_owner": None if link.sent.value else owner})
+        ended, released = claims.end_leases(db, owner, max(0.0, link.request_until.value - time.time()),
+                                            config.workers.max_attempts, sent=link.sent.value)
     except DatabaseError as exc:
         log.warning("could not release the claims of worker %d (pid %d): %s; they return after their lease",
                     index, pid, exc)
@@ -308,6 +300,6 @@ def release_after_exit(config, index: int, pid: int, link: Link) -> None:
     finally:
         db.close()
     if ended:
-        held = len(ended) - len({row_id for row_id, *_ in released} & {row_id for row_id, in ended})
+        held = len(ended) - len({row.id for row in released} & ended)
         log.info("worker %d (pid %d) held %d claimed rows: %d released%s", index, pid, len(ended), len(ended) - held,
                  f", {held} once NetBox can no longer be working on its last request" if held else "")

@@ -14,7 +14,7 @@ from pathlib import Path
 import brotli
 import pytest
 
-from reconciler import inbox, sample, wire
+from reconciler import inbox, sample, streamentry
 from reconciler.consumer import Consumer
 
 from .support import GROUP, STREAM, push, query, reconciler, scalar, wait_until
@@ -156,12 +156,12 @@ def test_entry_ids_beyond_bigint_become_rows_and_so_do_the_auto_ids_after_them(c
     with stop_after(consumer, 20):
         drain(consumer, redis_client, timeout=20)
     assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
-    expected = sum(len(wire.decode_entry(b"1-0", fields).rows) for fields in entries)
+    expected = sum(len(streamentry.decode_entry(b"1-0", fields).rows) for fields in entries)
     assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == expected
     assert scalar(dsn, "SELECT max(ms)::text FROM stream_receipts") == "18446744073709551614"
 
     # A redelivery of the first entry is a no-op: its receipt is found.
-    assert inbox.write(consumer.db, STREAM, [wire.decode_entry(b"18446744073709551614-1", entries[0])]).redelivered == 1
+    assert inbox.write(consumer.db, STREAM, [streamentry.decode_entry(b"18446744073709551614-1", entries[0])]).redelivered == 1
     query(dsn, "UPDATE stream_receipts SET committed_at = now() - interval '1 day'")
     consumer._prune_receipts()
     assert scalar(dsn, "SELECT count(*) FROM stream_receipts") == 0

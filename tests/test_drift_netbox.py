@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from peer import netbox as peer
-from reconciler import driftkeys, sample, settings, states, status
+from reconciler import driftkeys, sample, settings, states
+from reconciler.ops import status
 from reconciler.db import Database
 
 from .support import push, query, reconciler, scalar, wait_until

@@ -10,7 +10,7 @@ import pytest
 from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from reconciler import inbox, sample, states, wire
+from reconciler import inbox, sample, states, streamentry
 from reconciler.db import Database
 from reconciler.errors import ConflictError, ContentRejected, DatabaseError
 
@@ -24,12 +24,12 @@ def site(name: str, **extra) -> pb.Entity:
     return sdk.Entity(site=sdk.Site(name=name, slug=name, **extra))
 
 
-def entry(*entities: pb.Entity, **request_fields) -> wire.Message:
+def entry(*entities: pb.Entity, **request_fields) -> streamentry.Message:
     fields = dict(id="req", producer_app_name="disco", producer_app_version="1", sdk_name="diode-sdk-python",
                   sdk_version="1.14.3")
     fields.update(request_fields)
     req = pb.IngestRequest(entities=list(entities), **fields)
-    return wire.decode_entry(f"{next(_ids)}-0".encode(), sample.stream_fields(req))
+    return streamentry.decode_entry(f"{next(_ids)}-0".encode(), sample.stream_fields(req))
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_redelivered_entry_is_a_no_op(db, dsn):
 
 
 def test_decode_rejections_become_dead_letters_with_their_fields(db, dsn):
-    broken = wire.decode_entry(b"9-1", {b"request": b"\xff\xff", b"ingestion_ts": b"1"})
+    broken = streamentry.decode_entry(b"9-1", {b"request": b"\xff\xff", b"ingestion_ts": b"1"})
     outcome = inbox.write(db, STREAM, [broken, entry(site("a"))])
     assert outcome.inserted == 1 and len(outcome.dead_letters) == 1
     [(stream_id, index, reason, names, values)] = query(
@@ -180,7 +180,7 @@ def test_request_fields_a_row_cannot_hold_are_cleaned_and_noted(db, dsn):
     long = entry(site("long"), id="r" * 300)
     req = pb.IngestRequest(entities=[site("latin")], id="req-latin", producer_app_name="x")
     raw = req.SerializeToString().replace(b"\x22\x01x", b"\x22\x04caf\xe9")  # field 4, "café" in Latin-1
-    latin = wire.decode_entry(b"99-0", sample.stream_fields(pb.IngestRequest.FromString(req.SerializeToString()))
+    latin = streamentry.decode_entry(b"99-0", sample.stream_fields(pb.IngestRequest.FromString(req.SerializeToString()))
                               | {b"request": raw, b"encoding": b""})
     outcome = inbox.write(db, STREAM, [clean, nul, long, latin])
 
@@ -223,7 +223,7 @@ def test_concurrent_writers_never_create_two_rows_for_one_entity(dsn):
     assert scalar(dsn, "SELECT sum(duplicate_count) FROM ingestion_logs") == 200
 
 
-def _entities(message: wire.Message) -> list[pb.Entity]:
+def _entities(message: streamentry.Message) -> list[pb.Entity]:
     return [pb.Entity.FromString(row.entity) for row in message.rows]
 
 

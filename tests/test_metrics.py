@@ -25,7 +25,7 @@ from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from reconciler import errors, health, metrics, sample, settings, states, wire
+from reconciler import errors, health, metrics, sample, settings, states, streamentry
 from reconciler.errors import ConfigError
 
 from .faultserver import Step
@@ -283,7 +283,7 @@ def test_a_taken_port_is_logged_and_the_service_runs_on(env, tmp_path):
 ], ids=["protobuf", "brotli", "encoding", "no-request", "no-ts", "bad-ts", "no-entities", "bytes", "entities",
         "untyped"])
 def test_every_dead_letter_reason_has_a_kind(fields, kind):
-    message = wire.decode_entry(b"1-0", fields, wire.Limits(max_request_bytes=1024, max_entities=2))
+    message = streamentry.decode_entry(b"1-0", fields, streamentry.Limits(max_request_bytes=1024, max_entities=2))
     [rejection] = message.rejections
     assert metrics.dead_letter_kind(rejection.reason) == kind, rejection.reason
     assert metrics.dead_letter_kind("Postgres refused the row: invalid byte sequence") == "postgres_refused"
@@ -308,5 +308,5 @@ def test_outcome_labels_cover_every_state_a_worker_records():
 
 
 def test_unexpected_decoding_errors_have_a_kind():
-    unexpected = wire.decode_entry(b"2-0", {b"request": "text, not bytes", b"ingestion_ts": b"1"})
+    unexpected = streamentry.decode_entry(b"2-0", {b"request": "text, not bytes", b"ingestion_ts": b"1"})
     assert [metrics.dead_letter_kind(r.reason) for r in unexpected.rejections] == ["unexpected_error"]

@@ -17,7 +17,8 @@ import pytest
 from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from reconciler import deadletters, errors, heartbeat, inbox, requeue, sample, states, wire
+from reconciler import errors, inbox, processes, sample, states, streamentry
+from reconciler.ops import deadletters, retry
 from reconciler.db import Database
 
 from .faultserver import FaultServer, Step, converge
@@ -63,7 +64,7 @@ def device(name: str) -> pb.Entity:
 
 def enqueue(dsn: str, *entities: pb.Entity) -> list[int]:
     """New QUEUED rows through the consumer's own inbox code; returns their ids."""
-    message = wire.decode_entry(f"{next(_entries)}-0".encode(), sample.stream_fields(request(*entities)))
+    message = streamentry.decode_entry(f"{next(_entries)}-0".encode(), sample.stream_fields(request(*entities)))
     database = Database(dsn, "reconciler")
     before = scalar(dsn, "SELECT coalesce(max(id), 0) FROM ingestion_logs")
     inbox.write(database, STREAM, [message])
@@ -121,7 +122,7 @@ def known_state(dsn, redis_client):
     redis_client.xgroup_create(STREAM, GROUP, id="0")
     redis_client.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=1)  # one pending, two unread
     database = Database(dsn, "reconciler")
-    heartbeat.heartbeat(database, "worker 1")
+    processes.heartbeat(database, "worker 1")
     database.close()
     query(dsn, "INSERT INTO processes VALUES ('other-host', 42, 'consumer', now() - interval '1 hour', now()), "
                "('gone-host', 7, 'worker 2', now() - interval '2 hours', now() - interval '1 hour')")
@@ -225,9 +226,9 @@ def test_heartbeats_are_written_at_most_every_few_seconds_and_listed_while_recen
     query(dsn, "INSERT INTO processes VALUES ('old-host', 1, 'consumer', now() - interval '3 days', "
                "now() - interval '2 days')")
 
-    assert heartbeat.heartbeat(database, "consumer") is True
-    assert heartbeat.heartbeat(database, "consumer") is False  # within HEARTBEAT_INTERVAL: no write
-    [process] = heartbeat.live_processes(database, within_seconds=60)
+    assert processes.heartbeat(database, "consumer") is True
+    assert processes.heartbeat(database, "consumer") is False  # within HEARTBEAT_INTERVAL: no write
+    [process] = processes.live_processes(database, within_seconds=60)
     database.close()
 
     assert (process.host, process.pid, process.role) == (socket.gethostname(), os.getpid(), "consumer")
@@ -238,7 +239,7 @@ def test_heartbeats_are_written_at_most_every_few_seconds_and_listed_while_recen
 
 def test_a_heartbeat_never_raises_when_postgres_is_down():
     database = Database(f"postgresql://postgres@127.0.0.1:{closed_port()}/x", "reconciler")
-    assert heartbeat.heartbeat(database, "worker 9") is False
+    assert processes.heartbeat(database, "worker 9") is False
 
 
 # --- retry ---
@@ -336,8 +337,8 @@ def test_retry_goes_in_batches_and_counts_on_a_terminal(env, dsn):
     ids = enqueue(dsn, *[site(f"b{n}") for n in range(5)])
     query(dsn, "UPDATE ingestion_logs SET state = 4 WHERE id = ANY(%s)", (ids,))
     database = Database(dsn, "reconciler")
-    selection = requeue.Selection((states.FAILED,))
-    assert sum(requeue.requeue(database, selection, batch=2).values()) == 5
+    selection = retry.Selection((states.FAILED,))
+    assert sum(retry.requeue(database, selection, batch=2).values()) == 5
     database.close()
 
     query(dsn, "UPDATE ingestion_logs SET state = 4 WHERE id = ANY(%s)", (ids,))

@@ -7,7 +7,8 @@ import datetime
 import pytest
 
 from reconciler import outcomes, states
-from reconciler.outcomes import Claimed, RetryPolicy
+from reconciler.claims import Claimed
+from reconciler.outcomes import RetryPolicy
 from reconciler.plugin import Result
 
 from .faultserver import plan_for
@@ -31,10 +32,11 @@ def summary(decision):
             decision.change_set is not None and (len(decision.change_set.changes) or "placeholder"))
 
 
-PLAN_ERROR = Result("7", plan_errors={"dcim.site": {"status": [["'bogus' is not a valid choice."]]}})
-CHANGES = Result("7", change_set=plan_for("7", changes=2))
-APPLY_ERROR = Result("7", change_set=plan_for("7"), apply_errors={"dcim.site": {"name": ["too long"]}})
-DEADLOCK = Result("7", change_set=plan_for("7"), apply_errors={"__all__": ["db_deadlock_after_retries"]})
+PLAN_ERROR = Result(7, plan_errors={"dcim.site": {"status": [["'bogus' is not a valid choice."]]}})
+CHANGES = Result(7, change_set=plan_for("7", changes=2))
+APPLY_ERROR = Result(7, change_set=plan_for("7"), apply_errors={"dcim.site": {"name": ["too long"]}})
+DEADLOCK = Result(7, change_set=plan_for("7"), apply_errors={"__all__": ["db_deadlock_after_retries"]},
+                  apply_transient=True)
 
 
 @pytest.mark.parametrize("result, apply, requeued_from, expected", [
@@ -42,10 +44,10 @@ DEADLOCK = Result("7", change_set=plan_for("7"), apply_errors={"__all__": ["db_d
     (None, False, None, (states.FAILED, None, "ERR_OPS_GENERATE_DIFF", "placeholder")),
     (PLAN_ERROR, False, None, (states.FAILED, None, "ERR_OPS_GENERATE_DIFF", "placeholder")),
     (PLAN_ERROR, False, states.APPLIED, (states.APPLIED, None, None, False)),
-    (Result("7"), False, None, (states.FAILED, None, "ERR_OPS_GENERATE_DIFF", "placeholder")),
-    (Result("7", change_set={"id": "x", "changes": []}), False, None, (states.NO_CHANGES, None, None, False)),
-    (Result("7", change_set=NOOPS), False, None, (states.NO_CHANGES, None, None, False)),
-    (Result("7", change_set=NOOPS), False, states.APPLIED, (states.APPLIED, None, None, False)),
+    (Result(7), False, None, (states.FAILED, None, "ERR_OPS_GENERATE_DIFF", "placeholder")),
+    (Result(7, change_set={"id": "x", "changes": []}), False, None, (states.NO_CHANGES, None, None, False)),
+    (Result(7, change_set=NOOPS), False, None, (states.NO_CHANGES, None, None, False)),
+    (Result(7, change_set=NOOPS), False, states.APPLIED, (states.APPLIED, None, None, False)),
     (CHANGES, False, None, (states.OPEN, None, None, 2)),
     (CHANGES, False, states.FAILED, (states.OPEN, None, None, 2)),
     (CHANGES, False, states.NO_CHANGES, (states.OPEN, None, None, 2)),
@@ -54,8 +56,8 @@ DEADLOCK = Result("7", change_set=plan_for("7"), apply_errors={"__all__": ["db_d
     (None, True, None, (states.FAILED, None, "ERR_OPS_GENERATE_DIFF", "placeholder")),
     (PLAN_ERROR, True, None, (states.FAILED, None, "ERR_OPS_GENERATE_DIFF", "placeholder")),
     (PLAN_ERROR, True, states.APPLIED, (states.APPLIED, None, None, False)),
-    (Result("7", change_set=NOOPS), True, None, (states.NO_CHANGES, None, None, False)),
-    (Result("7", change_set=NOOPS), True, states.APPLIED, (states.APPLIED, None, None, False)),
+    (Result(7, change_set=NOOPS), True, None, (states.NO_CHANGES, None, None, False)),
+    (Result(7, change_set=NOOPS), True, states.APPLIED, (states.APPLIED, None, None, False)),
     (CHANGES, True, None, (states.APPLIED, None, None, 2)),
     (APPLY_ERROR, True, None, (states.FAILED, None, "ERR_OPS_APPLY_CHANGE_SET", 1)),
     (CHANGES, True, states.APPLIED, (states.APPLIED, states.APPLIED, None, 2)),
@@ -89,7 +91,7 @@ def test_unavailable_retries_with_growing_delays_then_errors():
 
 
 LOST_AT = datetime.datetime(2026, 11, 27, tzinfo=datetime.timezone.utc)
-NOTHING_TO_DO = Result("7", change_set={"id": "cs", "branch": None, "changes": []})
+NOTHING_TO_DO = Result(7, change_set={"id": "cs", "branch": None, "changes": []})
 
 
 @pytest.mark.parametrize("result, apply, requeued_from, expected", [
@@ -99,8 +101,8 @@ NOTHING_TO_DO = Result("7", change_set={"id": "cs", "branch": None, "changes": [
     (NOTHING_TO_DO, False, None, (states.NO_CHANGES, False)),  # a lost plan changed nothing
     (CHANGES, True, None, (states.APPLIED, False)),  # applied now, with its change set
     (PLAN_ERROR, True, None, (states.FAILED, False)),
-    (Result("7", unavailable="HTTP 503"), True, None, (states.PENDING_RETRY, outcomes.KEEP)),
-    (Result("7", unavailable="unreadable", answer_lost=True), True, None, (states.PENDING_RETRY, outcomes.LOST)),
+    (Result(7, unavailable="HTTP 503"), True, None, (states.PENDING_RETRY, outcomes.KEEP)),
+    (Result(7, unavailable="unreadable", answer_lost=True), True, None, (states.PENDING_RETRY, outcomes.LOST)),
 ], ids=["apply", "after-failed", "after-no-changes", "plan-only", "changes", "plan-error", "unavailable", "lost"])
 def test_a_row_whose_last_answer_was_lost(result, apply, requeued_from, expected):
     claimed = Claimed(7, "dcim.site", b"", requeued_from, 2, LOST_AT)
@@ -109,7 +111,7 @@ def test_a_row_whose_last_answer_was_lost(result, apply, requeued_from, expected
 
 
 def test_an_unanswered_request_holds_the_row_and_splits_its_batch():
-    held = outcomes.decide(row(attempts=3), Result("7", unavailable="ReadTimeoutError", running_until=NOW + 290),
+    held = outcomes.decide(row(attempts=3), Result(7, unavailable="ReadTimeoutError", running_until=NOW + 290),
                            True, ENTITY, None, RETRY, NOW)
     assert (held.state, held.retry_in, held.timed_out, held.answer_lost) == (states.ERRORED, 290, True, outcomes.LOST)
     split = outcomes.in_doubt(row(attempts=3), "ReadTimeoutError", 290, 100, RETRY)  # a batch: refunded, not spent
@@ -145,7 +147,7 @@ def test_placeholder_names_the_entity_or_says_unresolved():
 def test_change_set_records_the_branch_it_was_planned_in():
     change_set = plan_for("7")
     change_set["branch"] = {"id": "td5smq0f", "name": "staging"}
-    decision = decide(Result("7", change_set=change_set))
+    decision = decide(Result(7, change_set=change_set))
     assert decision.change_set.branch_id == "staging (td5smq0f)" and decision.change_set.external_id == "cs-7"
 
 
@@ -158,7 +160,7 @@ def test_change_set_records_the_branch_it_was_planned_in():
 def test_an_unstorable_outcome_keeps_what_happened_without_its_change_set(requeued_from, apply, expected):
     decision = outcomes.unstorable(decide(CHANGES, apply, requeued_from), "a CHECK \x00 refused it")
     assert summary(decision) == expected
-    assert "a CHECK  refused it" in decision.error["message"]
+    assert "a CHECK \ufffd refused it" in decision.error["message"]  # the one NUL policy
 
 
 def test_odd_values_in_names_do_not_break_them():
@@ -172,7 +174,7 @@ def test_odd_values_in_names_do_not_break_them():
 @pytest.mark.parametrize("result, requeued_from, planned", [
     (PLAN_ERROR, states.APPLIED, False),  # a drift check whose plan failed: its last plan is still the one before
     (None, states.APPLIED, False),
-    (Result("7", change_set=NOOPS), states.APPLIED, True),
+    (Result(7, change_set=NOOPS), states.APPLIED, True),
     (CHANGES, states.APPLIED, True),
     (PLAN_ERROR, None, True),  # FAILED: its failure is the plugin's answer about it
 ])

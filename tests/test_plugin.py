@@ -18,7 +18,7 @@ from reconciler.ratelimit import SharedRateLimiter
 
 from .faultserver import FaultServer, Step, converge, plan_for
 
-ITEMS = [Item("11", "dcim.site", {"site": {"name": "a"}}), Item("12", "dcim.site", {"site": {"name": "b"}})]
+ITEMS = [Item(11, "dcim.site", {"site": {"name": "a"}}), Item(12, "dcim.site", {"site": {"name": "b"}})]
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_bulk_plan_apply_sends_protojson_entities_and_matches_results_by_id(serv
         return step
     server.script("bulk-plan-apply/", Step(answer=shuffled))
     results = client(server.url).plan_apply(ITEMS, "br4nch01")
-    assert results["11"].change_set["id"] == "cs-11" and results["12"].change_set["id"] == "cs-12"
+    assert results[11].change_set["id"] == "cs-11" and results[12].change_set["id"] == "cs-12"
     [call] = server.calls("bulk-plan-apply/")
     assert call.body == {"entities": [{"id": "11", "object_type": "dcim.site", "entity": {"site": {"name": "a"}}},
                                       {"id": "12", "object_type": "dcim.site", "entity": {"site": {"name": "b"}}}]}
@@ -69,22 +69,32 @@ def test_207_mix_is_parsed_like_200(server):
         "not an object", {"no": "id"},
     ]}))
     results = client(server.url).plan_apply(ITEMS, None)
-    assert results["11"].plan_errors is None and results["11"].apply_errors is None
-    assert results["12"].plan_errors == {"dcim.site": {"status": [["'bogus' is not valid"]]}}
-    assert results["13"].apply_errors == {"dcim.site": {"name": ["too long"]}}
-    assert set(results) == {"11", "12", "13"}
+    assert results[11].plan_errors is None and results[11].apply_errors is None
+    assert results[12].plan_errors == {"dcim.site": {"status": [["'bogus' is not valid"]]}}
+    assert results[13].apply_errors == {"dcim.site": {"name": ["too long"]}}
+    assert set(results) == {11, 12, 13}
+
+
+def test_an_apply_that_failed_only_in_netboxs_database_is_marked_transient_where_it_is_parsed(server):
+    server.script("bulk-plan-apply/", Step(200, {"results": [
+        {"id": "11", "change_set": plan_for("11"), "errors": {"apply": {"__all__": ["db_deadlock_after_retries"]}}},
+        {"id": "12", "change_set": plan_for("12"), "errors": {"apply": {"__all__": ["db_error", "name too long"]}}},
+        {"id": "13", "change_set": plan_for("13"), "errors": {"apply": {"__all__": "db_error"}}},
+    ]}))
+    results = client(server.url).plan_apply(ITEMS3, None)
+    assert [results[n].apply_transient for n in (11, 12, 13)] == [True, False, True]
 
 
 def test_bulk_plan_errors_are_not_unwrapped(server):
     server.script("bulk-plan/", Step(200, {"results": [{"id": "11", "errors": {"ipam.prefix": {"__all__": ["bad"]}}}]}))
-    assert client(server.url).plan(ITEMS, None)["11"].plan_errors == {"ipam.prefix": {"__all__": ["bad"]}}
+    assert client(server.url).plan(ITEMS, None)[11].plan_errors == {"ipam.prefix": {"__all__": ["bad"]}}
 
 
 def test_5xx_then_success_is_retried(server):
     server.script("bulk-plan-apply/", Step(500, {"errors": {"request": {"__all__": ["internal error"]}}}),
                   Step(503, b"<html>busy</html>"), Step(answer=converge))
     results = client(server.url).plan_apply(ITEMS, None)
-    assert set(results) == {"11", "12"} and len(server.calls("bulk-plan-apply/")) == 3
+    assert set(results) == {11, 12} and len(server.calls("bulk-plan-apply/")) == 3
 
 
 def test_5xx_every_time_is_unavailable_after_max_attempts(server):
@@ -181,7 +191,7 @@ def test_404_on_bulk_falls_back_to_one_call_per_entity(server):
     server.default("apply-change-set/", Step(answer=lambda body: Step(200, {"id": body["id"], "errors": None})))
     plugin = client(server.url)
     results = plugin.plan_apply(ITEMS, "br1")
-    assert results["11"].change_set["id"] == "cs-a" and results["12"].apply_errors is None
+    assert results[11].change_set["id"] == "cs-a" and results[12].apply_errors is None
     assert len(server.calls("generate-diff/")) == 2 and len(server.calls("apply-change-set/")) == 2
     assert all(c.headers["X-NetBox-Branch"] == "br1" for c in server.calls("apply-change-set/"))
     plugin.plan_apply(ITEMS, None)  # the fallback is remembered: no second 404 on the bulk endpoint
@@ -193,12 +203,12 @@ def test_fallback_reports_plan_and_apply_errors_and_skips_empty_plans(server):
                     Step(200, {"id": "q", "errors": None, "change_set": {"id": "q", "changes": [], "branch": None}})])
     server.default("generate-diff/", Step(answer=lambda body: next(answers)))
     results = client(server.url, api="single").plan_apply(ITEMS, None)
-    assert results["11"].plan_errors == {"dcim.site": {"slug": ["invalid"]}}
-    assert results["12"].change_set["changes"] == []
+    assert results[11].plan_errors == {"dcim.site": {"slug": ["invalid"]}}
+    assert results[12].change_set["changes"] == []
     assert server.calls("apply-change-set/") == [] and server.calls("bulk-plan-apply/") == []
 
 
-ITEMS3 = ITEMS + [Item("13", "dcim.site", {"site": {"name": "c"}})]
+ITEMS3 = ITEMS + [Item(13, "dcim.site", {"site": {"name": "c"}})]
 
 
 def single_plans(server):
@@ -215,10 +225,10 @@ def test_a_change_set_that_may_have_reached_the_plugin_is_not_applied_twice(serv
     single_plans(server)
     server.script("apply-change-set/", Step(200, {"id": "cs-a", "errors": None}), failure)
     results = client(server.url, api="single", timeout_seconds=0.5).plan_apply(ITEMS3, None)
-    assert results["11"].change_set["id"] == "cs-a" and results["11"].unavailable is None
-    assert "apply-change-set/" in results["12"].unavailable and "not sent again" in results["12"].unavailable
-    assert (results["12"].running_until is not None) == (failure.delay > 0)  # unanswered: NetBox may be on it
-    assert results["13"].unavailable == results["12"].unavailable
+    assert results[11].change_set["id"] == "cs-a" and results[11].unavailable is None
+    assert "apply-change-set/" in results[12].unavailable and "not sent again" in results[12].unavailable
+    assert (results[12].running_until is not None) == (failure.delay > 0)  # unanswered: NetBox may be on it
+    assert results[13].unavailable == results[12].unavailable
     assert [c.body["id"] for c in server.calls("apply-change-set/")] == ["cs-a", "cs-b"]
     assert [c.body["entity"]["site"]["name"] for c in server.calls("generate-diff/")] == ["a", "b"]
 
@@ -228,7 +238,7 @@ def test_a_change_set_refused_with_429_or_no_connection_is_sent_again(server):
     server.script("apply-change-set/", Step(429, {"detail": "slow"}, headers={"Retry-After": "0"}))
     server.default("apply-change-set/", Step(answer=lambda body: Step(200, {"id": body["id"], "errors": None})))
     results = client(server.url, api="single").plan_apply(ITEMS[:1], None)
-    assert results["11"].unavailable is None and len(server.calls("apply-change-set/")) == 2
+    assert results[11].unavailable is None and len(server.calls("apply-change-set/")) == 2
     url = server.url
     server.close()
     with pytest.raises(Unavailable, match="failed after 2 attempts: NewConnectionError"):  # retried: never arrived
@@ -309,8 +319,8 @@ def test_a_stop_between_entities_sends_nothing_more(server):
     single_plans(server)
     pacer = CountingPacer(stop_after_beats=2)  # SIGTERM while the second entity is being planned
     results = client(server.url, pacer, api="single").plan(ITEMS3, None)
-    assert results["11"].change_set and results["12"].change_set
-    assert "stopping" in results["13"].unavailable and not results["13"].sent
+    assert results[11].change_set and results[12].change_set
+    assert "stopping" in results[13].unavailable and not results[13].sent
     assert len(server.calls("generate-diff/")) == 2
 
 
@@ -347,7 +357,7 @@ def test_no_request_starts_that_could_outlast_the_deadline(server):
         plugin.plan(ITEMS, None, deadline=time.monotonic() + 3.0)  # a request may take 2 s connect + 2 s read
     assert not isinstance(raised.value, NotSent)  # counted against the rows: NotSent is for a stop
     assert server.calls("bulk-plan/") == []
-    assert set(plugin.plan(ITEMS, None, deadline=time.monotonic() + 5.0)) == {"11", "12"}
+    assert set(plugin.plan(ITEMS, None, deadline=time.monotonic() + 5.0)) == {11, 12}
 
 
 def test_a_retry_wait_that_would_outlast_the_deadline_is_not_waited(server):
@@ -363,7 +373,7 @@ def test_nul_characters_in_answers_are_replaced_so_they_can_be_stored(server):
     plan = plan_for("11")
     plan["changes"][0]["data"] = {"name": "a", "description": "before\x00after", "bad\x00key": ["x\x00"]}
     server.script("bulk-plan/", Step(200, {"results": [{"id": "11", "change_set": plan, "errors": None}]}))
-    [change] = client(server.url).plan(ITEMS, None)["11"].change_set["changes"]
+    [change] = client(server.url).plan(ITEMS, None)[11].change_set["changes"]
     assert change["data"] == {"name": "a", "description": "before\ufffdafter", "bad\ufffdkey": ["x\ufffd"]}
 
 

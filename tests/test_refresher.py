@@ -11,7 +11,7 @@ from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from reconciler import sample, settings
 from reconciler.refresher import Refresher
-from reconciler.shared import Shared, read
+from reconciler.sharedcache import Shared, read
 
 from .faultserver import FaultServer, Step, converge
 from .support import GROUP, STREAM, push, query, reconciler, role_pid, scalar, wait_until

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import sample, wire
+from reconciler import sample, streamentry
 
 from .support import ROOT
 
@@ -48,8 +48,8 @@ def stream() -> str:
     return f"test-sample-{uuid.uuid4().hex[:12]}"
 
 
-def decoded(redis_client, stream: str) -> list[wire.Message]:
-    return [wire.decode_entry(entry_id, fields) for entry_id, fields in redis_client.xrange(stream)]
+def decoded(redis_client, stream: str) -> list[streamentry.Message]:
+    return [streamentry.decode_entry(entry_id, fields) for entry_id, fields in redis_client.xrange(stream)]
 
 
 def test_pushes_the_whole_network_as_entries_that_decode(redis_url, redis_client, stream):

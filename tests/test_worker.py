@@ -11,9 +11,9 @@ import pytest
 from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from reconciler import inbox, sample, settings, states, wire
+from reconciler import inbox, sample, settings, states, streamentry
 from reconciler.db import Database
-from reconciler.shared import Shared
+from reconciler.sharedcache import Shared
 from reconciler.worker import ProxyGone, Worker, release_after_exit
 
 from .faultserver import FaultServer, Step, converge, plan_for
@@ -59,7 +59,7 @@ def worker(env, plugin, shared):
 def enqueue(dsn, *entities: pb.Entity) -> None:
     request = pb.IngestRequest(entities=list(entities), id="r", producer_app_name="p", producer_app_version="1",
                                sdk_name="s", sdk_version="1.0.0")
-    message = wire.decode_entry(f"{next(_entries)}-0".encode(), sample.stream_fields(request))
+    message = streamentry.decode_entry(f"{next(_entries)}-0".encode(), sample.stream_fields(request))
     database = Database(dsn, "reconciler")
     inbox.write(database, STREAM, [message])
     database.close()

@@ -1,6 +1,6 @@
 """`reconciler dead-letters list | show | replay | purge`.
 
-A dead letter (migration 0001, inbox.py, wire.py) keeps what could not become a row as stream
+A dead letter (migration 0001, inbox.py, streamentry.py) keeps what could not become a row as stream
 fields, byte for byte: the whole stream entry, or for an entity-level letter a replayable entry of
 just that entity (its request's fields around it). It does not keep rows.
 
@@ -29,11 +29,12 @@ from typing import Any, Iterator
 
 import redis
 
-from . import console, errors, wire
-from .db import Database
-from .errors import DatabaseError
-from .rowview import entity_json, hex_preview
-from .settings import Config
+from .. import errors, streamentry
+from . import console
+from ..db import Database
+from ..errors import DatabaseError
+from .show import entity_json, hex_preview
+from ..settings import Config
 
 PAGE = 1000  # ids (no payloads) read per page of a selection
 CHUNK_LETTERS = 100
@@ -73,7 +74,7 @@ def list_letters(db: Database, limit: int | None) -> tuple[int, list[dict[str, A
     return count, [dict(zip(keys, row)) for row in rows]
 
 
-def get_letter(db: Database, letter_id: int, limits: wire.Limits) -> dict[str, Any] | None:
+def get_letter(db: Database, letter_id: int, limits: streamentry.Limits) -> dict[str, Any] | None:
     """One dead letter with its fields described and its payload decoded; None if absent."""
     found = db.fetchall("get_dead_letter", {"id": letter_id})
     if not found:
@@ -102,10 +103,10 @@ def _field_view(value: bytes) -> Any:
     return {"size": len(value)}
 
 
-def decode_payload(fields: dict[bytes, bytes], limits: wire.Limits) -> dict[str, Any]:
+def decode_payload(fields: dict[bytes, bytes], limits: streamentry.Limits) -> dict[str, Any]:
     """The request as the consumer would decode it today: its fields and each entity as protojson,
     or why an entity (or the whole entry) cannot become a row, with the bytes in hex."""
-    message = wire.decode_entry(b"0-0", fields, limits)
+    message = streamentry.decode_entry(b"0-0", fields, limits)
     whole = [rejection for rejection in message.rejections if rejection.index is None]
     if whole:
         return {"decodable": False, "error": whole[0].reason, "request": hex_preview(fields.get(b"request", b""))}
@@ -121,9 +122,9 @@ def decode_payload(fields: dict[bytes, bytes], limits: wire.Limits) -> dict[str,
         "entities": sorted(entities, key=lambda entity: entity["index"])}
 
 
-def _rejected_entity(rejection: wire.Rejection) -> bytes:
+def _rejected_entity(rejection: streamentry.Rejection) -> bytes:
     """The entity's own bytes (its rejection's replayable entry wraps them in the request's fields)."""
-    _, entities = wire.split_request(rejection.fields[b"request"])
+    _, entities = streamentry.split_request(rejection.fields[b"request"])
     return entities[0] if entities else b""
 
 
@@ -271,7 +272,7 @@ def cmd_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _show(db: Database, config: Config, args: argparse.Namespace) -> int:
-    letter = get_letter(db, args.id, wire.Limits.of(config.redis))
+    letter = get_letter(db, args.id, streamentry.Limits.of(config.redis))
     if letter is None:
         console.fail(f"no dead letter with id {args.id}")
         return console.RET_FAILED

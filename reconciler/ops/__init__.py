@@ -1,6 +1,6 @@
 """The operator commands' place on the command line: `status`, `retry`, `dead-letters`, `show`.
 
-Each command lives in a module of its own (status.py, requeue.py, deadletters.py, rowview.py); this
+Each command lives in a module of its own (status.py, retry.py, deadletters.py, show.py); this
 one only declares their arguments, so cli.py gains one line. Every command takes the same settings
 (-c/--config, environment) as `reconciler run`, since it must look at the same database and stream.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import deadletters, requeue, rowview, status
+from . import deadletters, retry, show, status
 from .console import duration
 
 
@@ -46,7 +46,7 @@ def _add_retry(commands, parent) -> None:
         description="Send FAILED and ERRORED rows back to QUEUED for the workers to plan again (attempts, lease, "
                     "due time and error cleared). Only the current row of each entity is requeued. Ages count from "
                     "when the row last changed, i.e. when it failed.")
-    parser.add_argument("--state", action="append", choices=sorted(requeue.STATE_CHOICES),
+    parser.add_argument("--state", action="append", choices=sorted(retry.STATE_CHOICES),
                         help="only rows in this state (repeatable; default: failed and errored)")
     parser.add_argument("--object-type", metavar="TYPE", help="only rows of this NetBox object type, e.g. dcim.device")
     parser.add_argument("--older-than", type=duration, metavar="AGE", help="only rows that failed before AGE ago "
@@ -54,7 +54,7 @@ def _add_retry(commands, parent) -> None:
     parser.add_argument("--newer-than", type=duration, metavar="AGE", help="only rows that failed within AGE")
     _dry_run_flag(parser)
     _json_flag(parser)
-    parser.set_defaults(handler=requeue.cmd_retry)
+    parser.set_defaults(handler=retry.cmd_retry)
 
 
 def _add_dead_letters(commands, parent) -> None:
@@ -94,4 +94,4 @@ def _add_show(commands, parent) -> None:
                                  description="One ingestion_logs row as JSON: its columns, its entity as protojson "
                                              "and its change sets with their changes.")
     parser.add_argument("id", type=int)
-    parser.set_defaults(handler=rowview.cmd_show)
+    parser.set_defaults(handler=show.cmd_show)

@@ -1,25 +1,116 @@
-"""Writing a worker batch's outcome to Postgres, in one transaction.
+"""The poll workers' queue protocol: everything a worker does to `ingestion_logs` rows, in the
+order it does it. Only this module names the statements of that protocol.
 
-States in bulk (unnest) for the rows this worker still holds; drift clones; change sets and their
-changes by COPY with ids allocated up front; at most KEEP_CHANGE_SETS change sets per row. Rows
-whose lease was lost (expired and taken over by another worker) are left alone and reported.
+1. `sweep`: rows whose lease expired (a dead or hung worker's, here or on another replica) go back
+   to QUEUED, or to ERRORED once their claims have used up max_attempts.
+2. `claim`: up to a batch of due rows, locked with FOR UPDATE SKIP LOCKED and leased to this worker,
+   committed before the plugin is asked (so no other worker can send them while it runs).
+3. `release`: claimed rows that were never sent go back untouched, their attempt not counted.
+4. `record`: the batch's decisions in one transaction: states in bulk for the rows this worker
+   still holds, drift clones, change sets and their changes by COPY, at most KEEP_CHANGE_SETS
+   change sets per row. Rows whose lease was lost (expired and taken over) are left alone.
+5. `end_leases`: in the supervisor, once a worker is gone: its leases end now, or once NetBox can no
+   longer be working on the request it sent.
+
+The data a batch carries, `Claimed` rows in and `Decision`s out, is defined here too; the rules
+that turn a plugin answer into a decision are in outcomes.py.
 """
 
 from __future__ import annotations
 
+import datetime
 import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import orjson
 
 from . import pgcopy, states
 from .db import Database, Tx
-from .outcomes import ChangeSet, Decision
 
 KEEP_CHANGE_SETS = 5
+LOST, KEEP = True, None  # Decision.answer_lost: what becomes of the row's answer_lost_at
 
 
-def persist(db: Database, owner: str, branch_scope: str, decisions: list[Decision],
-            planned_before: set[int]) -> set[int]:
+@dataclass(frozen=True)
+class Claimed:
+    """A row as claimed by a worker."""
+
+    id: int
+    object_type: str
+    entity: bytes
+    requeued_from_state: int | None
+    attempts: int
+    answer_lost_at: datetime.datetime | None = None
+    timeouts: int = 0
+
+    @property
+    def drift_check(self) -> bool:
+        return self.requeued_from_state == states.APPLIED
+
+    @property
+    def planned_before(self) -> bool:
+        """Whether earlier change sets can exist: it was requeued, or claimed before."""
+        return self.requeued_from_state is not None or self.attempts > 1
+
+
+@dataclass
+class ChangeSet:
+    """A change set as stored: the plugin's, or a placeholder recording a failure."""
+
+    external_id: str
+    branch_id: str | None
+    deviation_name: str
+    changes: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Decision:
+    row_id: int
+    state: int
+    error: dict | None = None
+    change_set: ChangeSet | None = None
+    drift_state: int | None = None  # drift: the prior becomes APPLIED; a clone gets this state, error, set
+    retry_in: float | None = None  # seconds from the write until the row is due again (PENDING_RETRY)
+    answer_lost: bool | None = False  # LOST: set answer_lost_at now; KEEP: keep it; False: clear it
+    timed_out: bool = False  # its request went unanswered: the next claim is half the size
+    refund: bool = False  # the claim does not count against max_attempts
+    planned: bool = True  # the plugin produced a plan: NetBox changes from now on may not be in it
+
+
+class Released(NamedTuple):
+    """A row whose lease ended without an outcome: back to QUEUED, or ERRORED (attempts spent)."""
+
+    id: int
+    owner: str
+    state: int
+
+
+def sweep(db: Database, max_attempts: int) -> list[Released]:
+    """Release every row whose lease expired, whoever held it."""
+    with db.transaction() as tx:
+        rows = tx.fetchall("release_expired_leases", {"max_attempts": max_attempts, "unsent_owner": None})
+    return [Released(*row) for row in rows]
+
+
+def claim(db: Database, owner: str, state: int, limit: int, lease_seconds: float) -> list[Claimed]:
+    """Lease up to `limit` due rows to `owner`, marked `state` (APPLYING or OPEN) while in flight,
+    committed before returning; in id order."""
+    with db.transaction() as tx:
+        rows = tx.fetchall("claim_batch", {"limit": limit, "state": state, "owner": owner,
+                                           "lease_seconds": lease_seconds})
+    return [Claimed(row_id, object_type, bytes(entity), requeued, attempts, answer_lost_at, timeouts)
+            for row_id, object_type, entity, requeued, attempts, answer_lost_at, timeouts in sorted(rows)]
+
+
+def release(db: Database, owner: str, ids: list[int]) -> None:
+    """Give claimed rows back untouched (the worker stops before it could ask the plugin)."""
+    with db.transaction() as tx:
+        tx.execute("release_claims", {"ids": ids, "owner": owner})
+
+
+def record(db: Database, owner: str, branch_scope: str, decisions: list[Decision],
+           planned_before: set[int]) -> set[int]:
     """Write the decisions; returns the row ids written (the others were not ours any more).
 
     `planned_before`: rows that may already have change sets (requeued, or claimed before); only
@@ -37,10 +128,16 @@ def persist(db: Database, owner: str, branch_scope: str, decisions: list[Decisio
     return written
 
 
-def release(db: Database, owner: str, ids: list[int]) -> None:
-    """Give claimed rows back untouched (the worker stops before it could ask the plugin)."""
+def end_leases(db: Database, owner: str, request_seconds: float, max_attempts: int,
+               sent: bool) -> tuple[set[int], list[Released]]:
+    """End the leases of a worker that is gone: (the ids it held, the rows released now). Rows it
+    may have sent keep their lease `request_seconds` longer (NetBox may still be working on them);
+    unless `sent`, its claims were never sent and are released without spending an attempt."""
     with db.transaction() as tx:
-        tx.execute("release_claims", {"ids": ids, "owner": owner})
+        ended = tx.fetchall("end_leases_of", {"owner": owner, "request_seconds": request_seconds})
+        released = tx.fetchall("release_expired_leases", {"max_attempts": max_attempts,
+                                                          "unsent_owner": None if sent else owner})
+    return {row_id for row_id, in ended}, [Released(*row) for row in released]
 
 
 def _json(value) -> str | None:

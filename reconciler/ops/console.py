@@ -10,10 +10,10 @@ from typing import Any, Callable, TextIO
 
 import orjson
 
-from . import errors
-from .db import Database
-from .errors import DatabaseError
-from .settings import Config
+from .. import errors
+from ..db import Database
+from ..errors import DatabaseError
+from ..settings import Config
 
 # An operator command that could not do what it was asked (nothing matched, a row does not exist,
 # a statement failed). Postgres or Redis unreachable is errors.RET_CONNECT, a bad configuration

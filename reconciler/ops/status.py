@@ -15,13 +15,14 @@ from typing import Any, Callable
 
 import redis
 
-from . import console, errors, heartbeat, states
-from .db import Database, latest_version
-from .errors import DatabaseError
-from .plugin import PluginClient, Unavailable
-from .ratelimit import SharedRateLimiter
-from .settings import Config
-from .streamgroup import group_info, text
+from .. import errors, processes, states
+from . import console
+from ..db import Database, latest_version
+from ..errors import DatabaseError
+from ..plugin import PluginClient, Unavailable
+from ..ratelimit import SharedRateLimiter
+from ..settings import Config
+from ..streamgroup import group_info, text
 
 SOON_SECONDS = 60  # "PENDING_RETRY due soon": what the workers will pick up within a minute
 PLUGIN_TIMEOUT_SECONDS = 5.0  # the branch is one small GET; a NetBox that is slower counts as down
@@ -124,7 +125,7 @@ def _processes(db: Database, config: Config) -> dict:
     # A process that has not beaten for the supervisor's hang timeout is dead or about to be
     # killed as hung: beyond it a row says nothing about the present.
     within = config.supervisor.heartbeat_timeout_seconds
-    live = [p._asdict() for p in heartbeat.live_processes(db, within)]
+    live = [p._asdict() for p in processes.live_processes(db, within)]
     return {"within_seconds": within, "live": live}
 
 

@@ -13,9 +13,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from . import console, errors, states
-from .db import Database
-from .settings import Config
+from .. import errors, states
+from . import console
+from ..db import Database
+from ..settings import Config
 
 BATCH_ROWS = 1000
 STATE_CHOICES = {"failed": states.FAILED, "errored": states.ERRORED}

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from reconciler import sample, wire
+from reconciler import sample, streamentry
 from reconciler.objecttypes import ENTITY_ONEOF, OBJECT_TYPES
 
 DEVICE = sdk.Device(name="edge-1", site=sdk.Site(name="dc-1", slug="dc-1"), role="access", serial="SN1",
@@ -25,11 +25,11 @@ def request(*entities, **overrides) -> pb.IngestRequest:
     return pb.IngestRequest(entities=list(entities), **fields)
 
 
-def decode(fields, limits=wire.Limits()) -> wire.Message:
-    return wire.decode_entry(b"1700000000000-0", fields, limits)
+def decode(fields, limits=streamentry.Limits()) -> streamentry.Message:
+    return streamentry.decode_entry(b"1700000000000-0", fields, limits)
 
 
-def reasons(message: wire.Message) -> list[tuple[int | None, str]]:
+def reasons(message: streamentry.Message) -> list[tuple[int | None, str]]:
     return [(r.index, r.reason) for r in message.rejections]
 
 
@@ -148,7 +148,7 @@ def test_hash_ignores_producer_fields_and_request_id():
     assert one.rows[0].entity_hash == two.rows[0].entity_hash
 
 
-# --- malformed and negative input (ingest-wire.md §5.3) ---
+# --- malformed and negative input (ingest-streamentry.md §5.3) ---
 
 GOOD = sample.stream_fields(request(sdk.Entity(device=DEVICE)), compress=False)
 
@@ -180,7 +180,7 @@ def test_too_many_entities_and_oversized_payloads_are_rejected():
     many = decode(sample.stream_fields(request(*[sdk.Entity(site=f"s{i}") for i in range(1001)])))
     assert reasons(many) == [(None, "request carries 1001 entities; at most 1000 are accepted")]
     big = sdk.Entity(device=sdk.Device(name="d", description="x" * 5000))
-    limits = wire.Limits(max_request_bytes=4096)
+    limits = streamentry.Limits(max_request_bytes=4096)
     assert "larger than max_request_bytes (4096) after decompression" in reasons(
         decode(sample.stream_fields(request(big)), limits))[0][1]
     assert "larger than max_request_bytes (4096)" in reasons(
@@ -191,12 +191,12 @@ def _raw_request(*entity_bytes: bytes) -> bytes:
     """An IngestRequest whose entities are given as raw bytes (to embed invalid ones)."""
     out = request().SerializeToString()
     for data in entity_bytes:
-        out += b"\x12" + wire._varint(len(data)) + data
+        out += b"\x12" + streamentry._varint(len(data)) + data
     return out
 
 
 def _length_delimited(number: int, data: bytes) -> bytes:
-    return wire._varint(number << 3 | 2) + wire._varint(len(data)) + data
+    return streamentry._varint(number << 3 | 2) + streamentry._varint(len(data)) + data
 
 
 def _nested_interfaces(depth: int) -> bytes:
@@ -255,9 +255,9 @@ def test_request_truncated_at_an_entity_boundary_keeps_what_arrived():
                                        b"1-9223372036854775808", b"18446744073709551615-18446744073709551615"])
 def test_every_entry_id_redis_allows_is_accepted(stream_id):
     """Redis allows each part of an id up to 2**64-1 (an id given explicitly to XADD)."""
-    message = wire.decode_entry(stream_id, GOOD)
+    message = streamentry.decode_entry(stream_id, GOOD)
     assert len(message.rows) == 1 and message.rejections == []
-    assert wire.stream_id_parts(stream_id) == tuple(int(part) for part in stream_id.split(b"-"))
+    assert streamentry.stream_id_parts(stream_id) == tuple(int(part) for part in stream_id.split(b"-"))
 
 
 @pytest.mark.parametrize("fields, error", [
@@ -268,7 +268,7 @@ def test_an_unexpected_error_rejects_that_entry_whole_naming_the_entry_and_the_e
     """No byte string trips the decoder outside the errors it expects (fuzzed), but values of another
     type (what a client reading with decode_responses=True hands over) do: any such error must cost
     that one entry, as a dead letter saying which entry and what went wrong, never the consumer."""
-    message = wire.decode_entry(b"1700000000000-7", fields)
+    message = streamentry.decode_entry(b"1700000000000-7", fields)
     assert message.rows == []
     [(index, text)] = reasons(message)
     assert index is None and "1700000000000-7" in text and error in text

@@ -12,9 +12,10 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from . import console, errors, protojson, states
-from .db import Database
-from .settings import Config
+from .. import errors, protojson, states
+from . import console
+from ..db import Database
+from ..settings import Config
 
 HEX_PREVIEW_BYTES = 256
 

@@ -1,0 +1,44 @@
+"""The service's one policy for turning values into text fit to store, log or print.
+
+- Redis replies and stream ids arrive as bytes (our clients keep binary payloads); `as_text` and
+  `as_bytes` convert them, replacing what does not decode rather than failing.
+- Postgres text and jsonb cannot hold U+0000, yet an entity, the plugin's echo of it or an
+  exception's message may carry one: `without_nul` replaces it with U+FFFD everywhere, so what is
+  stored still shows that something was there.
+- Error messages (libpq's span several lines, indented with tabs) go into one-line log fields,
+  table cells and status reports through `one_line`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def as_text(value: Any) -> Any:
+    """A reply field as text (None and non-bytes values stay as they are)."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def as_bytes(value: Any) -> bytes:
+    """A stream id or reply field as bytes, whichever form the client returned it in."""
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def without_nul(value: Any) -> Any:
+    """`value` with U+0000 replaced by U+FFFD throughout (strings, and lists and dicts of them)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
+    return value
+
+
+def one_line(message: str, width: int | None = None) -> str:
+    """`message` on one line (runs of whitespace and line breaks become one space), cut to `width`
+    characters with an ellipsis when given."""
+    line = " ".join(message.split())
+    if width is not None and len(line) > width:
+        return line[:width - 1] + "…"
+    return line
