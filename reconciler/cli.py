@@ -10,14 +10,13 @@ import sys
 from functools import partial
 from typing import Callable
 
-from . import errors, ops, settings
-from . import log as logsetup
+from . import errors, log as logsetup, ops, settings
 from .consumer import Consumer
+from .db import Database
 from .driftchecks import DriftChecks, holds_reobservations
+from .errors import ConfigError, DatabaseError, SchemaError
 from .refresher import Refresher
 from .roles import set_title
-from .db import Database
-from .errors import ConfigError, DatabaseError, SchemaError
 from .settings import SETTINGS, Config
 from .sharedcache import Shared
 from .supervisor import RoleSpec, Supervisor

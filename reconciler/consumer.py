@@ -11,19 +11,19 @@ for redelivery, and receipts make redelivery a no-op.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import Callable, TypeVar
 
 import redis
 
 from . import driftchecks, inbox, metrics, sharedcache, streamentry
+from .backoff import Backoff
 from .db import Database
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
 from .roles import Role
 from .settings import consumer_name
-from .streamgroup import group_info, text
+from .streamgroup import StreamGroup, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -39,34 +39,18 @@ RECEIPT_PRUNE_INTERVAL = 60.0
 # a receipt either way. An hour is far above one attempt, and need not grow with reclaim idle: a
 # longer idle only makes takeovers later. A constant, not a setting: nothing an operator tunes.
 RECEIPT_RETENTION = 3600.0
-# A consumer name is one process (host and pid, settings.consumer_name) and a live one reads every
-# `[redis] block_ms`, so only a dead process stays silent for hours. XGROUP DELCONSUMER drops the
-# pending entries of the name it deletes, so the name must be long dead and hold nothing: with hours
-# of silence, a consumer reading between our XINFO and our DELCONSUMER is all but impossible.
-FORGET_CONSUMER_IDLE_SECONDS = 6 * 3600.0
 # Pause between attempts of a write that met a concurrent writer of the same entities (ConflictError):
 # short, since the other transaction commits within milliseconds, and jittered so two replicas that
 # collided do not collide again in lockstep.
 CONFLICT_FIRST_DELAY, CONFLICT_MAX_DELAY = 0.01, 1.0
+# Pause between attempts while Redis or Postgres is down.
+OUTAGE_FIRST_DELAY, OUTAGE_MAX_DELAY = 0.5, 30.0
 SUMMARY_INTERVAL = 60.0
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
-class Backoff:
-    """Jittered exponential delays for retrying a dependency that is down."""
-
-    def __init__(self, first: float = 0.5, cap: float = 30.0) -> None:
-        self.first, self.cap, self.attempt = first, cap, 0
-
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.first * 2 ** self.attempt)
-        self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)
-
-
 class Consumer(Role):
     name = "consumer"
-    forget_idle_seconds = FORGET_CONSUMER_IDLE_SECONDS
 
     def __init__(self, config, cache=None) -> None:
         super().__init__(config)
@@ -76,9 +60,8 @@ class Consumer(Role):
         self.consumer = consumer_name()
         self.limits = streamentry.Limits.of(settings)
         self.redis: redis.Redis | None = None
+        self.stream_group: StreamGroup | None = None
         self.db: Database | None = None
-        self._claim_cursor = "0-0"
-        self._next_claim = 0.0
         self._next_prune = 0.0
         self._totals = inbox.Outcome()
         self._next_summary = time.monotonic() + SUMMARY_INTERVAL
@@ -92,11 +75,12 @@ class Consumer(Role):
         self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, "reconciler consumer")
         self.db.check_schema()
         self.vacuum.decide(self.db)
-        self.redis = redis.Redis.from_url(settings.url, socket_connect_timeout=5, client_name="reconciler-consumer",
-                                          socket_timeout=settings.block_ms / 1000 + 10, health_check_interval=30)
+        self.redis = redis_client(settings.url, "consumer", blocking_ms=settings.block_ms)
+        self.stream_group = StreamGroup(self.redis, self.stream, self.group, self.consumer, settings.read_count,
+                                        settings.block_ms, settings.reclaim_idle_seconds)
         try:
             self.redis.ping()
-            self._ensure_group()
+            self.stream_group.ensure()
         except (redis.RedisError, OSError) as exc:
             raise BootError(f"cannot use Redis at {settings.url.split('@')[-1]}: {exc}") from exc
         if not self.check_reobservations:
@@ -121,123 +105,45 @@ class Consumer(Role):
             self.redis.close()
 
     def run_once(self) -> None:
-        entries = self._take_over() if time.monotonic() >= self._next_claim else []
+        entries = self.stream_group.take_over()
         if not entries:
-            entries = self._retry("read the stream", self._read) or []
+            entries = self._retry("read the stream", lambda _: self.stream_group.read()) or []
         if entries:
             self._handle(entries)
         self._housekeeping()
-
-    # --- stream ---
-
-    def _ensure_group(self) -> None:
-        # Start at 0, not $: a new group must see entries that arrived before it existed.
-        try:
-            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, self.stream)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    def _read(self) -> list:
-        try:
-            reply = self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                          count=self.config.redis.read_count, block=self.config.redis.block_ms)
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            log.warning("consumer group %s is gone (stream deleted?); recreating it", self.group)
-            self._ensure_group()
-            return []
-        return reply[0][1] if reply else []
-
-    def _take_over(self) -> list:
-        """One page of entries that other (dead) consumers left pending too long."""
-        idle = self.config.redis.reclaim_idle_seconds
-        try:
-            cursor, entries, *_ = self.redis.xautoclaim(self.stream, self.group, self.consumer,
-                                                        min_idle_time=int(idle * 1000),
-                                                        start_id=self._claim_cursor, count=self.config.redis.read_count)
-        except (redis.RedisError, OSError) as exc:
-            log.warning("cannot take over pending entries: %s", exc)
-            cursor, entries = b"0-0", []
-        entries = [(entry_id, fields) for entry_id, fields in entries if fields is not None]
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
-        if self._claim_cursor == "0-0":  # a full pass over the PEL is done; the next one later
-            self._next_claim = time.monotonic() + max(1.0, idle / 2)
-            self._forget_dead_consumers()
-        if entries:
-            log.info("took over %d entries pending for more than %.0f s", len(entries), idle)
-        return entries
-
-    def _forget_dead_consumers(self) -> None:
-        """Drop consumer names silent for hours with nothing pending (every restart leaves one)."""
-        try:
-            for info in self.redis.xinfo_consumers(self.stream, self.group):
-                name = text(info["name"])
-                if name != self.consumer and info["pending"] == 0 and info["idle"] >= self.forget_idle_seconds * 1000:
-                    self._forget(name, info["idle"] / 1000)
-        except (redis.RedisError, OSError) as exc:
-            log.debug("cannot tidy the consumer list: %s", exc)
-
-    def _forget(self, name: str, idle: float) -> None:
-        dropped = self.redis.xgroup_delconsumer(self.stream, self.group, name)
-        if dropped:
-            # It read entries after XINFO listed it: they left the pending list with it. It still holds
-            # them and acknowledges them after its commit, but if it dies first nothing redelivers them.
-            log.error("forgot consumer %s, which had just read %d entries: they are no longer pending",
-                      name, dropped)
-        else:
-            log.info("forgot consumer %s (silent for %.1f h, nothing pending)", name, idle / 3600)
 
     # --- one batch ---
 
     def _handle(self, entries: list) -> None:
         batch = [streamentry.decode_entry(entry_id, fields, self.limits) for entry_id, fields in entries]
-        outcome = self._retry("write the batch to Postgres", self._attempts(batch))
-        if outcome is None:
+        written = self._write_while_ours(batch)
+        if written is None:
             return  # stopping: the entries stay pending and are redelivered (a no-op if committed)
-        ids = [message.stream_id for message in batch]  # less any another consumer took over meanwhile
+        outcome, kept = written
+        ids = [message.stream_id for message in kept]
         if ids:
-            self._retry("acknowledge the batch in Redis", lambda: self._acknowledge(ids))
+            self._retry("acknowledge the batch in Redis", lambda _: self.stream_group.acknowledge(ids))
         self._report(outcome)
 
-    def _attempts(self, batch: list[streamentry.Message]) -> Callable[[], inbox.Outcome | None]:
-        """The write of a batch for _retry; every retry first leaves out entries no longer ours."""
-        attempted = False
+    def _write_while_ours(self, batch: list[streamentry.Message]) \
+            -> tuple[inbox.Outcome, list[streamentry.Message]] | None:
+        """Write the batch, retrying while a dependency is down: (the outcome, the entries written), or
+        None when stopping. Every retry first leaves out the entries another consumer took over
+        meanwhile (receipts make a write of ours a no-op only until they are pruned, so an entry we no
+        longer own is left to its new owner, to write and acknowledge)."""
+        kept = batch
 
-        def attempt() -> inbox.Outcome | None:
-            nonlocal attempted
-            if attempted:
-                batch[:] = self._still_ours(batch)
-            attempted = True
-            return self._write(batch)
-        return attempt
+        def attempt(retrying: bool) -> tuple[inbox.Outcome, list[streamentry.Message]] | None:
+            nonlocal kept
+            if retrying:
+                kept = self._still_ours(kept)
+            outcome = self._write(kept)
+            return None if outcome is None else (outcome, kept)
+        return self._retry("write the batch to Postgres", attempt)
 
     def _still_ours(self, batch: list[streamentry.Message]) -> list[streamentry.Message]:
-        """The entries of the batch still pending with this consumer, their idle time reset.
-
-        While a write is retried (Postgres down or cut off), the entries idle in our pending list and
-        another consumer may take them over (XAUTOCLAIM), commit and acknowledge them. Receipts turn a
-        write of ours into a no-op only until they are pruned (RECEIPT_RETENTION), so an entry we no
-        longer own is left to its new owner. XPENDING tells ownership (XCLAIM with min-idle 0 would
-        take an entry from any owner); XCLAIM JUSTID then resets the idle time of ours, so no one takes
-        them during the attempt. An entry taken over between the two calls is written by both within
-        that attempt: its receipt makes the later write a no-op.
-        """
-        if not batch:
-            return batch
-        ids = [message.stream_id for message in batch]
-        ordered = sorted(ids, key=streamentry.stream_id_parts)
-        # len(ids) is enough: a consumer handles one batch at a time and acknowledges it before the
-        # next, so its pending list holds this batch alone (an id missed would only be left pending).
-        pending = self.redis.xpending_range(self.stream, self.group, min=ordered[0], max=ordered[-1],
-                                            count=len(ids), consumername=self.consumer)
-        mine = {_as_bytes(entry["message_id"]) for entry in pending}
-        kept = [message for message in batch if _as_bytes(message.stream_id) in mine]
-        if kept:
-            self.redis.xclaim(self.stream, self.group, self.consumer, min_idle_time=0,
-                              message_ids=[message.stream_id for message in kept], justid=True)
+        mine = self.stream_group.still_ours([message.stream_id for message in batch])
+        kept = [message for message in batch if message.stream_id in mine]
         if len(kept) < len(batch):
             log.warning("%d of %d entries were taken over by another consumer while their write was retried; "
                         "left to it", len(batch) - len(kept), len(batch))
@@ -269,19 +175,13 @@ class Consumer(Role):
                 if not self.pause(backoff.next_delay()):
                     return None
 
-    def _acknowledge(self, ids: list) -> None:
-        # MULTI/EXEC: an entry is deleted only together with its ACK, never instead of it.
-        with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.stream, self.group, *ids)
-            pipe.xdel(self.stream, *ids)
-            pipe.execute()
-
-    def _retry(self, what: str, action: Callable[[], T]) -> T | None:
-        """Run action until it succeeds, backing off while a dependency is down; None when stopping."""
-        backoff, down_since = Backoff(), None
+    def _retry(self, what: str, action: Callable[[bool], T]) -> T | None:
+        """Run action until it succeeds, backing off while a dependency is down; None when stopping.
+        The action is told whether this is a retry."""
+        backoff, down_since = Backoff(OUTAGE_FIRST_DELAY, OUTAGE_MAX_DELAY), None
         while True:
             try:
-                result = action()
+                result = action(down_since is not None)
             except (DatabaseError, *REDIS_ERRORS, redis.ResponseError) as exc:
                 if down_since is None:
                     down_since = time.monotonic()
@@ -325,7 +225,7 @@ class Consumer(Role):
     def _prune_receipts(self) -> None:
         """Forget receipts of entries older than anything still pending in the group."""
         try:
-            boundary = self._oldest_unacknowledged()
+            boundary = self.stream_group.oldest_unacknowledged()
             if boundary is not None:
                 ms, seq = boundary
                 with self.db.transaction() as tx:
@@ -333,17 +233,3 @@ class Consumer(Role):
                                                   "keep_seconds": RECEIPT_RETENTION})
         except (ReconcilerError, redis.RedisError, OSError) as exc:
             log.debug("receipt pruning skipped: %s", exc)
-
-    def _oldest_unacknowledged(self) -> tuple[int, int] | None:
-        summary = self.redis.xpending(self.stream, self.group)
-        if summary["pending"]:
-            return streamentry.stream_id_parts(_as_bytes(summary["min"]))
-        group = group_info(self.redis, self.stream, self.group)
-        if group is None:
-            return None
-        ms, seq = streamentry.stream_id_parts(_as_bytes(group["last-delivered-id"]))
-        return ms, seq + 1
-
-
-def _as_bytes(value) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()

@@ -23,6 +23,7 @@ import psycopg2.extras
 from psycopg2 import sql as pgsql
 
 from .errors import ConflictError, ContentRejected, DatabaseError, SchemaError
+from .text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def parse_queries(text: str) -> dict[str, str]:
 QUERIES = parse_queries(resources.files("reconciler.sql").joinpath("queries.sql").read_text("utf-8"))
 
 # Statements run for every batch: prepared once per connection, so Postgres parses and plans them
-# once instead of on every call (~1.5 ms of planning per worker batch measured).
+# once instead of on every call (planning was a visible share of a batch: docs/benchmarks.md).
 PREPARED = frozenset({"claim_receipts", "lock_heads", "mark_duplicates", "claim_batch", "finish_rows",
                       "allocate_change_set_ids", "keep_latest_change_sets"})
 
@@ -106,9 +107,7 @@ _CONTENT_CODES = {"54000"}  # program limit exceeded (e.g. an index row too larg
 
 
 def _first_lines(exc: psycopg2.Error) -> str:
-    text = (exc.pgerror or str(exc) or type(exc).__name__).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return " | ".join(lines[:3])
+    return one_line(exc.pgerror or str(exc) or type(exc).__name__, max_lines=3)
 
 
 def translate(exc: psycopg2.Error) -> DatabaseError:

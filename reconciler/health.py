@@ -34,6 +34,7 @@ from .db import Database
 from .errors import DatabaseError
 from .roles import STOP_SIGNALS
 from .settings import Config
+from .streamgroup import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ def check_postgres(config: Config) -> str | None:
 
 
 def check_redis(config: Config) -> str | None:
-    client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=CHECK_TIMEOUT, socket_timeout=CHECK_TIMEOUT,
-                                  client_name="reconciler-readiness")
+    client = redis_client(config.redis.url, "readiness", CHECK_TIMEOUT)
     try:
         client.ping()
         return None
@@ -147,7 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # or keep-alive answers wait for a delayed ACK
     timeout = 60  # an idle keep-alive connection gives its thread back
-    server: "_Server"
+    server: _Server
 
     def log_message(self, format, *args) -> None:  # noqa: A002 (the stdlib's signature)
         log.debug("%s %s", self.address_string(), format % args)

@@ -39,7 +39,7 @@ class Outcome:
     requeued: int = 0
     dead_letters: list[streamentry.Rejection] = field(default_factory=list)
 
-    def add(self, other: "Outcome") -> None:
+    def add(self, other: Outcome) -> None:
         """Accumulate another outcome into this one: counts add up, dead letters are appended."""
         for name in (f.name for f in fields(self)):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -90,7 +90,7 @@ def _refuse_entry(db: Database, stream: str, message: streamentry.Message, exc: 
     """The whole entry as a dead letter with Postgres' reason, and its receipt (a redelivery stays a no-op)."""
     refused = streamentry.Message(stream_id=message.stream_id, fields=message.fields)
     refused.rejections.append(streamentry.Rejection(message, None, f"Postgres refused the stream entry: {exc}",
-                                             message.fields))
+                                                    message.fields, streamentry.POSTGRES_REFUSED))
     return _write_batch(db, stream, [refused])
 
 
@@ -193,7 +193,7 @@ def _insert_new_rows(tx: Tx, rows: list[streamentry.EntityRow], heads: dict[byte
                 raise DatabaseError(f"Postgres refused the batch's new rows but none of them alone: {exc}") from exc
             for (row, _), reason in culprits:
                 refused[id(row)] = streamentry.Rejection(row.message, row.index, f"Postgres refused the row: {reason}",
-                                                  streamentry.entity_fields(row))
+                                                         streamentry.entity_fields(row), streamentry.POSTGRES_REFUSED)
 
 
 def _find_refused(tx: Tx, items: list) -> list[tuple[list, str]]:

@@ -36,25 +36,6 @@ OUTCOME_LABELS = {states.OPEN: "planned", states.APPLIED: "applied", states.FAIL
                   states.NO_CHANGES: "no_changes", states.PENDING_RETRY: "pending_retry",
                   states.ERRORED: "errored"}
 
-# Dead-letter reason texts (streamentry.py, inbox.py) by the kind they are counted as: first match wins.
-DEAD_LETTER_KINDS = (
-    ("Postgres refused", "postgres_refused"),
-    ("brotli", "undecodable"),
-    ("unknown encoding", "undecodable"),
-    ("is not a diode.v1", "undecodable"),
-    ("is not a valid diode.v1", "undecodable"),
-    ("larger than max_request_bytes", "too_large"),
-    ("entities; at most", "too_large"),
-    ("no entity type", "no_entity_type"),
-    ("entity type this reconciler", "unknown_entity_type"),
-    ("timestamp", "bad_timestamp"),
-    ("ingestion_ts", "malformed_entry"),
-    ("no 'request' field", "malformed_entry"),
-    ("carries no entities", "malformed_entry"),
-    ("could not be decoded: unexpected", "unexpected_error"),
-)
-
-
 class _Metrics:
     """The metric objects; built on first use, after prepare_directory in the supervisor."""
 
@@ -185,13 +166,6 @@ def child_restarted(name: str, booted: bool, exitcode: int | None) -> None:
 # --- consumer ---
 
 
-def dead_letter_kind(reason: str) -> str:
-    for text, kind in DEAD_LETTER_KINDS:
-        if text in reason:
-            return kind
-    return "other"
-
-
 def consumed(outcome) -> None:
     """One committed read of the stream (an inbox.Outcome)."""
     m = _m()
@@ -204,7 +178,7 @@ def consumed(outcome) -> None:
     if outcome.requeued:
         m.requeued.inc(outcome.requeued)
     if outcome.dead_letters:
-        for kind, n in Counter(dead_letter_kind(r.reason) for r in outcome.dead_letters).items():
+        for kind, n in Counter(r.kind for r in outcome.dead_letters).items():
             m.dead_letters.labels(kind).inc(n)
 
 

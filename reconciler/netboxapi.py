@@ -21,7 +21,6 @@ from .errors import ReconcilerError
 from .plugin import http_pool
 from .settings import netbox_base_url, plugin_connect_seconds
 
-
 PAGE_SIZE = 1000  # NetBox's default MAX_PAGE_SIZE
 # Where the owners driftkeys.OWNER_FIELDS names are listed.
 OWNER_ENDPOINTS = {"dcim.device": "dcim/devices", "virtualization.virtualmachine": "virtualization/virtual-machines",

@@ -1,6 +1,6 @@
 """What the plugin's answer means for each claimed row (pure functions, no I/O).
 
-The Go reconciler's rules for a plugin answer, with retries added:
+The Go reconciler's rules for a plugin answer (docs/go-reconciler.md), with retries added:
 
 | answer                        | plan-only                   | auto-apply                        |
 |-------------------------------|-----------------------------|-----------------------------------|
@@ -29,8 +29,6 @@ clone gets the state and the change set; the prior stays APPLIED and stops being
 
 from __future__ import annotations
 
-import datetime
-import random
 import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -38,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from netboxlabs.diode.sdk.ingester import PRIMARY_VALUE_MAP
 
-from . import states
+from . import backoff, states
 from .changesets import has_changes, malformed_change_set
-from .claims import LOST, KEEP, ChangeSet, Claimed, Decision
+from .claims import KEEP, LOST, ChangeSet, Claimed, Decision
 from .objecttypes import DISPLAY_NAMES, MEMBERS
 from .text import without_nul
 
@@ -55,7 +53,7 @@ class RetryPolicy:
     max_seconds: float
 
     def delay(self, attempts: int) -> float:
-        return min(self.max_seconds, self.base_seconds * 2 ** min(attempts - 1, 30)) * random.uniform(0.5, 1.0)
+        return backoff.delay(attempts, self.base_seconds, self.max_seconds)
 
 
 # --- errors as stored in ingestion_logs.error ---
@@ -81,7 +79,7 @@ def plugin_error(kind: str, errors: Any) -> dict:
     return error(f"{kind} failed: {summary}", code, errors)
 
 
-# --- deviation names (diode-reconciler.md §7.2) ---
+# --- deviation names: a change set's label, as the Go reconciler builds it (docs/go-reconciler.md) ---
 
 
 def _primary_change(object_type: str, changes: list[dict]) -> dict | None:

@@ -1,7 +1,7 @@
 """PostgreSQL binary COPY encoding of the few column types we write in bulk.
 
 psycopg2 only streams bytes for COPY; the text format would need escaping of every bytea value
-(twice the size, and measured 1.5x slower), so tuples are packed here. Each helper returns one
+(twice the size, and slower: docs/benchmarks.md), so tuples are packed here. Each helper returns one
 field: its int32 length followed by its bytes (length -1 is NULL).
 """
 

@@ -1,4 +1,4 @@
-"""Client of the diode NetBox plugin API (plugin-api.md): one urllib3 pool per process.
+"""Client of the diode NetBox plugin API (docs/plugin.md): one urllib3 pool per process.
 
 Two kinds of failure leave this module, and the worker treats them differently:
 - `Unavailable`: nothing said about the entities (connection refused, 429 or 5xx after every retry,
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,7 +34,7 @@ from typing import Any, Protocol
 import orjson
 import urllib3
 
-from . import metrics
+from . import backoff, metrics
 from .changesets import malformed_change_set
 from .errors import ReconcilerError
 from .ratelimit import SharedRateLimiter
@@ -46,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SCOPES = "netbox:read netbox:write"
 RETRY_AFTER_CAP = 60.0
+RETRY_DELAYS = (0.25, 10.0)  # a failed request is sent again after 0.25 s, doubling up to 10 s
 # 5xx answers that end the request: the application's own error, or "unavailable" before it started.
 # Any other 5xx is a gateway's (502, 504, a CDN's 52x, 598/599...): the request may still run behind it.
 ENDED_5XX = (500, 503)
@@ -382,14 +382,14 @@ class PluginClient:
                 raise Unavailable(f"{path} failed after {failures} attempts: {attempt.problem}")
             if attempt.sent and not replay_safe:
                 raise AnswerLost(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
-            delay = attempt.wait if attempt.wait is not None else _backoff(failures)
+            delay = attempt.wait if attempt.wait is not None else backoff.delay(failures, *RETRY_DELAYS)
             if not self._time_left(deadline, delay + self.attempt_seconds):
                 raise Unavailable(f"{path}: {attempt.problem}; no time left to retry within the claim's lease")
             log.debug("%s %s: %s; retrying in %.2f s", method, path, attempt.problem, delay)
             if not self.pacer.pause(delay):
                 raise Unavailable(f"{path}: stopped while waiting to retry ({attempt.problem})")
 
-    def _attempt(self, method: str, path: str, body: Any, branch: str | None, deadline: float | None) -> "_Attempt":
+    def _attempt(self, method: str, path: str, body: Any, branch: str | None, deadline: float | None) -> _Attempt:
         self.limiter.acquire(self.pacer.pause)  # ends early on a stop, which the next line catches
         self._unless_stopping(path)
         self._within(path, deadline, requests=2 if self.tokens.due else 1)  # a token request first
@@ -462,11 +462,6 @@ class _Attempt:
     wait: float | None = None  # from Retry-After
     sent: bool = True  # False: surely not acted on (no connection, or 429), safe to send again
     running_until: float | None = None  # no answer: NetBox may be working on it until then (time.time())
-
-
-def _backoff(failures: int) -> float:
-    """Jittered exponential delay before retry number `failures` (0.25 s doubling, 10 s at most)."""
-    return min(10.0, 0.25 * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
 
 
 def _is_json(response: Response) -> bool:

@@ -2,7 +2,7 @@
 
 Equal to json_format.MessageToDict(message, preserving_proto_field_name=True), which the tests
 check on whole sample networks and on every field kind. MessageToDict inspects every field's
-descriptor on every call (~45-70 us for an interface with its device embedded); this walks only
+descriptor on every call, which is slow (docs/benchmarks.md); this walks only
 the fields that are set and decides how to render each field once. Within a batch, references
 repeat (the 48 interfaces of a switch each embed the same device), so nested messages are rendered
 once per batch and shared. The diode schema uses strings, int64, bool, double, bytes, nested

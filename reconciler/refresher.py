@@ -19,13 +19,13 @@ import time
 
 import redis
 
-from . import metrics
+from . import backoff, metrics
 from .db import Database
 from .errors import BootError
 from .plugin import PluginClient, Unavailable
 from .roles import Role
 from .sharedcache import PROXY_ERRORS
-from .streamgroup import group_info
+from .streamgroup import group_info, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,7 @@ class Refresher(Role):
 
     def boot(self) -> None:
         self.plugin = PluginClient(self.config.netbox, self.limiter, pacer=self)
-        self.redis = redis.Redis.from_url(self.config.redis.url, socket_connect_timeout=5, socket_timeout=5,
-                                          client_name="reconciler-refresher")
+        self.redis = redis_client(self.config.redis.url, "refresher")
         # Only for its heartbeat row (roles.py); opened lazily, so Postgres being down does not stop
         # the refresher from serving the branch.
         self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, "reconciler refresher")
@@ -96,7 +95,7 @@ class Refresher(Role):
             return
         if self._branch_failures == 1:
             log.warning("default branch not known yet (workers wait for it); retrying: %s", exc)
-        self._next_branch = time.monotonic() + min(30.0, 2.0 ** (self._branch_failures - 1))
+        self._next_branch = time.monotonic() + backoff.delay(self._branch_failures, 1.0, 30.0, jitter=False)
 
     # --- backpressure ---
 

@@ -7,13 +7,16 @@ A role (consumer, poll worker, branch refresher) implements `boot()`, `run_once(
   (RET_KILLED). SIGINT and SIGHUP are the supervisor's business; children ignore them, since
   Ctrl-C reaches the whole process group.
 - boot() failing exits RET_BOOT, so the supervisor can tell "cannot start" from "crashed".
-- Every iteration touches a shared heartbeat; a child whose heartbeat stops is killed as hung.
+- Every iteration touches a shared heartbeat; a child whose heartbeat stops is hung: the supervisor
+  sends SIGABRT, on which faulthandler writes every thread's stack to stderr (the journal) and the
+  process dies; SIGKILL follows if it did not.
 - A child whose supervisor died exits instead of running on as an orphan.
 """
 
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -26,8 +29,7 @@ from typing import Any, Callable
 
 import setproctitle
 
-from . import errors
-from . import log as logsetup
+from . import errors, log as logsetup
 from .db import Database
 from .processes import heartbeat
 from .settings import Config
@@ -51,7 +53,7 @@ class Link:
     token: str  # tells this process's claims apart from those of an earlier process with the same pid
 
     @classmethod
-    def create(cls, context=None) -> "Link":
+    def create(cls, context=None) -> Link:
         """Shared with children forked from `context`; None: values of this process only."""
         value = context.RawValue if context is not None else lambda code, initial: _CTYPES[code](initial)
         return cls(value("d", time.monotonic()), value("b", False), value("d", 0.0), value("b", False),
@@ -126,21 +128,26 @@ class Role(ABC):
 
 
 def _install_child_signals(role: Role) -> None:
-    first_term = []
+    first_term_at: float | None = None
 
     def on_term(signum, frame):
         # A stop signalled to the whole process group (kill -TERM -pgid, timeout(1)) reaches a child
         # twice: directly and forwarded by the supervisor. Only a later, separate SIGTERM means "now".
-        if first_term and time.monotonic() - first_term[0] > 1.0:
+        nonlocal first_term_at
+        if first_term_at is not None and time.monotonic() - first_term_at > 1.0:
             os._exit(errors.RET_KILLED)
-        if not first_term:
-            first_term.append(time.monotonic())
+        if first_term_at is None:
+            first_term_at = time.monotonic()
         role.request_stop()
 
     signal.set_wakeup_fd(-1)  # the supervisor's wake-up socket is not ours
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # On SIGABRT (the supervisor's, for a hang) or a crash in C code, every thread's stack goes to
+    # stderr (the journal) before the process dies; written from C, so it works while Python is stuck
+    # in a C call (a blocked socket read).
+    faulthandler.enable(all_threads=True)
     # The supervisor blocked these across fork so none is lost before our handlers exist.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
@@ -149,11 +156,12 @@ def _boot(role: Role) -> None:
     try:
         role.boot()
     except Exception as exc:
-        logger.error("boot failed: %s", exc, exc_info=not isinstance(exc, errors.ReconcilerError))
+        logger.error("boot failed: %s", exc, exc_info=not isinstance(exc, errors.ReconcilerError),
+                     extra={"event": "boot_failed"})
         _shutdown_quietly(role)
         sys.exit(errors.RET_BOOT)
     role.link.booted.value = True
-    logger.info("booted")
+    logger.info("booted", extra={"event": "booted"})
 
 
 def _shutdown_quietly(role: Role) -> None:
@@ -197,8 +205,8 @@ def serve(factory: Callable[[Config], Role], config: Config, link: Link, parent:
             role.run_once()
             role.beat()
     except Exception:
-        logger.exception("crashed")
+        logger.exception("crashed", extra={"event": "crashed"})
         _shutdown_quietly(role)
         sys.exit(errors.RET_KILLED)
     _shutdown_quietly(role)
-    logger.info("stopped")
+    logger.info("stopped", extra={"event": "stopped"})

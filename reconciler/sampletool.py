@@ -20,11 +20,13 @@ import random
 import sys
 import time
 from dataclasses import fields
+from typing import Callable
 
 import redis
 
 from . import sample, settings
 from .errors import ConfigError
+from .streamgroup import redis_client
 
 PROG = "reconciler-sample"
 PIPELINE = 100  # XADDs per round trip when not rate limited
@@ -168,9 +170,11 @@ def _entries(args: argparse.Namespace, shape: sample.Shape):
         yield sample.stream_fields(request, compress=compress), len(request.entities)
 
 
-def push(args: argparse.Namespace, client: redis.Redis, stream: str, progress: Progress) -> None:
-    """XADD every entry, paced by --rate; counts what was pushed in `progress`."""
-    start = time.monotonic()
+def push(args: argparse.Namespace, client: redis.Redis, stream: str, progress: Progress,
+         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], object] = time.sleep) -> None:
+    """XADD every entry, paced by --rate on `clock` and `sleep` (the tests' own, to check the pace);
+    counts what was pushed in `progress`."""
+    start = clock()
     batch: list[tuple[dict, int]] = []
 
     def flush() -> None:
@@ -185,9 +189,9 @@ def push(args: argparse.Namespace, client: redis.Redis, stream: str, progress: P
         if args.rate > 0:
             # Wait until what was sent so far fits the rate: N entries never take less than (N-1)/R s.
             sent = progress.entries if args.rate_unit == "requests" else progress.entities
-            delay = start + sent / args.rate - time.monotonic()
+            delay = start + sent / args.rate - clock()
             if delay > 0:
-                time.sleep(delay)
+                sleep(delay)
         batch.append(item)
         if args.rate > 0 or len(batch) >= PIPELINE:
             flush()
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"would push {total_entries} entries ({total_entities} entities, {sites}) to {stream} on {shown_url}")
         return 0
-    client = redis.Redis.from_url(url)
+    client = redis_client(url, "sample", timeout=10.0)
     progress = Progress(total_entries, total_entities, args.quiet)
     if not args.quiet:
         pace = f"at most {args.rate:g} {args.rate_unit}/s" if args.rate > 0 else "as fast as possible"

@@ -358,7 +358,7 @@ class Config:
         except KeyError:
             raise AttributeError(section) from None
 
-    def replace(self, **overrides: Any) -> "Config":
+    def replace(self, **overrides: Any) -> Config:
         """A copy with some values changed, e.g. replace(**{"workers.count": 0})."""
         values = dict(self.values)
         for name, value in overrides.items():

@@ -21,6 +21,7 @@ from multiprocessing.managers import SyncManager
 
 from . import scratch
 from .ratelimit import SharedRateLimiter
+from .roles import set_title
 
 # The one multiprocessing context of the service. Pinned to fork: the roles are handed to their
 # processes as closures and live objects, and since Python 3.14 the default start method on Linux is
@@ -41,6 +42,7 @@ def _manager_init(supervisor: int) -> None:
     have drained (they are shut down last, explicitly). But a SIGKILLed supervisor cannot shut it
     down at all, so the kernel is asked to kill it when its parent dies.
     """
+    set_title("shared cache")  # its own line in ps and `systemctl status`
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -78,7 +80,7 @@ class Shared:
         self.limiter = SharedRateLimiter(rate, burst, MP)
 
     @classmethod
-    def for_config(cls, config) -> "Shared":
+    def for_config(cls, config) -> Shared:
         """The supervisor's: its Manager listens in the scratch directory, on a socket of its own (a
         killed Manager leaves its socket file behind, and the next one must not need that name)."""
         return cls(config.netbox.rate_limit_per_second, config.netbox.rate_limit_burst,

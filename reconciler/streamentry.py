@@ -23,6 +23,7 @@ from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from .entityhash import HashingEntity, digest
 from .objecttypes import OBJECT_TYPES
+from .text import as_text, without_nul
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Limits:
     max_entities: int = 1000
 
     @classmethod
-    def of(cls, redis_settings) -> "Limits":
+    def of(cls, redis_settings) -> Limits:
         """The limits a deployment set: [redis] max_request_bytes and max_entities."""
         return cls(redis_settings.max_request_bytes, redis_settings.max_entities)
 
@@ -55,7 +56,7 @@ class Limits:
 class EntityRow:
     """One entity that becomes (or is counted against) an ingestion_logs row."""
 
-    message: "Message"
+    message: Message
     index: int
     object_type: str
     entity: bytes  # the Entity exactly as sent (protobuf), timestamp included
@@ -63,14 +64,29 @@ class EntityRow:
     source_ts: int | None  # Entity.timestamp in Unix ns; None when the client sent none
 
 
+# Why input became a dead letter, as the reconciler_dead_letters metric labels it: set where the
+# input is refused, so rewording a reason never moves a label.
+UNDECODABLE = "undecodable"  # not protobuf, not a diode.v1 message, bad compression or encoding
+TOO_LARGE = "too_large"  # beyond max_request_bytes or max_entities
+MALFORMED_ENTRY = "malformed_entry"  # the stream entry lacks or garbles a field the ingester writes
+NO_ENTITY_TYPE = "no_entity_type"
+UNKNOWN_ENTITY_TYPE = "unknown_entity_type"  # a newer schema than ours
+BAD_TIMESTAMP = "bad_timestamp"
+POSTGRES_REFUSED = "postgres_refused"  # decoded, but Postgres would not store it (inbox.py)
+UNEXPECTED_ERROR = "unexpected_error"  # a bug or an input nobody foresaw
+DEAD_LETTER_KINDS = (UNDECODABLE, TOO_LARGE, MALFORMED_ENTRY, NO_ENTITY_TYPE, UNKNOWN_ENTITY_TYPE, BAD_TIMESTAMP,
+                     POSTGRES_REFUSED, UNEXPECTED_ERROR)
+
+
 @dataclass(slots=True)
 class Rejection:
     """Input that cannot become a row. `fields` is what a dead letter keeps so it can be replayed."""
 
-    message: "Message"
+    message: Message
     index: int | None  # entity index; None when the whole stream entry was rejected
     reason: str
     fields: dict[bytes, bytes]
+    kind: str  # one of DEAD_LETTER_KINDS
 
 
 @dataclass(slots=True)
@@ -97,6 +113,10 @@ class Message:
 
 class Unreadable(Exception):
     """The stream entry as a whole cannot be decoded; the message is the dead letter's reason."""
+
+    def __init__(self, reason: str, kind: str = UNDECODABLE) -> None:
+        super().__init__(reason)
+        self.kind = kind
 
 
 def stream_id_parts(stream_id: bytes) -> tuple[int, int]:
@@ -186,16 +206,16 @@ def _decompress(data: bytes, limit: int) -> bytes:
     except brotli.error as exc:
         raise Unreadable(f"brotli decompression failed: {exc}") from None
     if len(out) > limit:
-        raise Unreadable(f"request is larger than max_request_bytes ({limit}) after decompression")
+        raise Unreadable(f"request is larger than max_request_bytes ({limit}) after decompression", TOO_LARGE)
     return out
 
 
 def _request_bytes(fields: dict[bytes, bytes], limits: Limits) -> bytes:
     raw = fields.get(b"request")
     if raw is None:
-        raise Unreadable("stream entry has no 'request' field")
+        raise Unreadable("stream entry has no 'request' field", MALFORMED_ENTRY)
     if len(raw) > limits.max_request_bytes:
-        raise Unreadable(f"request is {len(raw)} bytes, larger than max_request_bytes ({limits.max_request_bytes})")
+        raise Unreadable(f"request is {len(raw)} bytes, larger than max_request_bytes ({limits.max_request_bytes})", TOO_LARGE)
     encoding = fields.get(b"encoding")
     if encoding == b"br":
         return _decompress(raw, limits.max_request_bytes)
@@ -207,13 +227,13 @@ def _request_bytes(fields: dict[bytes, bytes], limits: Limits) -> bytes:
 def _ingestion_ts(fields: dict[bytes, bytes]) -> int:
     raw = fields.get(b"ingestion_ts")
     if raw is None:
-        raise Unreadable("stream entry has no 'ingestion_ts' field")
+        raise Unreadable("stream entry has no 'ingestion_ts' field", MALFORMED_ENTRY)
     try:
         value = int(raw.decode("ascii"), 10)
     except (UnicodeDecodeError, ValueError):
-        raise Unreadable(f"'ingestion_ts' is not a decimal integer: {raw[:40]!r}") from None
+        raise Unreadable(f"'ingestion_ts' is not a decimal integer: {raw[:40]!r}", MALFORMED_ENTRY) from None
     if not INT64_MIN <= value <= INT64_MAX:
-        raise Unreadable(f"'ingestion_ts' {value} does not fit a 64-bit integer")
+        raise Unreadable(f"'ingestion_ts' {value} does not fit a 64-bit integer", MALFORMED_ENTRY)
     return value
 
 
@@ -261,17 +281,17 @@ def _source_ts(entity) -> int | None:
     return value
 
 
-def _untyped_reason(index: int, entity) -> str:
+def _untyped_reason(index: int, entity) -> tuple[str, str]:
     unknown = sorted({f.field_number for f in UnknownFieldSet(entity)})
     if unknown:
         numbers = ", ".join(str(n) for n in unknown)
         return (f"entity {index} has an entity type this reconciler's diode.v1 schema does not know "
-                f"(Entity field {numbers}); a newer SDK produced it")
-    return f"entity {index} has no entity type set"
+                f"(Entity field {numbers}); a newer SDK produced it"), UNKNOWN_ENTITY_TYPE
+    return f"entity {index} has no entity type set", NO_ENTITY_TYPE
 
 
-def _entity(message: Message, index: int, data: bytes) -> EntityRow | str:
-    """The row for one entity, or the reason it cannot be one.
+def _entity(message: Message, index: int, data: bytes) -> EntityRow | tuple[str, str]:
+    """The row for one entity, or why it cannot be one: (reason, dead-letter kind).
 
     One parse per entity (the consumer's largest cost), with the hashing variant of the schema: it
     validates every field but the Diode-only `metadata`, which a poll worker validates when it
@@ -280,14 +300,14 @@ def _entity(message: Message, index: int, data: bytes) -> EntityRow | str:
     try:
         entity = HashingEntity.FromString(data)
     except (DecodeError, UnicodeDecodeError) as exc:
-        return f"entity {index} is not a valid diode.v1.Entity: {exc}"
+        return f"entity {index} is not a valid diode.v1.Entity: {exc}", UNDECODABLE
     member = entity.WhichOneof("entity")
     if member is None:
         return _untyped_reason(index, entity)
     try:
         source_ts = _source_ts(entity)
     except ValueError as exc:
-        return f"entity {index}: {exc}"
+        return f"entity {index}: {exc}", BAD_TIMESTAMP
     return EntityRow(message, index, OBJECT_TYPES[member], data, digest(entity), source_ts)
 
 
@@ -308,7 +328,8 @@ def _decode_entities(message: Message, entities: list[bytes]) -> None:
         if isinstance(outcome, EntityRow):
             message.rows.append(outcome)
         else:
-            message.rejections.append(Rejection(message, index, outcome, _one_entity_fields(message, data)))
+            reason, kind = outcome
+            message.rejections.append(Rejection(message, index, reason, _one_entity_fields(message, data), kind))
 
 
 def decode_entry(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits = Limits()) -> Message:
@@ -323,15 +344,10 @@ def decode_entry(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits = 
     except Exception as exc:
         log.error("unexpected error decoding stream entry %r; it becomes a dead letter", stream_id, exc_info=True)
         message = Message(stream_id=stream_id, fields=fields)
-        # repr: the reason is stored as text, which cannot hold a NUL the error's own text might carry.
-        error = repr(exc)[:UNEXPECTED_ERROR_CHARS]
-        reason = f"stream entry {_id_text(stream_id)} could not be decoded: unexpected {error}"
-        message.rejections.append(Rejection(message, None, reason, fields))
+        error = without_nul(f"{type(exc).__name__}: {exc}")[:UNEXPECTED_ERROR_CHARS]
+        reason = f"stream entry {as_text(stream_id)} could not be decoded: unexpected {error}"
+        message.rejections.append(Rejection(message, None, reason, fields, UNEXPECTED_ERROR))
         return message
-
-
-def _id_text(stream_id) -> str:
-    return stream_id.decode("ascii", "replace") if isinstance(stream_id, bytes) else str(stream_id)
 
 
 def _decode(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits) -> Message:
@@ -341,11 +357,11 @@ def _decode(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits) -> Mes
         message.header, entities = split_request(_request_bytes(fields, limits))
         _read_header(message)
         if not entities:
-            raise Unreadable("request carries no entities")
+            raise Unreadable("request carries no entities", MALFORMED_ENTRY)
         if len(entities) > limits.max_entities:
-            raise Unreadable(f"request carries {len(entities)} entities; at most {limits.max_entities} are accepted")
+            raise Unreadable(f"request carries {len(entities)} entities; at most {limits.max_entities} are accepted", TOO_LARGE)
     except Unreadable as exc:
-        message.rejections.append(Rejection(message, None, str(exc), fields))
+        message.rejections.append(Rejection(message, None, str(exc), fields, exc.kind))
         return message
     _decode_entities(message, entities)
     return message

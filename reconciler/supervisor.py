@@ -9,6 +9,7 @@ their exit status from multiprocessing.
 
 from __future__ import annotations
 
+import enum
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -20,16 +21,27 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import errors, health, metrics
+from . import backoff, errors, health, metrics
 from .roles import STOP_SIGNALS, Link, Role, serve
 from .settings import Config
 from .sharedcache import MP, Shared
-from .systemd import Notifier
+from .systemd import Notifier, status_line
 
 log = logging.getLogger(__name__)
 
 CRASH_WINDOW = 60.0  # seconds in which crashes of one child are counted
 MAX_CRASHES = 5  # crashes within the window before the supervisor gives up
+ABORT_GRACE = 2.0  # seconds from a hung child's SIGABRT (its stacks to the journal) to SIGKILL if it lives on
+
+
+class Phase(enum.Enum):
+    """Where the supervisor is in its life; every decision of its loop reads this one value."""
+
+    STARTING = "starting"  # this generation's children are not all booted yet: READY=1 not sent
+    RUNNING = "running"  # every child of this generation booted once
+    RELOADING = "reloading"  # SIGHUP: draining the children to start them again with the new configuration
+    STOPPING = "stopping"  # a stop signal: draining, then exit 0 if every child stopped cleanly
+    GIVING_UP = "giving up"  # a child cannot be kept up: draining, then exit with `exit_code`
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class Child:
     boot_failures: int = 0
     crashes: deque = field(default_factory=deque)
     start_at: float = 0.0  # monotonic time of the next (re)start
+    aborted_at: float | None = None  # when it was sent SIGABRT for hanging
 
     @property
     def running(self) -> bool:
@@ -67,7 +80,7 @@ def describe_exit(code: int | None) -> str:
 
 
 class Supervisor:
-    """Keeps one process per role running, plus the Manager of the shared cache (see shared.py)."""
+    """Keeps one process per role running, plus the Manager of the shared cache (see sharedcache.py)."""
 
     def __init__(self, config: Config, build_specs: Callable[[Config, Shared], list[RoleSpec]],
                  reload_config: Callable[[], Config] | None = None) -> None:
@@ -79,12 +92,11 @@ class Supervisor:
         self._manager_deaths: deque = deque()
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
-        self._give_up: int | None = None
-        self._stop_signal: int | None = None  # the stop signal received (also one during a reload's drain)
+        self.phase = Phase.STARTING
+        self.exit_code = errors.RET_OK  # what run() returns; set with GIVING_UP
+        self._reload_pending = False  # a SIGHUP arrived during a reload's drain: the file may have changed again
         self.notifier = Notifier()
-        self._ready = False  # READY=1 sent for the current generation
-        self._reload_again = False  # a SIGHUP arrived during a reload's drain
-        self._reload_drain_clean = True  # False when a stop came during a reload whose drain killed a child
+        # What the status line reports besides the children.
         self._restarts = 0
         self._rejected_reload: str | None = None  # why the last reload was refused, until one succeeds
 
@@ -138,19 +150,22 @@ class Supervisor:
         self._manager_deaths.append(now)
         while self._manager_deaths and self._manager_deaths[0] < now - CRASH_WINDOW:
             self._manager_deaths.popleft()
-        log.error("the shared cache's Manager died; restarting every process")
+        log.error("the shared cache's Manager died; restarting every process", extra={"event": "manager_died"})
         self.shared = None
         self._stop_generation()
         if len(self._manager_deaths) > MAX_CRASHES:
-            log.error("the Manager died %d times within %.0f s; giving up", len(self._manager_deaths), CRASH_WINDOW)
-            self._give_up = errors.RET_CRASHLOOP
+            log.error("the Manager died %d times within %.0f s; giving up", len(self._manager_deaths), CRASH_WINDOW,
+                      extra={"event": "giving_up", "child": "shared cache"})
+            self._give_up(errors.RET_CRASHLOOP)
             return
-        self._start_generation()
+        if self.phase is not Phase.STOPPING:  # a stop signal may have come during that drain
+            self._start_generation()
 
     # --- spawning ---
 
     def _spawn(self, child: Child) -> None:
         child.link = Link.create(MP)
+        child.aborted_at = None
         child.process = MP.Process(target=serve, name=child.spec.name, daemon=True,
                                    args=(child.spec.factory, self.config, child.link, os.getpid()))
         # Blocked across fork so a signal cannot reach the child before its own handlers exist;
@@ -161,7 +176,8 @@ class Supervisor:
                 child.process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        log.info("started %s (pid %d)", child.spec.name, child.process.pid)
+        log.info("started %s (pid %d)", child.spec.name, child.process.pid,
+                 extra={"event": "child_started", "child": child.spec.name, "child_pid": child.process.pid})
 
     def _spawn_due(self) -> None:
         now = time.monotonic()
@@ -181,13 +197,15 @@ class Supervisor:
         process.join()
         metrics.child_exited(process.pid)
         child.process = None
-        log.warning("%s (pid %d) %s", child.spec.name, process.pid, describe_exit(process.exitcode))
+        log.warning("%s (pid %d) %s", child.spec.name, process.pid, describe_exit(process.exitcode),
+                    extra={"event": "child_exited", "child": child.spec.name, "exit_code": process.exitcode})
         self._after_exit(child, process)
         delay = self._boot_failed(child) if not booted else self._crashed(child)
-        if self._give_up is None:
+        if self.phase is not Phase.GIVING_UP:
             self._restarts += 1
             metrics.child_restarted(child.spec.name, booted, process.exitcode)
-            log.info("restarting %s in %.1f s", child.spec.name, delay)
+            log.info("restarting %s in %.1f s", child.spec.name, delay,
+                     extra={"event": "restarting", "child": child.spec.name, "delay": delay})
             child.start_at = time.monotonic() + delay
 
     def _after_exit(self, child: Child, process) -> None:
@@ -203,9 +221,10 @@ class Supervisor:
         child.boot_failures += 1
         limit = self.config.supervisor.max_boot_failures
         if child.boot_failures >= limit:
-            log.error("%s failed to boot %d times in a row; giving up", child.spec.name, child.boot_failures)
-            self._give_up = errors.RET_BOOT
-        return min(2.0 ** (child.boot_failures - 1), 30.0)
+            log.error("%s failed to boot %d times in a row; giving up", child.spec.name, child.boot_failures,
+                      extra={"event": "giving_up", "child": child.spec.name})
+            self._give_up(errors.RET_BOOT)
+        return backoff.delay(child.boot_failures, 1.0, 30.0, jitter=False)
 
     def _crashed(self, child: Child) -> float:
         child.boot_failures = 0
@@ -214,17 +233,30 @@ class Supervisor:
         while child.crashes and child.crashes[0] < now - CRASH_WINDOW:
             child.crashes.popleft()
         if len(child.crashes) > MAX_CRASHES:
-            log.error("%s crashed %d times within %.0f s; giving up", child.spec.name, len(child.crashes), CRASH_WINDOW)
-            self._give_up = errors.RET_CRASHLOOP
-        return min(0.5 * 2 ** (len(child.crashes) - 1), 10.0)
+            log.error("%s crashed %d times within %.0f s; giving up", child.spec.name, len(child.crashes), CRASH_WINDOW,
+                      extra={"event": "giving_up", "child": child.spec.name})
+            self._give_up(errors.RET_CRASHLOOP)
+        return backoff.delay(len(child.crashes), 0.5, 10.0, jitter=False)
+
+    def _give_up(self, exit_code: int) -> None:
+        self.phase, self.exit_code = Phase.GIVING_UP, exit_code
 
     def _kill_hung(self) -> None:
+        """A child that stopped beating is sent SIGABRT (faulthandler writes its stacks to the journal
+        and it dies, roles.py), then SIGKILL if it still runs ABORT_GRACE seconds later (a stopped or
+        uninterruptible process)."""
         timeout = self.config.supervisor.heartbeat_timeout_seconds
         now = time.monotonic()
         for child in self.children:
-            if child.running and now - child.link.heartbeat.value > timeout:
-                log.error("%s (pid %d) made no progress for %.0f s; killing it", child.spec.name,
-                          child.process.pid, now - child.link.heartbeat.value)
+            if not child.running or now - child.link.heartbeat.value <= timeout:
+                continue
+            if child.aborted_at is None:
+                log.error("%s (pid %d) made no progress for %.0f s; writing its stacks to the log, then killing it",
+                          child.spec.name, child.process.pid, now - child.link.heartbeat.value,
+                          extra={"event": "child_hung", "child": child.spec.name})
+                child.aborted_at = now
+                _signal(child.process, signal.SIGABRT)
+            elif now - child.aborted_at >= ABORT_GRACE:
                 _signal(child.process, signal.SIGKILL)
 
     # --- main loop ---
@@ -254,19 +286,22 @@ class Supervisor:
     def _loop(self) -> int:
         while True:
             self._wait()
+            earlier_drain_clean = True
             for signum in self._take_signals():
                 if signum == signal.SIGHUP:
-                    self._reload()
-                else:
-                    self._stop_signal = signum
-            if self._stop_signal is not None:
-                log.info("%s received; stopping", signal.Signals(self._stop_signal).name)
-                return self._stop()
+                    earlier_drain_clean = self._reload()
+                elif self.phase is not Phase.STOPPING:
+                    log.info("%s received; stopping", signal.Signals(signum).name,
+                             extra={"event": "stop_requested"})
+                    self.phase = Phase.STOPPING
+            if self.phase is Phase.STOPPING:
+                # A stop during a reload's drain: that drain's result counts for the exit code too.
+                return self._stop(earlier_drain_clean)
             self._reap()
             self._check_manager()
-            if self._give_up is not None:
+            if self.phase is Phase.GIVING_UP:
                 self._stop()
-                return self._give_up
+                return self.exit_code
             self._kill_hung()
             self._spawn_due()
             self._tell_systemd()
@@ -276,69 +311,63 @@ class Supervisor:
     def _tell_systemd(self) -> None:
         """READY=1 once every child of this generation has booted, then a status line; the watchdog."""
         booted = sum(1 for c in self.children if c.running and c.link.booted.value)
-        if not self._ready and booted == len(self.children):
-            self._ready = True
+        if self.phase is Phase.STARTING and booted == len(self.children):
+            self.phase = Phase.RUNNING
             summary = self.summary()
-            log.info("ready: %s", summary)
+            log.info("ready: %s", summary, extra={"event": "ready"})
             self.notifier.ready(summary)
-        elif self._ready:
+        elif self.phase is Phase.RUNNING:
             self.notifier.status(self.summary())
         else:
             self.notifier.status(f"starting: {booted} of {len(self.children)} processes booted")
         self.notifier.watchdog()
 
     def summary(self) -> str:
-        """One line for `systemctl status`: which processes run, and restarts since start."""
+        """The status line for `systemctl status` (systemd.status_line)."""
         running = [c.spec.name for c in self.children if c.running and c.link.booted.value]
-        workers = sum(1 for name in running if name.startswith("worker"))
-        parts = [name for name in running if not name.startswith("worker")]
-        if workers:
-            parts.append(f"{workers} worker{'s' if workers != 1 else ''}")
-        down = len(self.children) - len(running)
-        text = "running: " + (", ".join(parts) or "nothing")
-        if down:
-            text += f"; {down} restarting"
-        text += f"; {self._restarts} restarts since start"
-        if self._rejected_reload:
-            # Kept in the line until a reload succeeds: `systemctl reload` itself returns at once.
-            text = f"reload rejected, running the previous configuration: {self._rejected_reload}; {text}"
-        return text
+        return status_line(running, len(self.children), self._restarts, self._rejected_reload)
 
-    def _reload(self) -> None:
-        """SIGHUP: re-read the configuration and restart every child with it."""
+    def _reload(self) -> bool:
+        """SIGHUP: re-read the configuration and restart every child with it. Returns whether the
+        drain was clean (True when nothing was drained); a stop signal during the drain leaves the
+        phase STOPPING and no new children."""
+        if self.phase in (Phase.STOPPING, Phase.GIVING_UP):
+            return True
         if self.reload_config is None:
             log.warning("SIGHUP received but this supervisor has no configuration to reload")
-            return
+            return True
         try:
             config = self.reload_config()
         except errors.ConfigError as exc:
-            log.error("SIGHUP: new configuration rejected, keeping the running one: %s", exc)
+            log.error("SIGHUP: new configuration rejected, keeping the running one: %s", exc,
+                      extra={"event": "reload_rejected"})
             self._rejected_reload = str(exc)
-            return
+            return True
         self._rejected_reload = None
-        log.info("SIGHUP: configuration reloaded; restarting children")
+        log.info("SIGHUP: configuration reloaded; restarting children", extra={"event": "reloading"})
         self.notifier.reloading()
+        self.phase = Phase.RELOADING
         clean = self._stop_generation()
-        if self._stop_signal is not None:
-            # Stopped while draining for the reload: the loop stops instead of restarting, and that
-            # drain is the one whose result the exit code reports.
-            self._reload_drain_clean = clean
-            return
+        if self.phase is Phase.STOPPING:
+            return clean
         self.config = config
-        self._ready = False
+        self.phase = Phase.STARTING
         self._start_generation()
-        if self._reload_again:
-            self._reload_again = False
+        if self._reload_pending:
+            self._reload_pending = False
             log.info("SIGHUP received while reloading; reloading again")
             self._signals.append(signal.SIGHUP)  # handled by the loop's next turn, like any signal
+        return True
 
     # --- stopping ---
 
-    def _stop(self) -> int:
-        """Drain every child within drain_seconds; exit code 0 only if all stopped cleanly."""
+    def _stop(self, earlier_drain_clean: bool = True) -> int:
+        """Drain every child within drain_seconds; exit code 0 only if all stopped cleanly (in this
+        drain and in a reload's drain the stop interrupted)."""
         self.notifier.stopping()
-        clean = self._stop_generation() and self._reload_drain_clean
-        log.info("stopped %s", "cleanly" if clean else "after killing children")
+        clean = self._stop_generation() and earlier_drain_clean
+        log.info("stopped %s", "cleanly" if clean else "after killing children",
+                 extra={"event": "stopped", "clean": clean})
         return errors.RET_OK if clean else errors.RET_KILLED
 
     def _drain(self) -> bool:
@@ -368,16 +397,18 @@ class Supervisor:
         return clean
 
     def _stop_again(self, signals: list[int]) -> bool:
-        """While draining: True for a stop signal on top of a stop (kill now). A stop signal during a
-        reload's drain is remembered, so the reload ends in a stop instead of new children."""
+        """While draining: True for a stop signal on top of a stop (kill now). A stop signal during
+        another drain (a reload's, the Manager's restart) makes the phase STOPPING, so that drain ends
+        in a stop instead of new children."""
         for signum in signals:
             if signum == signal.SIGHUP:
-                self._reload_again = True  # the file may have changed again since this reload read it
+                self._reload_pending = self.phase is Phase.RELOADING
                 continue
-            if self._stop_signal is not None:
+            if self.phase in (Phase.STOPPING, Phase.GIVING_UP):
                 return True
-            self._stop_signal = signum
-            log.info("%s received while reloading; stopping after the drain", signal.Signals(signum).name)
+            self.phase = Phase.STOPPING
+            log.info("%s received while draining; stopping after the drain", signal.Signals(signum).name,
+                     extra={"event": "stop_requested"})
         return False
 
 

@@ -33,6 +33,23 @@ def _watchdog_interval(environ: MutableMapping[str, str]) -> float | None:
     return int(usec) / 1e6 / 2
 
 
+def status_line(running: list[str], expected: int, restarts: int, rejected_reload: str | None) -> str:
+    """The STATUS= line `systemctl status` shows: which processes run (workers counted, not listed),
+    how many are being restarted, restarts since start, and a refused reload until one succeeds
+    (`systemctl reload` itself returns at once, so this line is where the operator sees it)."""
+    workers = sum(1 for name in running if name.startswith("worker"))
+    parts = [name for name in running if not name.startswith("worker")]
+    if workers:
+        parts.append(f"{workers} worker{'s' if workers != 1 else ''}")
+    line = "running: " + (", ".join(parts) or "nothing")
+    if expected > len(running):
+        line += f"; {expected - len(running)} restarting"
+    line += f"; {restarts} restarts since start"
+    if rejected_reload:
+        line = f"reload rejected, running the previous configuration: {rejected_reload}; {line}"
+    return line
+
+
 class Notifier:
     """The supervisor's line to systemd. Sends are best effort: systemd gone is not our failure."""
 

@@ -35,10 +35,11 @@ def without_nul(value: Any) -> Any:
     return value
 
 
-def one_line(message: str, width: int | None = None) -> str:
-    """`message` on one line (runs of whitespace and line breaks become one space), cut to `width`
-    characters with an ellipsis when given."""
-    line = " ".join(message.split())
+def one_line(message: str, width: int | None = None, max_lines: int | None = None) -> str:
+    """`message` on one line: its non-blank lines (at most `max_lines`), each with runs of whitespace
+    made one space, joined by " | "; cut to `width` characters with an ellipsis when given."""
+    lines = [" ".join(line.split()) for line in message.splitlines() if line.strip()][:max_lines]
+    line = " | ".join(lines)
     if width is not None and len(line) > width:
         return line[:width - 1] + "…"
     return line

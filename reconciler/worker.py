@@ -24,9 +24,9 @@ from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from . import claims, metrics, outcomes, protojson, sharedcache, states
+from .claims import Claimed, Decision
 from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
-from .claims import Claimed, Decision
 from .outcomes import RetryPolicy
 from .plugin import AnswerLost, InDoubt, Item, PluginClient, Unavailable
 from .roles import Link, Role

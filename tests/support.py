@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,10 +14,10 @@ from typing import Callable, Iterator
 
 import psycopg2
 
+from .builders import STREAM
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin" / "reconciler"
-STREAM = "diode.v1.ingest-stream"
-GROUP = "diode-reconciler"
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,
@@ -59,17 +59,44 @@ def children_of(pid: int) -> list[int]:
 
 
 class Reconciler:
-    """`bin/reconciler run` in its own session, stderr captured to a file the test can read."""
+    """`bin/reconciler run` in its own session, stderr captured to a file the test can read.
+
+    It logs JSON (unless the test's env says otherwise), so tests check lifecycle events by their
+    `event` field (`events`, `wait_for_event`) rather than by the wording of a message; `log` renders
+    the lines as text for the checks that are about what an operator reads.
+    """
 
     def __init__(self, env: dict[str, str], args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, str(BIN), *args], env=env, stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        self.process = subprocess.Popen([sys.executable, str(BIN), *args], env={"RECONCILER_LOG_FORMAT": "json", **env},
+                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+    def _entries(self) -> list[dict | str]:
+        """Each line of the log: its JSON object, or the raw text (a traceback faulthandler wrote, a
+        line from before logging was set up)."""
+        entries: list[dict | str] = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = line
+            entries.append(entry if isinstance(entry, dict) and "msg" in entry else line)
+        return entries
 
     @property
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return "\n".join(_as_text(entry) for entry in self._entries())
+
+    def events(self, event: str, **fields) -> list[dict]:
+        """The log entries of `event` whose fields match `fields`."""
+        return [entry for entry in self._entries() if isinstance(entry, dict) and entry.get("event") == event
+                and all(entry.get(name) == value for name, value in fields.items())]
+
+    def wait_for_event(self, event: str, timeout: float = 20.0, count: int = 1, **fields) -> list[dict]:
+        wait_until(lambda: len(self.events(event, **fields)) >= count, timeout,
+                   what=lambda: f"{count} {event!r} events {fields or ''} in the log:\n{self.log}")
+        return self.events(event, **fields)
 
     def wait_for_log(self, text: str, timeout: float = 20.0, count: int = 1) -> None:
         wait_until(lambda: self.log.count(text) >= count, timeout, what=lambda: f"{text!r} in the log:\n{self.log}")
@@ -94,11 +121,18 @@ class Reconciler:
         self._log.close()
 
 
+def _as_text(entry: dict | str) -> str:
+    if isinstance(entry, str):
+        return entry
+    text = f"{entry['level'].upper()} {entry['role']}[{entry['pid']}] {entry['logger']}: {entry['msg']}"
+    return text + ("\n" + entry["exc"] if "exc" in entry else "")
+
+
 def role_pid(run, role: str = "consumer") -> int:
     """The pid of the live process of a role, as the supervisor logged it when it started the process."""
     def latest():
-        found = re.findall(rf"started {role} \(pid (\d+)\)", run.log)
-        return found and int(found[-1]) in children_of(run.process.pid) and int(found[-1])
+        found = [entry["child_pid"] for entry in run.events("child_started", child=role)]
+        return found and found[-1] in children_of(run.process.pid) and found[-1]
     return wait_until(latest, what=f"a running {role} process")
 
 

@@ -17,7 +17,8 @@ import pytest
 from reconciler import inbox, sample, streamentry
 from reconciler.consumer import Consumer
 
-from .support import GROUP, STREAM, push, query, reconciler, scalar, wait_until
+from .builders import GROUP, STREAM
+from .support import push, query, reconciler, scalar, wait_until
 
 
 @pytest.fixture
@@ -53,6 +54,7 @@ def stop_after(role: Consumer, seconds: float):
 SHAPE = sample.Shape(sites=2, devices_per_site=6)
 
 
+@pytest.mark.pg
 def test_consumes_sdk_requests_plain_and_brotli(consumer, redis_client, dsn):
     entries = list(sample.entries(SHAPE, raw_share=0.5))
     assert {b"encoding" in fields for fields in entries} == {True, False}
@@ -64,6 +66,7 @@ def test_consumes_sdk_requests_plain_and_brotli(consumer, redis_client, dsn):
     assert redis_client.xlen(STREAM) == 0  # XDEL after commit: the stream does not grow forever
 
 
+@pytest.mark.pg
 def test_a_new_group_reads_entries_that_were_there_before_it(consumer, redis_client, dsn):
     push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
     assert not redis_client.exists(STREAM + ":none") and redis_client.xlen(STREAM) > 0
@@ -72,6 +75,7 @@ def test_a_new_group_reads_entries_that_were_there_before_it(consumer, redis_cli
     assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(devices_per_site=1).entity_count()
 
 
+@pytest.mark.pg
 def test_resending_the_inventory_dedups_and_requeues(consumer, redis_client, dsn):
     shape = sample.Shape(devices_per_site=2)
     push(redis_client, sample.entries(shape, cycle=0))
@@ -87,6 +91,7 @@ def test_resending_the_inventory_dedups_and_requeues(consumer, redis_client, dsn
     assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == shape.entity_count() + changed
 
 
+@pytest.mark.pg
 def test_garbage_becomes_dead_letters_and_consuming_continues(consumer, redis_client, dsn):
     good = list(sample.entries(sample.Shape(devices_per_site=1)))
     garbage = [
@@ -106,6 +111,7 @@ def test_garbage_becomes_dead_letters_and_consuming_continues(consumer, redis_cl
     assert all(reason for reason, _, _ in letters)
 
 
+@pytest.mark.pg
 def test_pending_entries_of_a_dead_consumer_are_taken_over(consumer, redis_client, dsn):
     consumer.boot()
     push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
@@ -114,12 +120,13 @@ def test_pending_entries_of_a_dead_consumer_are_taken_over(consumer, redis_clien
     assert redis_client.xpending(STREAM, GROUP)["pending"] > 0
     wait_until(lambda: (consumer.run_once(), consumed(redis_client))[1], timeout=15, what="takeover")
     assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(devices_per_site=1).entity_count()
-    consumer.forget_idle_seconds = 1.0  # as if the hours it takes had passed
-    consumer._next_claim = 0
+    consumer.stream_group.forget_idle_seconds = 1.0  # as if the hours it takes had passed
+    consumer.stream_group._next_takeover = 0
     wait_until(lambda: (consumer.run_once(), len(redis_client.xinfo_consumers(STREAM, GROUP)) == 1)[1],
                timeout=15, what="the dead consumer to be forgotten")
 
 
+@pytest.mark.pg
 def test_only_consumers_silent_for_hours_with_nothing_pending_are_forgotten(consumer, redis_client, caplog):
     """XGROUP DELCONSUMER drops a consumer's pending entries: a replica idle between two reads, or one
     that read entries since XINFO listed it, must keep its name."""
@@ -128,22 +135,24 @@ def test_only_consumers_silent_for_hours_with_nothing_pending_are_forgotten(cons
     redis_client.xgroup_createconsumer(STREAM, GROUP, live)
     redis_client.xgroup_createconsumer(STREAM, GROUP, dead)
     time.sleep(1.2)  # idle longer than reclaim_idle_seconds (1 s here), far from hours
-    consumer._next_claim = 0
+    consumer.stream_group._next_takeover = 0
     consumer.run_once()  # a full takeover pass, which then tidies the consumer list
     assert {live, dead} <= {info["name"].decode() for info in redis_client.xinfo_consumers(STREAM, GROUP)}
 
-    consumer.forget_idle_seconds = 1.0  # as if hours had passed; the live one reads entries meanwhile
+    consumer.stream_group.forget_idle_seconds = 1.0  # as if hours had passed; the live one reads entries meanwhile
     push(redis_client, sample.entries(sample.Shape(devices_per_site=1)))
     redis_client.xreadgroup(GROUP, live, {STREAM: ">"}, count=1)
-    consumer._next_claim = 0
-    with caplog.at_level(logging.INFO, logger="reconciler.consumer"):
+    consumer.stream_group._next_takeover = 0
+    with caplog.at_level(logging.INFO, logger="reconciler.streamgroup"):
         consumer.run_once()
     names = {info["name"].decode() for info in redis_client.xinfo_consumers(STREAM, GROUP)}
     assert live in names and dead not in names
     assert redis_client.xpending(STREAM, GROUP)["consumers"][0]["name"] == live.encode()
-    assert f"forgot consumer {dead}" in caplog.text and f"forgot consumer {live}" not in caplog.text
+    forgotten = [record.consumer for record in caplog.records if getattr(record, "event", "") == "consumer_forgotten"]
+    assert forgotten == [dead]
 
 
+@pytest.mark.pg
 def test_entry_ids_beyond_bigint_become_rows_and_so_do_the_auto_ids_after_them(consumer, redis_client, dsn):
     """Redis stream ids go up to 2**64-1 per part. Once a producer XADDs one explicitly, every later
     auto id is above it too: each such entry must become rows like any other (it once became a dead
@@ -167,6 +176,7 @@ def test_entry_ids_beyond_bigint_become_rows_and_so_do_the_auto_ids_after_them(c
     assert scalar(dsn, "SELECT count(*) FROM stream_receipts") == 0
 
 
+@pytest.mark.pg
 def test_entries_taken_over_while_a_write_is_retried_are_not_written_twice(config, redis_client, dsn):
     """A consumer cut off from Postgres retries its batch; a replica takes the entries over, commits and
     acknowledges them, and their receipts are pruned (an hour later). When Postgres comes back for the
@@ -200,6 +210,7 @@ def test_entries_taken_over_while_a_write_is_retried_are_not_written_twice(confi
         replica.shutdown()
 
 
+@pytest.mark.pg
 def test_a_write_that_keeps_conflicting_backs_off_and_ends_when_stopping(consumer, redis_client, dsn):
     """Conflicts are retried at once no more: a short jittered pause between attempts, and a stop
     request ends the loop, leaving the entries pending for redelivery."""
@@ -224,6 +235,7 @@ def test_a_write_that_keeps_conflicting_backs_off_and_ends_when_stopping(consume
     assert redis_client.xpending(STREAM, GROUP)["pending"] > 0
 
 
+@pytest.mark.pg
 def test_dropped_redis_connections_lose_nothing(consumer, redis_client, dsn):
     consumer.boot()
     entries = list(sample.entries(sample.Shape(sites=2, devices_per_site=4)))
@@ -250,6 +262,7 @@ def acl_user(redis_client):
     redis_client.acl_deluser(name)
 
 
+@pytest.mark.subprocess
 def test_kill_between_commit_and_ack_creates_no_duplicate(env, tmp_path, redis_client, redis_url, acl_user, dsn):
     shape = sample.Shape(devices_per_site=3)
     entries = list(sample.entries(shape))
@@ -278,6 +291,8 @@ def _postgres_version() -> str:
     return sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
 
 
+@pytest.mark.subprocess
+@pytest.mark.chaos  # restarts the machine's Postgres: any other run on it sees that
 def test_postgres_restart_mid_ingest_loses_and_duplicates_nothing(env, tmp_path, redis_client, dsn):
     shape = sample.Shape(sites=6, devices_per_site=10)
     entries = list(sample.entries(shape))
@@ -310,6 +325,7 @@ def test_postgres_restart_mid_ingest_loses_and_duplicates_nothing(env, tmp_path,
     assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
 
 
+@pytest.mark.pg
 def test_queue_table_is_vacuumed_by_reconciler_when_autovacuum_is_off(consumer, dsn):
     consumer.boot()
     server_off = scalar(dsn, "SHOW autovacuum") == "off"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 from netboxlabs.diode.sdk import ingester as sdk
-from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler import errors, health, metrics, sample, settings, states, streamentry
 from reconciler.errors import ConfigError
 
+from .builders import request, site
 from .faultserver import Step
 from .support import push, query, reconciler, role_pid, wait_until
 
@@ -78,17 +78,12 @@ def by_label(samples, name: str, label: str, **fixed) -> dict[str, float]:
     return found
 
 
-def request(*entities) -> pb.IngestRequest:
-    return pb.IngestRequest(entities=list(entities), id="r", producer_app_name="p", producer_app_version="1",
-                            sdk_name="s", sdk_version="1.0.0")
-
-
 def known_ingest() -> tuple[list[dict], int]:
     """Stream entries of a small network, an entry with an in-request duplicate and an untyped entity,
     and an undecodable entry; and how many entities they carry."""
     requests = list(sample.requests(sample.network(SHAPE), per_request=20))
-    site = sdk.Entity(site=sdk.Site(name="dup-site", slug="dup-site"))
-    requests.append(request(site, site, sdk.Entity()))
+    dup = site("dup-site")
+    requests.append(request(dup, dup, sdk.Entity()))
     entries = [sample.stream_fields(request) for request in requests]
     entries.append({b"request": b"\xffnot protobuf at all", b"ingestion_ts": b"1"})
     return entries, sum(len(request.entities) for request in requests)
@@ -100,6 +95,7 @@ def finished(dsn) -> bool:
     return total > 0 and total == done
 
 
+@pytest.mark.subprocess
 def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_client, dsn):
     env = run_env(env, plugin, tmp_path, RECONCILER_NETBOX_BRANCH_REFRESH_SECONDS="1",
                   RECONCILER_NETBOX_TIMEOUT_SECONDS="2", RECONCILER_WORKERS_BATCH_SIZE="8")
@@ -170,13 +166,13 @@ def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_cl
         assert status == 503 and json.loads(body)["failed"] == ["plugin"], body
         # The plugin goes away: not ready, naming it; the supervisor itself is still healthy.
         plugin.close()
-        started = time.monotonic()
         status, body = get(base + "/readyz")
         assert status == 503, body
-        assert time.monotonic() - started < 2
         answer = json.loads(body)
         assert answer["status"] == "not ready" and answer["failed"] == ["plugin"]
-        assert "unreachable" in answer["checks"]["plugin"] and answer["checks"]["postgres"] == "ok"
+        # Refused on a new connection: not a read that timed out on one kept alive from before.
+        assert "unreachable" in answer["checks"]["plugin"] and "Connection refused" in answer["checks"]["plugin"]
+        assert answer["checks"]["postgres"] == "ok"
         assert answer["checks"]["branch"] == "ok"  # known before; kept
         assert get(base + "/healthz")[0] == 200
 
@@ -185,6 +181,7 @@ def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_cl
     assert not directory.exists()  # the private directory goes with the supervisor
 
 
+@pytest.mark.subprocess
 def test_backpressure_is_counted_and_the_stream_gauges_follow_the_lag(env, plugin, tmp_path, redis_client, dsn):
     env = run_env(env, plugin, tmp_path, RECONCILER_WORKERS_COUNT="1", RECONCILER_WORKERS_BACKPRESSURE_THRESHOLD="5")
     with reconciler(env, tmp_path) as run:
@@ -207,6 +204,7 @@ def test_backpressure_is_counted_and_the_stream_gauges_follow_the_lag(env, plugi
         assert value(samples, "reconciler_messages_consumed_total") == 8
 
 
+@pytest.mark.subprocess
 def test_consumer_alone_is_ready_without_a_plugin_and_an_operators_directory_is_emptied(env, tmp_path):
     directory = tmp_path / "prometheus"
     directory.mkdir()
@@ -225,6 +223,7 @@ def test_consumer_alone_is_ready_without_a_plugin_and_an_operators_directory_is_
     assert directory.is_dir()  # the operator's directory stays
 
 
+@pytest.mark.subprocess
 def test_the_scratch_directory_of_a_killed_supervisor_is_removed_by_the_next_one(env, tmp_path):
     """atexit does not run on SIGKILL: each killed supervisor once left its metrics directory (and the
     Manager's pymp-* socket directory) in the temp folder."""
@@ -251,6 +250,7 @@ def test_the_scratch_directory_of_a_killed_supervisor_is_removed_by_the_next_one
     shutil.rmtree(temp)
 
 
+@pytest.mark.subprocess
 def test_a_taken_port_is_logged_and_the_service_runs_on(env, tmp_path):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -282,11 +282,11 @@ def test_a_taken_port_is_logged_and_the_service_runs_on(env, tmp_path):
     (sample.stream_fields(request(sdk.Entity())), "no_entity_type"),
 ], ids=["protobuf", "brotli", "encoding", "no-request", "no-ts", "bad-ts", "no-entities", "bytes", "entities",
         "untyped"])
-def test_every_dead_letter_reason_has_a_kind(fields, kind):
+def test_every_dead_letter_carries_its_kind_from_where_it_was_refused(fields, kind):
     message = streamentry.decode_entry(b"1-0", fields, streamentry.Limits(max_request_bytes=1024, max_entities=2))
     [rejection] = message.rejections
-    assert metrics.dead_letter_kind(rejection.reason) == kind, rejection.reason
-    assert metrics.dead_letter_kind("Postgres refused the row: invalid byte sequence") == "postgres_refused"
+    assert rejection.kind == kind, rejection.reason
+    assert rejection.kind in streamentry.DEAD_LETTER_KINDS
 
 
 def test_listen_setting():
@@ -309,4 +309,4 @@ def test_outcome_labels_cover_every_state_a_worker_records():
 
 def test_unexpected_decoding_errors_have_a_kind():
     unexpected = streamentry.decode_entry(b"2-0", {b"request": "text, not bytes", b"ingestion_ts": b"1"})
-    assert [metrics.dead_letter_kind(r.reason) for r in unexpected.rejections] == ["unexpected_error"]
+    assert [r.kind for r in unexpected.rejections] == ["unexpected_error"]

@@ -30,11 +30,13 @@ from typing import Any, Iterator
 import redis
 
 from .. import errors, streamentry
-from . import console
 from ..db import Database
 from ..errors import DatabaseError
-from .show import entity_json, hex_preview
 from ..settings import Config
+from ..streamgroup import redis_client
+from ..text import one_line
+from . import console
+from .show import entity_json, hex_preview
 
 PAGE = 1000  # ids (no payloads) read per page of a selection
 CHUNK_LETTERS = 100
@@ -250,7 +252,7 @@ def _list(db: Database, args: argparse.Namespace) -> int:
         print("no dead letters")
         return errors.RET_OK
     rows = [[letter["id"], letter["stream_id"], "-" if letter["entity_index"] is None else letter["entity_index"],
-             _utc(letter["created_at"]), letter["size"], _short(letter["reason"])]
+             _utc(letter["created_at"]), letter["size"], one_line(letter["reason"], REASON_WIDTH)]
             for letter in letters]
     print(console.table(["id", "stream id", "entity", "time", "size", "reason"], rows))
     if count > len(letters):
@@ -260,11 +262,6 @@ def _list(db: Database, args: argparse.Namespace) -> int:
 
 def _utc(moment: datetime.datetime) -> str:
     return f"{moment.astimezone(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
-
-
-def _short(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= REASON_WIDTH else text[:REASON_WIDTH - 1] + "…"
 
 
 def cmd_show(config: Config, args: argparse.Namespace) -> int:
@@ -322,8 +319,7 @@ def _replay(db: Database, config: Config, args: argparse.Namespace, selector: Se
     if args.dry_run:
         _report(args, "replay", preview(db, selector), dry_run=True, stream=config.redis.stream)
         return errors.RET_OK
-    client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-                                  socket_timeout=REDIS_TIMEOUT_SECONDS, client_name="reconciler-replay")
+    client = redis_client(config.redis.url, "replay", REDIS_TIMEOUT_SECONDS)
     progress = console.Progress("replayed", len(selector.ids) if selector.ids else None)
     try:
         tally = replay(db, client, config.redis.stream, selector, progress)

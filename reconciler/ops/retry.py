@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import errors, states
-from . import console
 from ..db import Database
 from ..settings import Config
+from . import console
 
 BATCH_ROWS = 1000
 STATE_CHOICES = {"failed": states.FAILED, "errored": states.ERRORED}

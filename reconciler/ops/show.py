@@ -13,9 +13,9 @@ from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from .. import errors, protojson, states
-from . import console
 from ..db import Database
 from ..settings import Config
+from . import console
 
 HEX_PREVIEW_BYTES = 256
 

@@ -16,13 +16,14 @@ from typing import Any, Callable
 import redis
 
 from .. import errors, processes, states
-from . import console
 from ..db import Database, latest_version
 from ..errors import DatabaseError
 from ..plugin import PluginClient, Unavailable
 from ..ratelimit import SharedRateLimiter
 from ..settings import Config
-from ..streamgroup import group_info, text
+from ..streamgroup import group_info, redis_client
+from ..text import as_text, one_line
+from . import console
 
 SOON_SECONDS = 60  # "PENDING_RETRY due soon": what the workers will pick up within a minute
 PLUGIN_TIMEOUT_SECONDS = 5.0  # the branch is one small GET; a NetBox that is slower counts as down
@@ -61,18 +62,14 @@ def _section(read: Callable[[], dict], *failures: type[BaseException]) -> dict:
     try:
         return read()
     except failures as exc:
-        return {"error": _one_line(str(exc) or type(exc).__name__)}
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())  # libpq's messages come on several lines, indented with tabs
+        return {"error": one_line(str(exc) or type(exc).__name__)}
 
 
 def _postgres_sections(db: Database, config: Config, report: dict[str, Any]) -> bool:
     try:
         db.connect()
     except DatabaseError as exc:
-        report["postgres"] = {"reachable": False, "error": _one_line(str(exc))}
+        report["postgres"] = {"reachable": False, "error": one_line(str(exc))}
         report.update({name: {"error": report["postgres"]["error"]} for name in POSTGRES_SECTIONS})
         return False
     report["postgres"] = {"reachable": True}
@@ -131,8 +128,7 @@ def _processes(db: Database, config: Config) -> dict:
 
 def _stream(config: Config) -> dict:
     stream, group = config.redis.stream, config.redis.group
-    client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-                                  socket_timeout=REDIS_TIMEOUT_SECONDS, client_name="reconciler-status")
+    client = redis_client(config.redis.url, "status", REDIS_TIMEOUT_SECONDS)
     try:
         if not client.exists(stream):
             return {"name": stream, "exists": False, "length": 0, "group": {"name": group, "exists": False}}
@@ -148,7 +144,7 @@ def _group(name: str, info: dict | None) -> dict:
     # `lag` came with Redis 7.0, and even there is null when entries were deleted before the group
     # read them: None means unknown, never zero.
     return {"name": name, "exists": True, "lag": info.get("lag"), "pending": info["pending"],
-            "consumers": info["consumers"], "last_delivered_id": text(info.get("last-delivered-id"))}
+            "consumers": info["consumers"], "last_delivered_id": as_text(info.get("last-delivered-id"))}
 
 
 def _default_branch(config: Config) -> dict:
@@ -164,7 +160,7 @@ def _default_branch(config: Config) -> dict:
         finally:
             client.pool.clear()
     except (Unavailable, OSError) as exc:
-        return {"error": _one_line(str(exc))}
+        return {"error": one_line(str(exc))}
 
 
 # --- rendering ---
