@@ -18,7 +18,6 @@ import redis
 
 from . import driftchecks, inbox, metrics, sharedcache, streamentry
 from .backoff import Backoff
-from .db import Database
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
 from .roles import Role
@@ -61,7 +60,6 @@ class Consumer(Role):
         self.limits = streamentry.Limits.of(settings)
         self.redis: redis.Redis | None = None
         self.stream_group: StreamGroup | None = None
-        self.db: Database | None = None
         self._next_prune = 0.0
         self._totals = inbox.Outcome()
         self._next_summary = time.monotonic() + SUMMARY_INTERVAL
@@ -72,10 +70,10 @@ class Consumer(Role):
 
     def boot(self) -> None:
         settings = self.config.redis
-        self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, "reconciler consumer")
+        self.open_database()
         self.db.check_schema()
         self.vacuum.decide(self.db)
-        self.redis = redis_client(settings.url, "consumer", blocking_ms=settings.block_ms)
+        self.redis = self.closes(redis_client(settings.url, "consumer", blocking_ms=settings.block_ms))
         self.stream_group = StreamGroup(self.redis, self.stream, self.group, self.consumer, settings.read_count,
                                         settings.block_ms, settings.reclaim_idle_seconds)
         try:
@@ -97,12 +95,6 @@ class Consumer(Role):
             log.warning("[drift] mode changes without [netbox] api_token: every unchanged re-observation is "
                         "planned again, as in mode always")
             metrics.drift_fallback(True)
-
-    def shutdown(self) -> None:
-        if self.db is not None:
-            self.db.close()
-        if self.redis is not None:
-            self.redis.close()
 
     def run_once(self) -> None:
         entries = self.stream_group.take_over()

@@ -83,24 +83,17 @@ class DriftChecks(Role):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.db: Database | None = None
         self.api: NetBoxAPI | None = None
         self.failing: str | None = None  # why the change log cannot be read, while it cannot
         self._next_poll = 0.0
         self._next_prune = 0.0
 
     def boot(self) -> None:
-        self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, "reconciler drift-checks")
+        self.open_database()
         self.db.check_schema()
         if self.config.drift.mode == "changes":
-            self.api = NetBoxAPI(self.config.netbox)
+            self.api = self.closes(NetBoxAPI(self.config.netbox))
         log.info("drift checks: mode %s, max age %g h", self.config.drift.mode, self.config.drift.max_age_hours)
-
-    def shutdown(self) -> None:
-        if self.api is not None:
-            self.api.close()
-        if self.db is not None:
-            self.db.close()
 
     def run_once(self) -> None:
         if time.monotonic() >= self._next_poll:

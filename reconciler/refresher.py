@@ -20,7 +20,6 @@ import time
 import redis
 
 from . import backoff, metrics
-from .db import Database
 from .errors import BootError
 from .plugin import PluginClient, Unavailable
 from .roles import Role
@@ -47,20 +46,14 @@ class Refresher(Role):
 
     def boot(self) -> None:
         self.plugin = PluginClient(self.config.netbox, self.limiter, pacer=self)
-        self.redis = redis_client(self.config.redis.url, "refresher")
+        self.redis = self.closes(redis_client(self.config.redis.url, "refresher"))
         # Only for its heartbeat row (roles.py); opened lazily, so Postgres being down does not stop
         # the refresher from serving the branch.
-        self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, "reconciler refresher")
+        self.open_database()
         try:
             self.cache.get("branch_known")
         except PROXY_ERRORS as exc:
             raise BootError(f"the shared cache is unreachable: {exc!r}") from exc
-
-    def shutdown(self) -> None:
-        if self.redis is not None:
-            self.redis.close()
-        if self.db is not None:
-            self.db.close()
 
     def run_once(self) -> None:
         now = time.monotonic()

@@ -25,7 +25,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import setproctitle
 
@@ -61,16 +61,19 @@ class Link:
 
 
 _CTYPES = {"d": ctypes.c_double, "b": ctypes.c_bool}
+_Closable = TypeVar("_Closable")
 
 
 class Role(ABC):
-    """Base class of a process role. Subclasses implement boot, run_once and shutdown."""
+    """Base class of a process role. Subclasses implement boot and run_once; what boot opens through
+    `open_database` and `closes` is closed at shutdown."""
 
     name = "role"
-    db: Database | None = None  # the role's Postgres connection; also carries its heartbeat row
+    db: Database | None = None  # the role's Postgres connection (open_database); carries its heartbeat row
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._to_close: list[Any] = []
         self._stop_requested = False
         self.link = Link.create()  # serve() replaces it with the one the supervisor shares
         self.parent: int | None = None  # the supervisor's pid, in a served process
@@ -85,9 +88,28 @@ class Role(ABC):
         """One iteration; must return within about a second so a stop is noticed."""
 
     def shutdown(self) -> None:
-        """Release connections. Called once after the last iteration."""
+        """Close what the role opened, newest first. Called once after the last iteration (or a
+        failed boot)."""
+        while self._to_close:
+            resource = self._to_close.pop()
+            try:
+                resource.close()
+            except Exception:
+                logger.exception("closing %r failed", resource)
 
     # --- provided to roles ---
+
+    def closes(self, resource: _Closable) -> _Closable:
+        """Register a connection (anything with close()) to be closed at shutdown; returns it."""
+        self._to_close.append(resource)
+        return resource
+
+    def open_database(self) -> Database:
+        """The role's Postgres connection, named after the role in pg_stat_activity; it also writes
+        the role's heartbeat row (`reconciler status`)."""
+        self.db = self.closes(Database(self.config.postgres.dsn, self.config.postgres.schema,
+                                       f"reconciler {self.name}"))
+        return self.db
 
     @property
     def stopping(self) -> bool:

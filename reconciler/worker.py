@@ -52,7 +52,6 @@ class Worker(Role):
         self.apply = config.workers.auto_apply
         self.retry = RetryPolicy(config.workers.max_attempts, config.workers.retry_base_seconds,
                                  config.workers.retry_max_seconds)
-        self.db: Database | None = None
         self.plugin: PluginClient | None = None
         self.owner = ""
         self._next_sweep = 0.0
@@ -64,7 +63,7 @@ class Worker(Role):
     def boot(self) -> None:
         check_runnable(self.config)
         self.owner = lease_owner(self.index, os.getpid(), self.link)
-        self.db = Database(self.config.postgres.dsn, self.config.postgres.schema, f"reconciler worker {self.index}")
+        self.open_database()
         self.db.check_schema()
         self.plugin = PluginClient(self.config.netbox, self.limiter, pacer=self)
         try:
@@ -73,10 +72,6 @@ class Worker(Role):
             raise BootError(f"the shared cache is unreachable: {exc!r}") from exc
         log.info("%s mode, batches of %d, lease %s", "auto-apply" if self.apply else "plan-only",
                  self.config.workers.batch_size, self.owner)
-
-    def shutdown(self) -> None:
-        if self.db is not None:
-            self.db.close()
 
     def run_once(self) -> None:
         view = self._view()
