@@ -82,12 +82,12 @@ UPDATE ingestion_logs AS l
 SET duplicate_count = l.duplicate_count + d.increment,
     last_seen = now(),
     updated_at = now(),
-    state = CASE WHEN NOT d.requeue THEN l.state WHEN d.checked THEN 10 WHEN l.next_attempt_at > now() THEN 9 ELSE 1 END,
+    state = CASE WHEN NOT d.requeue THEN l.state WHEN d.checked THEN 10 /* CHECKING */ WHEN l.next_attempt_at > now() THEN 9 /* PENDING_RETRY */ ELSE 1 /* QUEUED */ END,
     checking_since = CASE WHEN d.checked THEN now() ELSE l.checking_since END,
     -- An ERRORED drift check (requeued from APPLIED, then the plugin stayed unreachable) keeps its
     -- APPLIED origin: its object is still in NetBox, so the next plan is still a drift check.
     requeued_from_state = CASE WHEN NOT d.requeue THEN l.requeued_from_state
-                               WHEN l.state = 7 AND l.requeued_from_state = 3 THEN 3
+                               WHEN l.state = 7 /* ERRORED */ AND l.requeued_from_state = 3 /* APPLIED */ THEN 3 /* APPLIED */
                                ELSE l.state END,
     error = CASE WHEN d.requeue AND NOT d.checked THEN NULL ELSE l.error END,
     attempts = CASE WHEN d.requeue AND NOT d.checked THEN 0 ELSE l.attempts END,
@@ -123,7 +123,7 @@ WITH expired AS (
 )
 UPDATE ingestion_logs AS l
 SET lease_expiries = l.lease_expiries + 1,
-    state = CASE WHEN l.lease_expiries + 1 >= %(max_attempts)s THEN 7 ELSE 1 END,
+    state = CASE WHEN l.lease_expiries + 1 >= %(max_attempts)s THEN 7 /* ERRORED */ ELSE 1 /* QUEUED */ END,
     error = CASE WHEN l.lease_expiries + 1 >= %(max_attempts)s
                  THEN jsonb_build_object(
                      'message', format('gave up: its claim outlived the lease %%s times, planned alone after '
@@ -152,20 +152,22 @@ RETURNING id;
 -- QUEUED ones. Committed (synchronously: a claim lost in a crash would let another worker send the
 -- rows while this one's request still runs) before the plugin is asked, so no lock is held while it
 -- works on them; the lease (owner, expiry) marks them in flight. attempts counts claims, for the
--- retry budget. A row whose claim outlived its lease before may be what kills or hangs a worker: it
--- is claimed alone, so that only it spends its lease budget (0007), not the rows that would share its
--- batch. A row whose request went unanswered `timeouts` times in a row is sent in a batch 2^timeouts
--- times smaller (0009): a batch that keeps timing out is split rather than sent whole again. The
--- batch is sized for its first row; rows split further than it wait until they lead a batch.
+-- retry budget. A suspect is a row whose claim outlived its lease since a worker last lived through
+-- planning it (lease_expiries > 0: its worker died, hung or was killed holding it). It may be what
+-- kills or hangs a worker, so it is claimed alone: only it spends its lease budget (0007), not the
+-- rows that would share its batch. A row whose request went unanswered `timeouts` times in a row
+-- is sent in a batch 2^timeouts times smaller (0009): a batch that keeps timing out is split rather
+-- than sent whole again. The batch is sized for its first row; rows split further than it wait until
+-- they lead a batch.
 WITH due AS (
     SELECT id, 0 AS rank, lease_expiries > 0 AS suspect, timeouts FROM ingestion_logs
-    WHERE state = 9 AND next_attempt_at <= now()
+    WHERE state = 9 /* PENDING_RETRY */ AND next_attempt_at <= now()
     ORDER BY next_attempt_at, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), queued AS (
     SELECT id, 1 AS rank, lease_expiries > 0 AS suspect, timeouts FROM ingestion_logs
-    WHERE state = 1
+    WHERE state = 1 /* QUEUED */
     ORDER BY id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -194,7 +196,7 @@ RETURNING l.id, l.object_type, l.entity, l.requeued_from_state, l.attempts, l.an
 -- release_claims --
 -- A worker that stops before it could ask the plugin gives its rows back (the claim did not count).
 UPDATE ingestion_logs
-SET state = 1, lease_owner = NULL, lease_expires_at = NULL, attempts = greatest(attempts - 1, 0), updated_at = now()
+SET state = 1 /* QUEUED */, lease_owner = NULL, lease_expires_at = NULL, attempts = greatest(attempts - 1, 0), updated_at = now()
 WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
 
 -- finish_rows --
@@ -212,21 +214,21 @@ WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
 -- worker decided; timeouts counts unanswered requests in a row, kept while the plugin says nothing
 -- about the row (7, 9), cleared once it does; a batch that went unanswered and will be split gets its
 -- claim back (%(refund)s), since splitting, not the entity, is the remedy. No explicit row lock first: it
--- would write a WAL record per row before the update rewrites the row anyway (measured: 6.5 ms ->
--- 2.9 ms per 100 rows); the rows come locked in the order of the id array, which is sorted.
+-- would write a WAL record per row before the update rewrites the row anyway (docs/benchmarks.md);
+-- the rows come locked in the order of the id array, which is sorted.
 UPDATE ingestion_logs AS l
 SET state = u.state,
     error = u.error,
     next_attempt_at = now() + u.retry_in * interval '1 second',
-    requeued_from_state = CASE WHEN u.state IN (7, 9) THEN l.requeued_from_state END,
+    requeued_from_state = CASE WHEN u.state IN (7 /* ERRORED */, 9 /* PENDING_RETRY */) THEN l.requeued_from_state END,
     is_head = l.is_head AND NOT u.superseded,
-    planned_branch = CASE WHEN u.state IN (7, 9) THEN l.planned_branch ELSE %(branch)s END,
+    planned_branch = CASE WHEN u.state IN (7 /* ERRORED */, 9 /* PENDING_RETRY */) THEN l.planned_branch ELSE %(branch)s END,
     planned_at = CASE WHEN u.planned AND u.state NOT IN (7, 9) THEN l.claimed_at ELSE l.planned_at END,
     lease_owner = NULL,
     lease_expires_at = NULL,
-    lease_expiries = CASE WHEN u.state IN (7, 9) THEN l.lease_expiries ELSE 0 END,
+    lease_expiries = CASE WHEN u.state IN (7 /* ERRORED */, 9 /* PENDING_RETRY */) THEN l.lease_expiries ELSE 0 END,
     answer_lost_at = CASE WHEN u.answer_lost THEN now() WHEN u.answer_lost IS NULL THEN l.answer_lost_at END,
-    timeouts = CASE WHEN u.timed_out THEN l.timeouts + 1 WHEN u.state IN (7, 9) THEN l.timeouts ELSE 0 END,
+    timeouts = CASE WHEN u.timed_out THEN l.timeouts + 1 WHEN u.state IN (7 /* ERRORED */, 9 /* PENDING_RETRY */) THEN l.timeouts ELSE 0 END,
     attempts = CASE WHEN u.refund THEN greatest(l.attempts - 1, 0) ELSE l.attempts END,
     updated_at = now()
 FROM unnest(%(ids)s::bigint[], %(states)s::smallint[], %(errors)s::jsonb[], %(retry_in)s::float8[],
@@ -296,7 +298,7 @@ SELECT state, count(*) FROM ingestion_logs GROUP BY state;
 -- status_oldest_queued --
 -- Seconds the longest-waiting QUEUED row has waited since its last change (queued, requeued,
 -- re-observed), over the partial index of QUEUED rows; NULL when nothing is queued.
-SELECT extract(epoch FROM now() - min(updated_at))::float8 FROM ingestion_logs WHERE state = 1;
+SELECT extract(epoch FROM now() - min(updated_at))::float8 FROM ingestion_logs WHERE state = 1 /* QUEUED */;
 
 -- status_leases --
 -- Rows in flight (claimed under a lease) and those whose lease expired (their worker died or
@@ -307,7 +309,7 @@ FROM ingestion_logs WHERE lease_owner IS NOT NULL;
 -- status_retries --
 -- PENDING_RETRY rows, and those due within %(soon_seconds)s (overdue ones included).
 SELECT count(*), count(*) FILTER (WHERE next_attempt_at <= now() + %(soon_seconds)s * interval '1 second')
-FROM ingestion_logs WHERE state = 9;
+FROM ingestion_logs WHERE state = 9 /* PENDING_RETRY */;
 
 -- status_dead_letters --
 SELECT count(*), min(created_at), max(created_at) FROM dead_letters;
@@ -355,8 +357,8 @@ WITH picked AS (
     FOR UPDATE
 )
 UPDATE ingestion_logs AS l
-SET state = CASE WHEN l.next_attempt_at > now() THEN 9 ELSE 1 END,
-    requeued_from_state = CASE WHEN picked.state = 7 THEN coalesce(l.requeued_from_state, 7) ELSE picked.state END,
+SET state = CASE WHEN l.next_attempt_at > now() THEN 9 /* PENDING_RETRY */ ELSE 1 /* QUEUED */ END,
+    requeued_from_state = CASE WHEN picked.state = 7 /* ERRORED */ THEN coalesce(l.requeued_from_state, 7 /* ERRORED */) ELSE picked.state END,
     error = NULL, attempts = 0, lease_expiries = 0, timeouts = 0, lease_owner = NULL, lease_expires_at = NULL,
     next_attempt_at = CASE WHEN l.next_attempt_at > now() THEN l.next_attempt_at END, updated_at = now()
 FROM picked
@@ -453,13 +455,13 @@ DELETE FROM netbox_changes WHERE read_at < now() - %(keep_seconds)s::float8 * in
                              AND changed_at < now() - %(keep_seconds)s::float8 * interval '1 second';
 
 -- checking_without_keys --
-SELECT id, entity FROM ingestion_logs WHERE state = 10 AND drift_keys IS NULL ORDER BY id LIMIT %(limit)s;
+SELECT id, entity FROM ingestion_logs WHERE state = 10 /* CHECKING */ AND drift_keys IS NULL ORDER BY id LIMIT %(limit)s;
 
 -- store_drift_keys --
 -- Keys joined by newlines: unnest cannot take an array of arrays of different lengths.
 UPDATE ingestion_logs AS l SET drift_keys = string_to_array(k.keys, E'\n')
 FROM unnest(%(ids)s::bigint[], %(keys)s::text[]) AS k (id, keys)
-WHERE l.id = k.id AND l.state = 10;
+WHERE l.id = k.id AND l.state = 10 /* CHECKING */;
 
 -- settle_checks --
 -- Rows in CHECKING since no later than %(seen_before)s (NULL: any) go back to the state they were
@@ -475,7 +477,7 @@ WHERE l.id = k.id AND l.state = 10;
 -- row (docs/benchmarks.md, bench/driftsettle.py).
 WITH waiting AS (
     SELECT id FROM ingestion_logs
-    WHERE state = 10 AND (%(seen_before)s::timestamptz IS NULL OR checking_since <= %(seen_before)s::timestamptz)
+    WHERE state = 10 /* CHECKING */ AND (%(seen_before)s::timestamptz IS NULL OR checking_since <= %(seen_before)s::timestamptz)
       AND (drift_keys IS NOT NULL OR NOT %(match)s OR %(replan_all)s)
     ORDER BY id
     LIMIT %(limit)s
@@ -496,7 +498,7 @@ WITH waiting AS (
     FROM ingestion_logs AS l JOIN waiting ON l.id = waiting.id
 )
 UPDATE ingestion_logs AS l
-SET state = CASE WHEN j.replan THEN 1 ELSE l.requeued_from_state END,
+SET state = CASE WHEN j.replan THEN 1 /* QUEUED */ ELSE l.requeued_from_state END,
     requeued_from_state = CASE WHEN j.replan THEN l.requeued_from_state END,
     error = CASE WHEN j.replan THEN NULL ELSE l.error END,
     attempts = CASE WHEN j.replan THEN 0 ELSE l.attempts END,
@@ -515,6 +517,6 @@ DELETE FROM drift_tally WHERE at < now() - interval '1 hour';
 SELECT c.high_water, c.trusted_since, c.read_at, c.failing_since, c.failure_kind, c.failure,
        (SELECT coalesce(sum(skipped), 0) FROM drift_tally WHERE at >= now() - interval '1 hour'),
        (SELECT coalesce(sum(planned), 0) FROM drift_tally WHERE at >= now() - interval '1 hour'),
-       (SELECT count(*) FROM ingestion_logs WHERE state = 10),
+       (SELECT count(*) FROM ingestion_logs WHERE state = 10 /* CHECKING */),
        now() - c.high_water
 FROM change_log AS c;
