@@ -26,6 +26,7 @@ import redis
 
 from . import sample, settings
 from .errors import ConfigError
+from .progress import Progress
 from .streamgroup import redis_client
 
 PROG = "reconciler-sample"
@@ -129,27 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Progress:
-    """What was pushed so far; a line on stderr at most every PROGRESS_SECONDS, and one at the end."""
+class Pushed:
+    """What was pushed so far, shown by the one progress display (progress.py): a line at most every
+    PROGRESS_SECONDS, and one at the end."""
 
     def __init__(self, total_entries: int, total_entities: int, quiet: bool) -> None:
-        self.total_entries, self.total_entities, self.quiet = total_entries, total_entities, quiet
+        self.total_entries, self.total_entities = total_entries, total_entities
         self.entries = self.entities = 0
-        self.start = self.shown = time.monotonic()
+        self.start = time.monotonic()
+        self.display = Progress(self._describe, every=PROGRESS_SECONDS, quiet=quiet)
+
+    def _describe(self) -> str:
+        rate = self.entities / max(time.monotonic() - self.start, 1e-9)
+        return (f"{PROG}: {self.entries}/{self.total_entries} entries, {self.entities}/{self.total_entities} "
+                f"entities, {rate:,.0f} entities/s")
 
     def add(self, entries: int, entities: int) -> None:
         self.entries += entries
         self.entities += entities
-        self.show()
+        self.display.step()
 
-    def show(self, final: bool = False) -> None:
-        now = time.monotonic()
-        if self.quiet or not (final or now - self.shown >= PROGRESS_SECONDS):
-            return
-        self.shown = now
-        rate = self.entities / max(now - self.start, 1e-9)
-        print(f"{PROG}: {self.entries}/{self.total_entries} entries, {self.entities}/{self.total_entities} "
-              f"entities, {rate:,.0f} entities/s", file=sys.stderr, flush=True)
+    def finish(self) -> None:
+        self.display.finish()
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
@@ -170,7 +172,7 @@ def _entries(args: argparse.Namespace, shape: sample.Shape):
         yield sample.stream_fields(request, compress=compress), len(request.entities)
 
 
-def push(args: argparse.Namespace, client: redis.Redis, stream: str, progress: Progress,
+def push(args: argparse.Namespace, client: redis.Redis, stream: str, progress: Pushed,
          clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], object] = time.sleep) -> None:
     """XADD every entry, paced by --rate on `clock` and `sleep` (the tests' own, to check the pace);
     counts what was pushed in `progress`."""
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"would push {total_entries} entries ({total_entities} entities, {sites}) to {stream} on {shown_url}")
         return 0
     client = redis_client(url, "sample", timeout=10.0)
-    progress = Progress(total_entries, total_entities, args.quiet)
+    progress = Pushed(total_entries, total_entities, args.quiet)
     if not args.quiet:
         pace = f"at most {args.rate:g} {args.rate_unit}/s" if args.rate > 0 else "as fast as possible"
         print(f"{PROG}: pushing {total_entries} entries ({total_entities} entities, {sites}, cycle {args.cycle}) "
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     finally:
         client.close()
-    progress.show(final=True)
+    progress.finish()
     print(f"pushed {progress.entries} entries ({progress.entities} entities, {sites}) to {stream} on {shown_url} "
           f"in {time.monotonic() - start:.1f} s", flush=True)
     return code

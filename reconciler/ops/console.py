@@ -13,6 +13,7 @@ import orjson
 from .. import errors
 from ..db import Database
 from ..errors import DatabaseError
+from ..progress import Progress
 from ..settings import Config
 
 # An operator command that could not do what it was asked (nothing matched, a row does not exist,
@@ -73,29 +74,23 @@ def print_json(value: Any, out: TextIO | None = None) -> None:
     out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
 
 
-class Progress:
-    """A counter on stderr while a long operation runs, drawn only when stderr is a terminal: in
-    a pipe, a file or journald, carriage-return redraws would be noise."""
+class Counter:
+    """Rows done by an operator command, shown as `<verb> done/total` (progress.py: redrawn on a
+    terminal only; an operator command prints its own summary at the end)."""
 
     def __init__(self, verb: str, total: int | None = None, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
         self.verb, self.total, self.done = verb, total, 0
-        self.enabled = self.stream.isatty()
-        self.finished = False
+        self.display = Progress(self._describe, stream=stream)
+
+    def _describe(self) -> str:
+        return f"{self.verb} {self.done}" + (f"/{self.total}" if self.total is not None else "")
 
     def add(self, count: int) -> None:
         self.done += count
-        if self.enabled:
-            of = f"/{self.total}" if self.total is not None else ""
-            self.stream.write(f"\r{self.verb} {self.done}{of}")
-            self.stream.flush()
+        self.display.step()
 
     def finish(self) -> None:
-        """End the counter's line (once: later calls do nothing)."""
-        if self.enabled and self.done and not self.finished:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.finished = True
+        self.display.finish()
 
 
 def fail(message: str) -> None:

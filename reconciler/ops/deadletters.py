@@ -178,7 +178,7 @@ def _note_missing(tally: Tally, selector: Selector) -> None:
 
 
 def replay(db: Database, client: redis.Redis, stream: str, selector: Selector,
-           progress: console.Progress | None = None) -> Tally:
+           progress: console.Counter | None = None) -> Tally:
     """XADD the selected letters' fields to `stream` and delete them (see the module docstring)."""
     tally = Tally()
     for page in pages(db, selector):
@@ -221,7 +221,7 @@ def _xadd(client: redis.Redis, stream: str, letters: list[tuple]) -> list[str]:
         return [_text(entry_id) for entry_id in pipe.execute()]
 
 
-def purge(db: Database, selector: Selector, progress: console.Progress | None = None) -> Tally:
+def purge(db: Database, selector: Selector, progress: console.Counter | None = None) -> Tally:
     """Delete the selected letters, a page per transaction."""
     tally = Tally()
     for page in pages(db, selector):
@@ -320,7 +320,7 @@ def _replay(db: Database, config: Config, args: argparse.Namespace, selector: Se
         _report(args, "replay", preview(db, selector), dry_run=True, stream=config.redis.stream)
         return errors.RET_OK
     client = redis_client(config.redis.url, "replay", REDIS_TIMEOUT_SECONDS)
-    progress = console.Progress("replayed", len(selector.ids) if selector.ids else None)
+    progress = console.Counter("replayed", len(selector.ids) if selector.ids else None)
     try:
         tally = replay(db, client, config.redis.stream, selector, progress)
     except (redis.RedisError, OSError) as exc:
@@ -339,7 +339,7 @@ def _purge(db: Database, config: Config, args: argparse.Namespace, selector: Sel
     if args.dry_run:
         _report(args, "purge", preview(db, selector), dry_run=True)
         return errors.RET_OK
-    progress = console.Progress("purged", len(selector.ids) if selector.ids else None)
+    progress = console.Counter("purged", len(selector.ids) if selector.ids else None)
     try:
         tally = purge(db, selector, progress)
     finally:

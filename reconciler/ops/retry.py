@@ -48,7 +48,7 @@ def preview(db: Database, selection: Selection) -> tuple[Counter, int]:
     return heads, others
 
 
-def requeue(db: Database, selection: Selection, progress: console.Progress | None = None,
+def requeue(db: Database, selection: Selection, progress: console.Counter | None = None,
             batch: int = BATCH_ROWS) -> Counter:
     """Requeue every matching head row; returns {(former state, object type): rows requeued}."""
     done: Counter = Counter()
@@ -85,7 +85,7 @@ def _retry(db: Database, args: argparse.Namespace) -> int:
     if args.dry_run:
         _report(args, heads, others, dry_run=True)
         return errors.RET_OK
-    progress = console.Progress("requeued", sum(heads.values()))
+    progress = console.Counter("requeued", sum(heads.values()))
     try:
         done = requeue(db, selection, progress)
     finally:
