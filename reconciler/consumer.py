@@ -18,9 +18,10 @@ import redis
 
 from . import driftchecks, inbox, metrics, sharedcache, streamentry
 from .backoff import Backoff
+from .db import Database
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
-from .roles import Role
+from .roles import SUMMARY_INTERVAL, Role
 from .settings import consumer_name
 from .streamgroup import StreamGroup, redis_client
 
@@ -44,12 +45,12 @@ RECEIPT_RETENTION = 3600.0
 CONFLICT_FIRST_DELAY, CONFLICT_MAX_DELAY = 0.01, 1.0
 # Pause between attempts while Redis or Postgres is down.
 OUTAGE_FIRST_DELAY, OUTAGE_MAX_DELAY = 0.5, 30.0
-SUMMARY_INTERVAL = 60.0
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 
 
 class Consumer(Role):
     name = "consumer"
+    db: Database  # boot() opens it (Role.open_database)
 
     def __init__(self, config, cache=None) -> None:
         super().__init__(config)
@@ -58,11 +59,10 @@ class Consumer(Role):
         self.stream, self.group = settings.stream, settings.group
         self.consumer = consumer_name()
         self.limits = streamentry.Limits.of(settings)
-        self.redis: redis.Redis | None = None
-        self.stream_group: StreamGroup | None = None
+        self.redis: redis.Redis  # boot() opens both
+        self.stream_group: StreamGroup
         self._next_prune = 0.0
         self._totals = inbox.Outcome()
-        self._next_summary = time.monotonic() + SUMMARY_INTERVAL
         self.vacuum = QueueVacuum(config.postgres.dsn, config.postgres.schema)
         self.check_reobservations = driftchecks.holds_reobservations(config)
 
@@ -205,8 +205,7 @@ class Consumer(Role):
             self.vacuum.tick(self.db)
         except DatabaseError as exc:
             log.debug("vacuum check skipped: %s", exc)
-        if now >= self._next_summary:
-            self._next_summary = now + SUMMARY_INTERVAL
+        if self.summary_due():
             t = self._totals
             if t.messages:
                 log.info("last %.0f s: %d entries, %d entities: %d new rows, %d duplicates (%d requeued), "

@@ -173,7 +173,7 @@ class Database:
         self.dsn, self.schema, self.application_name = dsn, schema, application_name
         self.connect_timeout = connect_timeout
         self.statement_timeout_ms = statement_timeout_ms  # 0: none (a probe wants one, the roles do not)
-        self._conn = None
+        self._conn: Any = None  # a psycopg2 connection (psycopg2 is untyped)
         self._pid: int | None = None
         self._prepared: set[str] = set()
 
@@ -184,7 +184,8 @@ class Database:
         self._conn, self._pid = None, None
         try:
             conn = psycopg2.connect(self.dsn, application_name=self.application_name,
-                                    options=f"-c search_path={self.schema} -c statement_timeout={self.statement_timeout_ms}",
+                                    options=f"-c search_path={self.schema} "
+                                            f"-c statement_timeout={self.statement_timeout_ms}",
                                     connect_timeout=self.connect_timeout,
                                     keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
                                     # A write to a server that vanished (host down, not restarted) fails
@@ -228,14 +229,20 @@ class Database:
 
     def vacuum_queue_table(self) -> None:
         """VACUUM ingestion_logs (it cannot run inside a transaction block)."""
+        try:
+            self._outside_transaction("vacuum_queue_table")
+        except psycopg2.Error as exc:
+            self._rollback_quietly()
+            raise translate(exc) from exc
+
+    def _outside_transaction(self, name: str, params: dict | None = None) -> None:
+        """Run one statement in autocommit (session-level locks, VACUUM), then return the connection
+        to transactions; raises psycopg2 errors for the caller to translate."""
         conn = self.connect()
         conn.autocommit = True
         try:
             with conn.cursor() as cursor:
-                cursor.execute(QUERIES["vacuum_queue_table"])
-        except psycopg2.Error as exc:
-            self._rollback_quietly()
-            raise translate(exc) from exc
+                cursor.execute(QUERIES[name], params)
         finally:
             if not conn.closed:
                 conn.autocommit = False
@@ -256,20 +263,13 @@ class Database:
 
     def migrate(self) -> list[Migration]:
         """Apply pending migrations, each in its own transaction; returns what was applied."""
-        conn = self.connect()
         key = {"key": f"reconciler.migrate.{self.schema}"}
         try:
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute(QUERIES["migrate_lock"], key)
-            conn.autocommit = False
+            self._outside_transaction("migrate_lock", key)
             try:
                 return self._apply_pending()
             finally:
-                conn.autocommit = True
-                with conn.cursor() as cursor:
-                    cursor.execute(QUERIES["migrate_unlock"], key)
-                conn.autocommit = False
+                self._outside_transaction("migrate_unlock", key)
         except psycopg2.Error as exc:
             self._rollback_quietly()
             raise translate(exc) from exc

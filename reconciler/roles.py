@@ -37,6 +37,7 @@ from .settings import Config
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SUMMARY_INTERVAL = 60.0  # seconds between the summary lines of a role that logs what it did
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Role(ABC):
     def __init__(self, config: Config) -> None:
         self.config = config
         self._to_close: list[Any] = []
+        self._next_summary = time.monotonic() + SUMMARY_INTERVAL
         self._stop_requested = False
         self.link = Link.create()  # serve() replaces it with the one the supervisor shares
         self.parent: int | None = None  # the supervisor's pid, in a served process
@@ -98,6 +100,14 @@ class Role(ABC):
                 logger.exception("closing %r failed", resource)
 
     # --- provided to roles ---
+
+    def summary_due(self) -> bool:
+        """True once every SUMMARY_INTERVAL: time for the role's "last 60 s: ..." line."""
+        now = time.monotonic()
+        if now < self._next_summary:
+            return False
+        self._next_summary = now + SUMMARY_INTERVAL
+        return True
 
     def closes(self, resource: _Closable) -> _Closable:
         """Register a connection (anything with close()) to be closed at shutdown; returns it."""

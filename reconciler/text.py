@@ -1,7 +1,7 @@
 """The service's one policy for turning values into text fit to store, log or print.
 
 - Redis replies and stream ids arrive as bytes (our clients keep binary payloads); `as_text` and
-  `as_bytes` convert them, replacing what does not decode rather than failing.
+  `as_bytes` convert them, escaping what does not decode rather than failing.
 - Postgres text and jsonb cannot hold U+0000, yet an entity, the plugin's echo of it or an
   exception's message may carry one: `without_nul` replaces it with U+FFFD everywhere, so what is
   stored still shows that something was there.
@@ -15,8 +15,9 @@ from typing import Any
 
 
 def as_text(value: Any) -> Any:
-    """A reply field as text (None and non-bytes values stay as they are)."""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    """A reply field or stream field name as text (None and non-bytes values stay as they are); bytes
+    that are not UTF-8 show as \\xNN escapes, so nothing read is silently lost."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def as_bytes(value: Any) -> bytes:

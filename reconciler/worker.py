@@ -29,7 +29,7 @@ from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
 from .outcomes import RetryPolicy
 from .plugin import AnswerLost, InDoubt, Item, PluginClient, Unavailable
-from .roles import Link, Role
+from .roles import SUMMARY_INTERVAL, Link, Role
 from .settings import check_runnable, claim_lease_seconds, lease_budget_seconds
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 LEASE_SWEEP_INTERVAL = 10.0
 IDLE_PAUSE = 1.0  # empty queue, cold branch cache, backpressure
 PARTIAL_BATCH_PAUSE = 0.1  # a batch smaller than batch_size: the queue is nearly empty
-SUMMARY_INTERVAL = 60.0
 
 
 class ProxyGone(ReconcilerError):
@@ -45,6 +44,8 @@ class ProxyGone(ReconcilerError):
 
 
 class Worker(Role):
+    db: Database  # boot() opens it (Role.open_database)
+
     def __init__(self, config, index: int, cache, limiter) -> None:
         super().__init__(config)
         self.name = f"worker {index}"
@@ -52,12 +53,11 @@ class Worker(Role):
         self.apply = config.workers.auto_apply
         self.retry = RetryPolicy(config.workers.max_attempts, config.workers.retry_base_seconds,
                                  config.workers.retry_max_seconds)
-        self.plugin: PluginClient | None = None
+        self.plugin: PluginClient  # boot() opens it
         self.owner = ""
         self._next_sweep = 0.0
         self._waiting_for_branch = False
         self._counts: dict[int, int] = {}
-        self._next_summary = time.monotonic() + SUMMARY_INTERVAL
         self._unrecorded_until = 0.0  # see in_flight
 
     def boot(self) -> None:
@@ -202,7 +202,7 @@ class Worker(Role):
         return [outcomes.decide(row, results.get(row.id), self.apply, entities[row.id], view.branch_id,
                                 self.retry, now) for row in asked if row.id not in unsent]
 
-    def _give_back(self, rows: list[Claimed], reason: str) -> None:
+    def _give_back(self, rows: list[Claimed], reason: str | None) -> None:
         """Release claimed rows that were never sent, uncounted, for the next claim. (Rows the plugin got
         are never given back: _ask_plugin records them, and holds those it may still be working on.)"""
         try:
@@ -227,6 +227,7 @@ class Worker(Role):
             self._counts[state] = self._counts.get(state, 0) + 1
             recorded.append((object_types[decision.row_id], state))
         metrics.decided(recorded)
+        return unrecorded
 
     def _record(self, decisions: list[Decision], branch_scope: str,
                 planned_before: set[int]) -> tuple[list[Decision], set[int]]:
@@ -263,9 +264,8 @@ class Worker(Role):
                     return [], {d.row_id for d in decisions}
 
     def _summarise(self) -> None:
-        if time.monotonic() < self._next_summary:
+        if not self.summary_due():
             return
-        self._next_summary = time.monotonic() + SUMMARY_INTERVAL
         if self._counts:
             log.info("last %.0f s: %s", SUMMARY_INTERVAL,
                      ", ".join(f"{n} {states.NAMES[s]}" for s, n in sorted(self._counts.items())))

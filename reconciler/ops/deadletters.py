@@ -34,7 +34,7 @@ from ..db import Database
 from ..errors import DatabaseError
 from ..settings import Config
 from ..streamgroup import redis_client
-from ..text import one_line
+from ..text import as_text, one_line
 from . import console
 from .show import entity_json, hex_preview
 
@@ -84,13 +84,9 @@ def get_letter(db: Database, letter_id: int, limits: streamentry.Limits) -> dict
     *meta, names, values = found[0]
     letter = dict(zip(("id", "stream", "stream_id", "entity_index", "reason", "created_at", "replayed_at"), meta))
     fields = {bytes(name): bytes(value) for name, value in zip(names, values)}
-    letter["fields"] = {_text(name): _field_view(value) for name, value in fields.items()}
+    letter["fields"] = {as_text(name): _field_view(value) for name, value in fields.items()}
     letter["payload"] = decode_payload(fields, limits)
     return letter
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "backslashreplace")
 
 
 def _field_view(value: bytes) -> Any:
@@ -218,7 +214,7 @@ def _xadd(client: redis.Redis, stream: str, letters: list[tuple]) -> list[str]:
     with client.pipeline(transaction=True) as pipe:
         for _, names, values in letters:
             pipe.xadd(stream, {bytes(name): bytes(value) for name, value in zip(names, values)})
-        return [_text(entry_id) for entry_id in pipe.execute()]
+        return [as_text(entry_id) for entry_id in pipe.execute()]
 
 
 def purge(db: Database, selector: Selector, progress: console.Counter | None = None) -> Tally:
