@@ -11,38 +11,20 @@ from functools import partial
 from typing import Callable
 
 from . import errors, log as logsetup, ops, settings
-from .consumer import Consumer
 from .db import Database
-from .driftchecks import DriftChecks, holds_reobservations
 from .errors import ConfigError, DatabaseError, SchemaError
-from .refresher import Refresher
 from .roles import set_title
 from .settings import SETTINGS, Config
-from .sharedcache import Shared
-from .supervisor import RoleSpec, Supervisor
-from .worker import Worker, release_after_exit
+from .supervisor import Supervisor
 
 log = logging.getLogger("reconciler")
-
-
-def role_specs(config: Config, shared: Shared) -> list[RoleSpec]:
-    """The processes `reconciler run` keeps running: the consumer, the drift checks when it parks
-    re-observations in CHECKING for them, and with workers the refresher."""
-    specs = [RoleSpec("consumer", partial(Consumer, cache=shared.cache))]
-    if holds_reobservations(config):
-        specs.append(RoleSpec("drift-checks", DriftChecks))
-    if config.workers.count > 0:
-        specs.append(RoleSpec("refresher", partial(Refresher, cache=shared.cache, limiter=shared.limiter)))
-        specs += [RoleSpec(f"worker {n}", partial(Worker, index=n, cache=shared.cache, limiter=shared.limiter),
-                           after_exit=partial(release_after_exit, config, n))
-                  for n in range(1, config.workers.count + 1)]
-    return specs
 
 
 def _settings_parent() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("-c", "--config", metavar="FILE",
-                        help=f"INI file (default: ${settings.CONFIG_PATH_ENV} or {settings.DEFAULT_CONFIG_PATH} if present)")
+                        help=f"INI file (default: ${settings.CONFIG_PATH_ENV} or {settings.DEFAULT_CONFIG_PATH} "
+                             "if present)")
     group = parent.add_argument_group("setting overrides (win over the INI file and the environment)")
     for setting in SETTINGS:
         if setting.flags:
@@ -92,7 +74,7 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
         if code:
             return code
     set_title("supervisor")
-    supervisor = Supervisor(config, role_specs, reload_config=partial(reload_config, args))
+    supervisor = Supervisor(config, reload_config=partial(reload_config, args))
     code = supervisor.run()
     log.info("exit %d: %s", code, errors.EXIT_CODES.get(code, "unknown"))
     return code

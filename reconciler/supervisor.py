@@ -19,13 +19,18 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from . import backoff, errors, health, metrics
+from .consumer import Consumer
+from .driftchecks import DriftChecks, holds_reobservations
+from .refresher import Refresher
 from .roles import STOP_SIGNALS, Link, Role, serve
 from .settings import Config
 from .sharedcache import MP, Shared
 from .systemd import Notifier, status_line
+from .worker import Worker, release_after_exit
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +63,7 @@ class RoleSpec:
 class Child:
     spec: RoleSpec
     process: multiprocessing.process.BaseProcess | None = None
-    link: Link | None = None
+    link: Link = field(default_factory=Link.create)  # not shared until the first spawn replaces it
     boot_failures: int = 0
     crashes: deque = field(default_factory=deque)
     start_at: float = 0.0  # monotonic time of the next (re)start
@@ -67,6 +72,20 @@ class Child:
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.exitcode is None
+
+
+def service_roles(config: Config, shared: Shared) -> list[RoleSpec]:
+    """The processes `reconciler run` keeps running: the consumer, the drift checks when it parks
+    re-observations in CHECKING for them, and with workers the refresher."""
+    specs = [RoleSpec("consumer", partial(Consumer, cache=shared.cache))]
+    if holds_reobservations(config):
+        specs.append(RoleSpec("drift-checks", DriftChecks))
+    if config.workers.count > 0:
+        specs.append(RoleSpec("refresher", partial(Refresher, cache=shared.cache, limiter=shared.limiter)))
+        specs += [RoleSpec(f"worker {n}", partial(Worker, index=n, cache=shared.cache, limiter=shared.limiter),
+                           after_exit=partial(release_after_exit, config, n))
+                  for n in range(1, config.workers.count + 1)]
+    return specs
 
 
 def describe_exit(code: int | None) -> str:
@@ -82,10 +101,8 @@ def describe_exit(code: int | None) -> str:
 class Supervisor:
     """Keeps one process per role running, plus the Manager of the shared cache (see sharedcache.py)."""
 
-    def __init__(self, config: Config, build_specs: Callable[[Config, Shared], list[RoleSpec]],
-                 reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
-        self.build_specs = build_specs
         self.reload_config = reload_config
         self.shared: Shared | None = None
         self.children: list[Child] = []
@@ -131,7 +148,7 @@ class Supervisor:
             self.shared = Shared.for_config(self.config)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        self.children = [Child(spec) for spec in self.build_specs(self.config, self.shared)]
+        self.children = [Child(spec) for spec in service_roles(self.config, self.shared)]
         self._spawn_due()
 
     def _stop_generation(self) -> bool:
@@ -194,6 +211,7 @@ class Supervisor:
 
     def _on_exit(self, child: Child) -> None:
         process, booted = child.process, child.link.booted.value
+        assert process is not None and process.pid is not None  # reaped: it was started
         process.join()
         metrics.child_exited(process.pid)
         child.process = None
@@ -250,6 +268,7 @@ class Supervisor:
         for child in self.children:
             if not child.running or now - child.link.heartbeat.value <= timeout:
                 continue
+            assert child.process is not None  # running
             if child.aborted_at is None:
                 log.error("%s (pid %d) made no progress for %.0f s; writing its stacks to the log, then killing it",
                           child.spec.name, child.process.pid, now - child.link.heartbeat.value,
@@ -376,7 +395,8 @@ class Supervisor:
             _signal(child.process, signal.SIGTERM)
         deadline = time.monotonic() + self.config.supervisor.drain_seconds
         while any(c.running for c in running) and time.monotonic() < deadline:
-            multiprocessing.connection.wait([self._wake_r] + [c.process.sentinel for c in running if c.running],
+            multiprocessing.connection.wait([self._wake_r, *(c.process.sentinel for c in running
+                                                             if c.process is not None and c.running)],
                                             timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             self.notifier.watchdog()  # a drain may outlast WatchdogSec/2; the supervisor is not hung
             if self._stop_again(self._take_signals()):
@@ -385,6 +405,7 @@ class Supervisor:
         clean = True
         # Children that died just before the stop too: their clean-up must run all the same.
         for child in [c for c in self.children if c.process is not None]:
+            assert child.process is not None and child.process.pid is not None  # the filter above; started
             if child.running:
                 log.error("%s (pid %d) did not stop in time; killing it", child.spec.name, child.process.pid)
                 _signal(child.process, signal.SIGKILL)
