@@ -62,7 +62,7 @@ class Consumer(Role):
         self.redis: redis.Redis  # boot() opens both
         self.stream_group: StreamGroup
         self._next_prune = 0.0
-        self._totals = inbox.Outcome()
+        self._totals = inbox.Written()
         self.vacuum = QueueVacuum(config.postgres.dsn, config.postgres.schema)
         self.check_reobservations = driftchecks.holds_reobservations(config)
 
@@ -118,14 +118,14 @@ class Consumer(Role):
         self._report(outcome)
 
     def _write_while_ours(self, batch: list[streamentry.Message]) \
-            -> tuple[inbox.Outcome, list[streamentry.Message]] | None:
+            -> tuple[inbox.Written, list[streamentry.Message]] | None:
         """Write the batch, retrying while a dependency is down: (the outcome, the entries written), or
         None when stopping. Every retry first leaves out the entries another consumer took over
         meanwhile (receipts make a write of ours a no-op only until they are pruned, so an entry we no
         longer own is left to its new owner, to write and acknowledge)."""
         kept = batch
 
-        def attempt(retrying: bool) -> tuple[inbox.Outcome, list[streamentry.Message]] | None:
+        def attempt(retrying: bool) -> tuple[inbox.Written, list[streamentry.Message]] | None:
             nonlocal kept
             if retrying:
                 kept = self._still_ours(kept)
@@ -148,10 +148,10 @@ class Consumer(Role):
         view = sharedcache.read(self.cache)  # a gone Manager raises: the supervisor restarts everything
         return view.branch_scope if view.branch_known else None
 
-    def _write(self, batch: list[streamentry.Message]) -> inbox.Outcome | None:
+    def _write(self, batch: list[streamentry.Message]) -> inbox.Written | None:
         """inbox.write, re-planned after each conflict; None when the role stops meanwhile."""
         if not batch:
-            return inbox.Outcome()  # everything was taken over: nothing of ours to write
+            return inbox.Written()  # everything was taken over: nothing of ours to write
         branch = self._branch()
         backoff, conflicted = Backoff(CONFLICT_FIRST_DELAY, CONFLICT_MAX_DELAY), False
         while True:
@@ -187,7 +187,7 @@ class Consumer(Role):
 
     # --- reporting and housekeeping ---
 
-    def _report(self, outcome: inbox.Outcome) -> None:
+    def _report(self, outcome: inbox.Written) -> None:
         metrics.consumed(outcome)
         for rejection in outcome.dead_letters:
             where = f"entity {rejection.index} of" if rejection.index is not None else "whole"
@@ -211,7 +211,7 @@ class Consumer(Role):
                 log.info("last %.0f s: %d entries, %d entities: %d new rows, %d duplicates (%d requeued), "
                          "%d dead letters", SUMMARY_INTERVAL, t.messages, t.entities, t.inserted, t.duplicates,
                          t.requeued, len(t.dead_letters))
-            self._totals = inbox.Outcome()
+            self._totals = inbox.Written()
 
     def _prune_receipts(self) -> None:
         """Forget receipts of entries older than anything still pending in the group."""

@@ -28,7 +28,7 @@ COPY_COLUMNS = 12  # the column list of copy_ingestion_logs
 
 
 @dataclass
-class Outcome:
+class Written:
     """What one write did, for logs and metrics."""
 
     messages: int = 0
@@ -39,20 +39,24 @@ class Outcome:
     requeued: int = 0
     dead_letters: list[streamentry.Rejection] = field(default_factory=list)
 
-    def add(self, other: Outcome) -> None:
-        """Accumulate another outcome into this one: counts add up, dead letters are appended."""
+    def add(self, other: Written) -> None:
+        """Add what another write did: counts add up, dead letters are appended."""
         for name in (f.name for f in fields(self)):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
-class _Plan:
-    new_rows: dict[bytes, list] = field(default_factory=dict)  # hash -> [row, in-batch duplicates]
+class _Placement:
+    """Where each row of a batch goes: a new row per entity hash without a head (later copies in the
+    batch counted on it), or one more observation of its head."""
+
+    new_rows: dict[bytes, streamentry.EntityRow] = field(default_factory=dict)  # hash -> the row inserted
+    copies: Counter = field(default_factory=Counter)  # hash -> in-batch duplicates of a new row
     increments: Counter = field(default_factory=Counter)  # head id -> observations
 
 
 def write(db: Database, stream: str, messages: list[streamentry.Message], branch: str | None = None,
-          hash_order: bool = False, check: bool = False) -> Outcome:
+          hash_order: bool = False, check: bool = False) -> Written:
     """Commit the rows and dead letters of these stream entries; safe to call again after a crash.
 
     `branch` is today's default branch as rows record it ("<name> (<id>)", "" for main), or None
@@ -76,17 +80,17 @@ def write(db: Database, stream: str, messages: list[streamentry.Message], branch
 
 
 def _write_one_by_one(db: Database, stream: str, messages: list[streamentry.Message], branch: str | None,
-                      hash_order: bool, check: bool) -> Outcome:
+                      hash_order: bool, check: bool) -> Written:
     """Postgres refused something outside the COPY's savepoint, where the offending row is unknown: one
     transaction per entry finds its entry. Rare (a counter out of range), so the extra commits do not
     matter; entries committed before a conflict are redelivered no-ops when the caller re-plans."""
-    outcome = Outcome()
+    written = Written()
     for message in messages:
-        outcome.add(write(db, stream, [message], branch, hash_order, check))
-    return outcome
+        written.add(write(db, stream, [message], branch, hash_order, check))
+    return written
 
 
-def _refuse_entry(db: Database, stream: str, message: streamentry.Message, exc: ContentRejected) -> Outcome:
+def _refuse_entry(db: Database, stream: str, message: streamentry.Message, exc: ContentRejected) -> Written:
     """The whole entry as a dead letter with Postgres' reason, and its receipt (a redelivery stays a no-op)."""
     refused = streamentry.Message(stream_id=message.stream_id, fields=message.fields)
     refused.rejections.append(streamentry.Rejection(message, None, f"Postgres refused the stream entry: {exc}",
@@ -95,21 +99,21 @@ def _refuse_entry(db: Database, stream: str, message: streamentry.Message, exc: 
 
 
 def _write_batch(db: Database, stream: str, messages: list[streamentry.Message], branch: str | None = None,
-                 hash_order: bool = False, check: bool = False) -> Outcome:
+                 hash_order: bool = False, check: bool = False) -> Written:
     with db.transaction() as tx:
         fresh = _claim_receipts(tx, stream, messages)
-        outcome = Outcome(messages=len(messages), redelivered=len(messages) - len(fresh))
+        written = Written(messages=len(messages), redelivered=len(messages) - len(fresh))
         rows = [row for message in fresh for row in message.rows]
-        outcome.dead_letters = [rejection for message in fresh for rejection in message.rejections]
-        outcome.entities = sum(message.entity_count for message in fresh)
+        written.dead_letters = [rejection for message in fresh for rejection in message.rejections]
+        written.entities = sum(message.entity_count for message in fresh)
         heads = _lock_heads(tx, rows, branch)
-        plan, refused = _insert_new_rows(tx, rows, heads, hash_order)
-        outcome.dead_letters += refused
-        outcome.requeued = _mark_duplicates(tx, plan.increments, heads, check)
-        outcome.inserted = len(plan.new_rows)
-        outcome.duplicates = len(rows) - len(refused) - outcome.inserted
-        _store_dead_letters(tx, stream, outcome.dead_letters)
-    return outcome
+        placement, refused = _insert_new_rows(tx, rows, heads, hash_order)
+        written.dead_letters += refused
+        written.requeued = _mark_duplicates(tx, placement.increments, heads, check)
+        written.inserted = len(placement.new_rows)
+        written.duplicates = len(rows) - len(refused) - written.inserted
+        _store_dead_letters(tx, stream, written.dead_letters)
+    return written
 
 
 def _claim_receipts(tx: Tx, stream: str, messages: list[streamentry.Message]) -> list[streamentry.Message]:
@@ -152,39 +156,39 @@ def _lock_heads(tx: Tx, rows: list[streamentry.EntityRow], branch: str | None) -
     return {entity_hash: head for entity_hash, head in heads.items() if not head.other_branch(branch)}
 
 
-def _plan(rows: list[streamentry.EntityRow], heads: dict[bytes, Head], refused: set[int]) -> _Plan:
-    plan = _Plan()
+def _place(rows: list[streamentry.EntityRow], heads: dict[bytes, Head], refused: set[int]) -> _Placement:
+    placement = _Placement()
     for row in rows:
         if id(row) in refused:
             continue
         head = heads.get(row.entity_hash)
         if head is not None:
-            plan.increments[head.id] += 1
-        elif row.entity_hash in plan.new_rows:
-            plan.new_rows[row.entity_hash][1] += 1
+            placement.increments[head.id] += 1
+        elif row.entity_hash in placement.new_rows:
+            placement.copies[row.entity_hash] += 1
         else:
-            plan.new_rows[row.entity_hash] = [row, 0]
-    return plan
+            placement.new_rows[row.entity_hash] = row
+    return placement
 
 
 def _insert_new_rows(tx: Tx, rows: list[streamentry.EntityRow], heads: dict[bytes, Head],
-                     hash_order: bool = False) -> tuple[_Plan, list[streamentry.Rejection]]:
+                     hash_order: bool = False) -> tuple[_Placement, list[streamentry.Rejection]]:
     """COPY the new rows (in arrival order, or in hash order, see write); rows Postgres refuses are
     found, left out and returned as rejections.
 
-    Leaving a row out changes the plan (an in-batch copy of it may become the new row instead),
-    so the plan is rebuilt after each refusal. Each round removes at least one row.
+    Leaving a row out changes the placement (an in-batch copy of it may become the new row instead),
+    so it is redone after each refusal. Each round removes at least one row.
     """
     refused: dict[int, streamentry.Rejection] = {}
     while True:
-        plan = _plan(rows, heads, set(refused))
-        order = sorted(plan.new_rows) if hash_order else plan.new_rows
-        items = [plan.new_rows[entity_hash] for entity_hash in order]
+        placement = _place(rows, heads, set(refused))
+        order = sorted(placement.new_rows) if hash_order else placement.new_rows
+        items = [(placement.new_rows[entity_hash], placement.copies[entity_hash]) for entity_hash in order]
         try:
             with tx.savepoint():
                 if items:
                     tx.copy("copy_ingestion_logs", _encode(items))
-            return plan, list(refused.values())
+            return placement, list(refused.values())
         except ContentRejected as exc:
             culprits = _find_refused(tx, items)
             if not culprits:
@@ -196,7 +200,7 @@ def _insert_new_rows(tx: Tx, rows: list[streamentry.EntityRow], heads: dict[byte
                                                          streamentry.entity_fields(row), streamentry.POSTGRES_REFUSED)
 
 
-def _find_refused(tx: Tx, items: list) -> list[tuple[list, str]]:
+def _find_refused(tx: Tx, items: list) -> list[tuple[tuple, str]]:
     """Bisect to the single tuples Postgres refuses (each probe is rolled back)."""
     try:
         tx.probe_copy("copy_ingestion_logs", _encode(items))
@@ -224,7 +228,7 @@ _NO_DUPLICATES = pgcopy.integer(0)
 
 
 def _encode(items: list) -> bytes:
-    """Binary COPY payload of [row, in-batch duplicates] items (columns of copy_ingestion_logs).
+    """Binary COPY payload of (row, in-batch duplicates) items (columns of copy_ingestion_logs).
 
     The hot loop of the consumer: request columns are encoded once per request, object types once
     per batch, and each tuple's fixed-size parts with one precompiled struct.

@@ -99,7 +99,8 @@ class _Metrics:
 _metrics: _Metrics | None = None
 
 
-def _m() -> _Metrics:
+def _objects() -> _Metrics:
+    """The metric objects of this process, built on first use."""
     global _metrics
     if _metrics is None:
         _metrics = _Metrics()
@@ -132,7 +133,7 @@ def prepare_directory(config) -> str | None:
             os.remove(stale)
     else:
         path = os.environ[ENV] = scratch.directory()
-    _m()  # the supervisor's own metrics, before any child inherits the module
+    _objects()  # the supervisor's own metrics, before any child inherits the module
     log.debug("metrics of every process in %s", path)
     return path
 
@@ -160,15 +161,15 @@ def child_restarted(name: str, booted: bool, exitcode: int | None) -> None:
         reason = "killed"
     else:
         reason = "crashed"
-    _m().restarts.labels(name.split(" ", 1)[0], reason).inc()
+    _objects().restarts.labels(name.split(" ", 1)[0], reason).inc()
 
 
 # --- consumer ---
 
 
 def consumed(outcome) -> None:
-    """One committed read of the stream (an inbox.Outcome)."""
-    m = _m()
+    """One committed read of the stream (an inbox.Written)."""
+    m = _objects()
     m.messages.inc(outcome.messages - outcome.redelivered)
     if outcome.redelivered:
         m.redelivered.inc(outcome.redelivered)
@@ -187,14 +188,14 @@ def consumed(outcome) -> None:
 
 def claimed(object_types: Iterable[str]) -> None:
     """One claimed batch: the object type of each row."""
-    claimed_rows = _m().claimed
+    claimed_rows = _objects().claimed
     for object_type, n in Counter(object_types).items():
         claimed_rows.labels(object_type).inc(n)
 
 
 def decided(outcomes: Iterable[tuple[str, int]]) -> None:
     """One batch's recorded outcomes: (object type, state) of each row."""
-    rows = _m().rows
+    rows = _objects().rows
     for (object_type, state), n in Counter(outcomes).items():
         rows.labels(object_type, OUTCOME_LABELS.get(state) or states.NAMES.get(state, str(state)).lower()).inc(n)
 
@@ -204,7 +205,7 @@ def decided(outcomes: Iterable[tuple[str, int]]) -> None:
 
 def plugin_request(path: str, status: int | None, seconds: float) -> None:
     """One HTTP request to the plugin (status None: no answer)."""
-    m = _m()
+    m = _objects()
     endpoint = path.strip("/") or "/"
     m.latency.labels(endpoint).observe(seconds)
     m.responses.labels(endpoint, "error" if status is None else str(status)).inc()
@@ -214,14 +215,14 @@ def plugin_request(path: str, status: int | None, seconds: float) -> None:
 
 
 def stream_backlog(lag: int, pending: int) -> None:
-    m = _m()
+    m = _objects()
     m.lag.set(lag)
     m.pending.set(pending)
 
 
 def backpressure(paused: bool, started: bool) -> None:
     """The refresher's backpressure decision; `started`: the workers were running until now."""
-    m = _m()
+    m = _objects()
     m.paused.set(1 if paused else 0)
     if started:
         m.pauses.inc()
@@ -231,7 +232,7 @@ def backpressure(paused: bool, started: bool) -> None:
 
 
 def reobservations_settled(skipped: int, planned: int) -> None:
-    m = _m()
+    m = _objects()
     if skipped:
         m.reobservations.labels("skipped").inc(skipped)
     if planned:
@@ -239,10 +240,10 @@ def reobservations_settled(skipped: int, planned: int) -> None:
 
 
 def drift_fallback(on: bool) -> None:
-    _m().drift_fallback.set(1 if on else 0)
+    _objects().drift_fallback.set(1 if on else 0)
 
 
 def change_log_read(changes: int, high_water: float) -> None:
-    m = _m()
+    m = _objects()
     m.change_log_changes.inc(changes)
     m.change_log_high_water.set(high_water)

@@ -332,7 +332,7 @@ class PluginClient:
         body = self._expect_json(planned, "generate-diff", accept=(200, 400))
         result = Result(item.id, change_set=body.get("change_set"), plan_errors=body.get("errors"))
         if not apply or result.plan_errors or malformed_change_set(result.change_set) \
-                or not result.change_set.get("changes"):
+                or not (result.change_set or {}).get("changes"):
             return result
         # Not repeated once it may have reached the plugin (a timeout, a 5xx): replaying an old change
         # set can create an object twice. The entity is planned afresh later instead.
@@ -373,6 +373,7 @@ class PluginClient:
                     continue
                 raise Unavailable(f"{path} refused our token (HTTP 403: {attempt.response.detail()})")
             if not attempt.retry:
+                assert attempt.response is not None  # a final answer (retry=False) always has one
                 return attempt.response
             if attempt.running_until is not None:
                 raise InDoubt(f"{path}: {attempt.problem}; not sent again while NetBox may still be working on it",
@@ -391,15 +392,15 @@ class PluginClient:
 
     def _attempt(self, method: str, path: str, body: Any, branch: str | None, deadline: float | None) -> _Attempt:
         self.limiter.acquire(self.pacer.pause)  # ends early on a stop, which the next line catches
-        self._unless_stopping(path)
-        self._within(path, deadline, requests=2 if self.tokens.due else 1)  # a token request first
+        self._refuse_if_stopping(path)
+        self._refuse_unless_time_for(path, deadline, requests=2 if self.tokens.due else 1)  # a token request first
         headers = {"Authorization": self.tokens.header(), "Accept": "application/json",
                    "Content-Type": "application/json"}
         if branch:
             headers["X-NetBox-Branch"] = branch
         # Checked again last: waiting for the rate limit or a token may have used the time.
-        self._unless_stopping(path)
-        self._within(path, deadline, requests=1)
+        self._refuse_if_stopping(path)
+        self._refuse_unless_time_for(path, deadline, requests=1)
         self.pacer.beat()
         # Until then it may run: while we wait for the answer, and in NetBox after we stopped waiting.
         self.pacer.in_flight(time.time() + self.attempt_seconds + self.server_timeout)
@@ -431,11 +432,11 @@ class PluginClient:
         self.pacer.in_flight(until)
         return until
 
-    def _unless_stopping(self, path: str) -> None:
+    def _refuse_if_stopping(self, path: str) -> None:
         if self.pacer.stopping:
             raise NotSent(f"{path}: stopping before the request was sent")
 
-    def _within(self, path: str, deadline: float | None, requests: int) -> None:
+    def _refuse_unless_time_for(self, path: str, deadline: float | None, requests: int) -> None:
         """Unavailable unless `requests` requests could finish before the deadline. Counted against the
         rows, unlike a stop: or a batch could be claimed and given back for ever."""
         if not self._time_left(deadline, requests * self.attempt_seconds):
