@@ -231,7 +231,7 @@ class _ChangeEncoder:
             pgcopy.text(str(change.get("object_primary_value") or "")[:255]),
             pgcopy.bigint(_fitting(object_id, 64)),
             pgcopy.NULL if ref_id is None else pgcopy.text(str(ref_id)),
-            pgcopy.NULL if _fitting(version, 32) is None else pgcopy.integer(version),
+            pgcopy.NULL if (fitted := _fitting(version, 32)) is None else pgcopy.integer(fitted),
             pgcopy.jsonb(_document(change.get("before"))),
             pgcopy.jsonb(_document(change.get("data"))),
             self._EMPTY_REFS if new_refs == [] else

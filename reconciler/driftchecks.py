@@ -80,6 +80,7 @@ def settle(db: Database, params: dict, role: Role | None = None) -> tuple[int, i
 
 class DriftChecks(Role):
     name = "drift-checks"
+    db: Database  # boot() opens it (Role.open_database)
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -123,6 +124,7 @@ class DriftChecks(Role):
         drift = self.config.drift
         [(high_water, _, postgres_now)] = self.db.fetchall("change_log_progress")
         read_from, restarted = self._read_from(high_water)
+        assert self.api is not None  # mode changes, for which boot() opened it
         try:
             records, server_time = self.api.changes_since(read_from, drift.plugin_user, progress=self.beat)
             self._check_clock(server_time, postgres_now)
@@ -201,6 +203,7 @@ class DriftChecks(Role):
             for owner_type, owner_id in driftkeys.owner_ids(record):
                 if (owner_type, owner_id) not in owner_names:
                     wanted[owner_type].add(owner_id)
+        assert self.api is not None  # mode changes, for which boot() opened it
         for owner_type, ids in wanted.items():
             try:
                 for owner_id, name in self.api.names(owner_type, ids).items():
@@ -248,7 +251,8 @@ class DriftChecks(Role):
         [(_, trusted_since, _)] = self.db.fetchall("change_log_progress")
         margin = datetime.timedelta(seconds=drift.clock_margin_seconds)
         skipped, planned = settle(self.db, {
-            "seen_before": high_water - margin if matching else None, "trusted_since": trusted_since or EPOCH,
+            "seen_before": high_water - margin if matching and high_water is not None else None,
+            "trusted_since": trusted_since or EPOCH,
             "margin": drift.clock_margin_seconds, "max_age": drift.max_age_hours * 3600.0, "match": matching,
             "replan_all": changes and not matching, "limit": SETTLE_BATCH}, role=self)
         metrics.reobservations_settled(skipped, planned)

@@ -192,7 +192,7 @@ def _owner_fields(object_type: str) -> list[str]:
 def _owners(object_type: str, snapshots: list[dict], owner_names: dict[tuple[str, int], set[str]]) -> set[str]:
     """The owners of the changed object, by every owner field an entity may qualify it with; `?` when
     one of them is missing from the data or cannot be named (then it meets every owner)."""
-    owners = set()
+    owners: set[str] = set()
     for data in snapshots:
         for field_name in _owner_fields(object_type):
             owner_id = data.get(field_name)

@@ -39,7 +39,8 @@ from .streamgroup import redis_client
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 2.0  # seconds, per readiness check
-State = Callable[[], tuple[Config, object]]  # the supervisor's current config and shared cache (None between generations)
+# The supervisor's current config and shared cache (None between generations).
+State = Callable[[], tuple[Config, object]]
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -106,7 +107,9 @@ def check_branch(cache) -> str | None:
         view = shared_state.read(cache)
     except shared_state.PROXY_ERRORS as exc:
         return f"the shared cache is unreachable: {exc!r}"
-    return None if view.branch_known else "the default branch is not known yet (the refresher has not reached the plugin)"
+    if view.branch_known:
+        return None
+    return "the default branch is not known yet (the refresher has not reached the plugin)"
 
 
 # Held by a readiness probe while its threads are inside libpq, OpenSSL and urllib3, and by the

@@ -54,14 +54,16 @@ class NetBoxAPI:
         query = {"user_name__n": but_user, "ordering": "id", "limit": PAGE_SIZE}
         if start is not None:
             query["time_after"] = start.isoformat()
-        url = f"{self.base}core/object-changes/?{urlencode(query)}"
-        records, server_time = [], None
+        url: str | None = f"{self.base}core/object-changes/?{urlencode(query)}"
+        records: list[dict] = []
+        server_time: datetime.datetime | None = None
         while url:
             page, date = self._get(url)
             server_time = server_time or date
             records += page.get("results") or []
             progress()
             url = page.get("next")
+        assert server_time is not None  # the first page's: the loop ran at least once
         return records, server_time
 
     def names(self, owner_type: str, ids: set[int]) -> dict[int, str]:

@@ -147,7 +147,7 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
         return plan_failed(row, error(f"no result returned for ingestion log {row.id}", "ERR_OPS_GENERATE_DIFF"),
                            entity, branch_id)
     if result.running_until is not None:
-        return in_doubt(row, result.unavailable, result.running_until - now, 1, retry)
+        return in_doubt(row, str(result.unavailable), result.running_until - now, 1, retry)
     if result.unavailable:
         return unavailable(row, result.unavailable, retry, answer_lost=result.answer_lost)
     if result.plan_errors:
@@ -211,4 +211,5 @@ def unstorable(decision: Decision, reason: str) -> Decision:
                     "recorded without its change set", "ERR_INTERNAL")
     field_name = "drift_state" if decision.drift_state is not None else "state"
     state = getattr(decision, field_name)
-    return replace(decision, error=failure, change_set=None, **{field_name: states.FAILED if state == states.OPEN else state})
+    changed: dict[str, Any] = {field_name: states.FAILED if state == states.OPEN else state}
+    return replace(decision, error=failure, change_set=None, **changed)

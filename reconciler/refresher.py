@@ -37,8 +37,8 @@ class Refresher(Role):
     def __init__(self, config, cache, limiter) -> None:
         super().__init__(config)
         self.cache, self.limiter = cache, limiter
-        self.plugin: PluginClient | None = None
-        self.redis: redis.Redis | None = None
+        self.plugin: PluginClient  # boot() opens both
+        self.redis: redis.Redis
         self._next_branch = 0.0
         self._branch_failures = 0
         self._next_backpressure = 0.0

@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import brotli
 from netboxlabs.diode.sdk import ingester as sdk
@@ -89,7 +89,7 @@ class _Builder:
     def device(self, d: int) -> pb.Device:
         vendor, model, platform = DEVICE_MODELS[d % len(DEVICE_MODELS)]
         manufacturer = sdk.Manufacturer(name=vendor, slug=vendor.lower())
-        placement = {}
+        placement: dict[str, Any] = {}
         if self.racks:  # devices spread over the racks, stacked from the top, one unit each
             rack, slot = self.racks[d % len(self.racks)], d // len(self.racks)
             placement = {"rack": rack}
@@ -97,7 +97,8 @@ class _Builder:
                 placement.update(position=float(RACK_UNITS - slot), face="front")
         return sdk.Device(
             name=f"sw-{self.index:03d}-{d:04d}", serial=f"SN{self.index:03d}{d:06d}", status="active",
-            site=self.site, **placement, role=sdk.DeviceRole(name="access-switch", slug="access-switch", color="2196f3"),
+            site=self.site, **placement,
+            role=sdk.DeviceRole(name="access-switch", slug="access-switch", color="2196f3"),
             device_type=sdk.DeviceType(model=model, slug=model.lower(), manufacturer=manufacturer),
             platform=sdk.Platform(name=platform, slug=platform, manufacturer=manufacturer),
             tags=[sdk.Tag(name="discovered", slug="discovered")])

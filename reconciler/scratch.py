@@ -39,7 +39,8 @@ def directory() -> str:
         unnamed = tempfile.mkdtemp(prefix="reconciler-new-", dir=parent)
         _lock = open(os.path.join(unnamed, LOCK_FILE), "w")
         fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        path = os.path.join(os.path.dirname(unnamed), PREFIX + os.path.basename(unnamed).removeprefix("reconciler-new-"))
+        path = os.path.join(os.path.dirname(unnamed),
+                            PREFIX + os.path.basename(unnamed).removeprefix("reconciler-new-"))
         os.rename(unnamed, path)
         _path, _owner = path, os.getpid()
         atexit.register(_remove, path, _owner)

@@ -221,7 +221,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Rows one poll worker claims and sends to the plugin per request (at most 10,000).",
             flags=("--batch-size",)),
     Setting("workers", "auto_apply", True, parse_bool,
-            "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN for review."),
+            "true: plan and apply in one /bulk-plan-apply/ call; false: plan only (/bulk-plan/), rows wait in OPEN "
+            "for review."),
     Setting("workers", "lease_seconds", 600.0, seconds_above_zero,
             "How long a claim is held. The rows of a worker that died return to QUEUED as soon as its supervisor "
             "reaps it (once NetBox can no longer be working on a request it sent); those of a worker that died "
@@ -277,7 +278,8 @@ SETTINGS: tuple[Setting, ...] = (
             "NetBox REST API token (NetBox's own, not the plugin's) that may read the change log, for [drift] "
             "mode changes; read access to sites, devices and virtual machines as well makes the rule finer (an "
             "interface edited by hand then re-plans that device's interface, not every interface of its "
-            "name; a device, rack or VLAN, those of its site). NetBox's URL is [netbox] url without /api/plugins/diode. Empty: every re-observation is "
+            "name; a device, rack or VLAN, those of its site). "
+            "NetBox's URL is [netbox] url without /api/plugins/diode. Empty: every re-observation is "
             "planned again, as with mode always.", mask=mask_all),
     # [drift]
     Setting("drift", "mode", "changes", one_of("always", "changes", "never"),

@@ -88,11 +88,11 @@ class Shared:
 
     @property
     def sentinel(self) -> int:
-        return self.manager._process.sentinel
+        return self.manager._process.sentinel  # type: ignore[attr-defined]  # private; not in the stubs
 
     @property
     def alive(self) -> bool:
-        return self.manager._process.is_alive()
+        return self.manager._process.is_alive()  # type: ignore[attr-defined]  # private; not in the stubs
 
     def shutdown(self) -> None:
         self.manager.shutdown()

@@ -12,7 +12,8 @@ PENDING_RETRY = 9
 CHECKING = 10  # seen again unchanged; the change log decides whether it is planned (driftchecks.py)
 
 NAMES = {QUEUED: "QUEUED", OPEN: "OPEN", APPLIED: "APPLIED", FAILED: "FAILED", NO_CHANGES: "NO_CHANGES",
-         IGNORED: "IGNORED", ERRORED: "ERRORED", APPLYING: "APPLYING", PENDING_RETRY: "PENDING_RETRY", CHECKING: "CHECKING"}
+         IGNORED: "IGNORED", ERRORED: "ERRORED", APPLYING: "APPLYING", PENDING_RETRY: "PENDING_RETRY",
+         CHECKING: "CHECKING"}
 
 # Finished rows that a new observation of the same entity sends back to QUEUED (mark_duplicates).
 REQUEUE_ON_DUPLICATE = frozenset({APPLIED, FAILED, NO_CHANGES, ERRORED})

@@ -215,7 +215,8 @@ def _request_bytes(fields: dict[bytes, bytes], limits: Limits) -> bytes:
     if raw is None:
         raise Unreadable("stream entry has no 'request' field", MALFORMED_ENTRY)
     if len(raw) > limits.max_request_bytes:
-        raise Unreadable(f"request is {len(raw)} bytes, larger than max_request_bytes ({limits.max_request_bytes})", TOO_LARGE)
+        raise Unreadable(f"request is {len(raw)} bytes, larger than max_request_bytes ({limits.max_request_bytes})",
+                         TOO_LARGE)
     encoding = fields.get(b"encoding")
     if encoding == b"br":
         return _decompress(raw, limits.max_request_bytes)
@@ -359,7 +360,8 @@ def _decode(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits) -> Mes
         if not entities:
             raise Unreadable("request carries no entities", MALFORMED_ENTRY)
         if len(entities) > limits.max_entities:
-            raise Unreadable(f"request carries {len(entities)} entities; at most {limits.max_entities} are accepted", TOO_LARGE)
+            raise Unreadable(f"request carries {len(entities)} entities; at most {limits.max_entities} are accepted",
+                             TOO_LARGE)
     except Unreadable as exc:
         message.rejections.append(Rejection(message, None, str(exc), fields, exc.kind))
         return message

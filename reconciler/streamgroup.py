@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import redis
 
@@ -69,7 +70,7 @@ class StreamGroup:
     def read(self) -> list:
         """New entries [(id, fields)], after blocking up to block_ms; the group is recreated if gone."""
         try:
-            reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+            reply: Any = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
                                            count=self.read_count, block=self.block_ms)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
