@@ -48,10 +48,10 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import brotli  # noqa: E402
-from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb  # noqa: E402
+import brotli
+from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from chaosparts import (  # noqa: E402
+from chaosparts import (
     ERRORED, FAILED, NO_CHANGES, NOT_FINAL, ROOT, STATE_NAMES, VENV_BIN, HarnessError, Holder, Observer, PgCluster,
     Proc, Push, RedisServer, Service, StandIn, alive, futex_waiters, join_request, replace_field, say,
     semaphore_value, shared_semaphores, signal_proc, split_request, start_watchdog, tail, wait_for)
@@ -342,7 +342,7 @@ class Ctx:
         return Push(self.suite.redis.url, stream or self.stream, self.suite.config,
                     self.suite.next_sites(sites), sites, env=env, **options)
 
-    def feed(self, rate: float) -> "Feeder":
+    def feed(self, rate: float) -> Feeder:
         """Keep pushing small sites at `rate` entities/s in the background until stop_feeding()."""
         self._feeder = Feeder(self, rate)
         return self._feeder
@@ -445,7 +445,7 @@ def _kill_while_fed(ctx: Ctx, role: str) -> None:
     service = ctx.start_service()
     ctx.push(ctx.plan.sites)
     ctx.feed(ctx.plan.feed_rate)
-    for n in range(ctx.plan.kills):
+    for _ in range(ctx.plan.kills):
         time.sleep(random.uniform(1.0, 3.0))
         killed = ctx.kill_role(service, role)
         if killed and not ctx.wait_roles(service, {killed.pid}):
@@ -504,7 +504,7 @@ def manager_kill(ctx: Ctx) -> None:
     service = ctx.start_service()
     ctx.push(ctx.plan.sites)
     ctx.feed(ctx.plan.feed_rate)
-    for n in range(ctx.plan.manager_kills):
+    for _ in range(ctx.plan.manager_kills):
         time.sleep(random.uniform(1.0, 3.0))
         delay = ctx.budget.wait("manager")
         if delay > 0:
@@ -568,7 +568,7 @@ def postgres_crash(ctx: Ctx) -> None:
     bulk request arrive, whose answer it holds back 5 s; then Postgres is started again."""
     service = ctx.start_service()
     pg = ctx.suite.pg
-    for n in range(ctx.plan.pg_crashes):
+    for _ in range(ctx.plan.pg_crashes):
         crashed = threading.Event()
         latency: list[float] = []
 
@@ -769,7 +769,7 @@ def shared_lock(ctx: Ctx) -> None:
     ctx.push(ctx.plan.sites)
     ctx.feed(2 * ctx.plan.feed_rate)
     kills = 0
-    for n in range(ctx.plan.kills):
+    for _ in range(ctx.plan.kills):
         time.sleep(random.uniform(0.5, 2.0))
         role = random.choice(sorted(r for r in ctx.roles if r.startswith("worker")))
         killed = ctx.kill_role(service, role)

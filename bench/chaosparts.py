@@ -29,7 +29,7 @@ import orjson
 import psycopg2
 import redis
 
-from reconciler.streamentry import ENTITIES_FIELD, fields_of, length_delimited, split_request
+from reconciler.streamentry import ENTITIES_FIELD, fields_of, length_delimited
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -696,7 +696,7 @@ class StandIn:
     def _results(self, items, apply: bool) -> list[dict]:
         results = []
         with self._lock:
-            for row, object_type, ident, entity in items:
+            for row, object_type, ident, _entity in items:
                 if ident in self.applied:
                     changes = []
                 else:

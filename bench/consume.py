@@ -35,15 +35,14 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reconciler import inbox, sample, settings, streamentry  # noqa: E402
-from reconciler.consumer import Consumer  # noqa: E402
-from reconciler.db import Database  # noqa: E402
-from reconciler.roles import Link, serve  # noqa: E402
+from reconciler import inbox, sample, settings, streamentry
+from reconciler.consumer import Consumer
+from reconciler.db import Database
+from reconciler.roles import Link, serve
 
 STREAM, GROUP = "diode.v1.ingest-stream", "diode-reconciler"
 MP = multiprocessing.get_context("fork")
 
-# The claim and finish a poll worker runs (one statement each, as perf-limits.md §5 measured).
 # The workers' own statements (sql/queries.sql), as a worker runs them in auto-apply mode.
 CLAIM = ("claim_batch", {"limit": 100, "state": 8, "owner": "bench", "lease_seconds": 300})
 NOTIFY_TRIGGER = """
@@ -168,7 +167,8 @@ class Bench:
         batch = self.args.read_count
         payloads = []
         for i in range(0, len(entries), batch):
-            messages = [streamentry.decode_entry(f"{i + n}-0".encode(), fields) for n, fields in enumerate(entries[i:i + batch])]
+            messages = [streamentry.decode_entry(f"{i + n}-0".encode(), fields)
+                        for n, fields in enumerate(entries[i:i + batch])]
             payloads.append(inbox._encode([[row, 0] for m in messages for row in m.rows]))
         self.sql("CHECKPOINT")
         database = Database(self.dsn, "reconciler")
@@ -339,13 +339,16 @@ def main() -> None:
                 drain = bench.drain(entries)
                 copy = bench.raw_copy(entries)
                 print(f"drain {attempt + 1}: 1 consumer, read_count {args.read_count}: {drain['rows']:,} entities in "
-                      f"{drain['seconds']:.2f} s = {drain['rate']:,.0f} entities/s (consumer CPU {drain['consumer_us']:.1f} "
-                      f"us/entity, its Postgres backend {drain['backend_us']:.1f} us/entity); raw COPY of the same rows "
-                      f"{copy['rate']:,.0f} rows/s; ratio {drain['rate'] / copy['rate']:.2f}")
+                      f"{drain['seconds']:.2f} s = {drain['rate']:,.0f} entities/s "
+                      f"(consumer CPU {drain['consumer_us']:.1f} us/entity, "
+                      f"its Postgres backend {drain['backend_us']:.1f} us/entity); "
+                      f"raw COPY of the same rows {copy['rate']:,.0f} rows/s; ratio {drain['rate'] / copy['rate']:.2f}")
                 drains.append((drain, copy))
             drain, copy = sorted(drains, key=lambda pair: pair[0]["rate"])[len(drains) // 2]
-            print(f"median drain: {drain['rate']:,.0f} entities/s; consumer / raw COPY = {drain['rate'] / copy['rate']:.2f}; "
-                  f"/ target 30,000 = {drain['rate'] / 30000:.2f}; / Go reconciler 17,000 = {drain['rate'] / 17000:.2f}")
+            print(f"median drain: {drain['rate']:,.0f} entities/s; "
+                  f"consumer / raw COPY = {drain['rate'] / copy['rate']:.2f}; "
+                  f"/ target 30,000 = {drain['rate'] / 30000:.2f}; "
+                  f"/ Go reconciler 17,000 = {drain['rate'] / 17000:.2f}")
         if "latency" not in args.skip:
             lat, bare = bench.latency(), bench.bare_commits()
             print(f"latency XADD -> commit at 2,000 entities/s ({lat['committed']}/{lat['entries']} entries): "

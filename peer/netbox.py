@@ -6,7 +6,9 @@ Redis (own db indexes), with a stdlib stand-in for Diode's token introspection (
 
 Everything is kept in ``$PEER_CACHE`` (default ``~/.cache/reconciler-netbox-peer``):
 the venv, NETBOX_ROOT, secrets, logs, pid/state files, and a ``pg_dump`` of the freshly migrated
-database, so that only the first bring-up pays for the ~5.5 min ``netbox migrate``.
+database, so that only the first bring-up pays for the ~5.5 min ``netbox migrate``. Its long steps
+(pip, the migrations) log a plain progress line to stderr every PROGRESS_SECONDS: elapsed time,
+packages collected, migrations applied of the plan's total.
 
 CLI: ``python -m peer.netbox up|down [--purge]|reset|status|env``.
 """
@@ -16,12 +18,15 @@ import contextlib
 import fcntl
 import json
 import os
+import queue
+import re
 import secrets
 import signal
 import socket
 import string
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -49,6 +54,7 @@ REDIS_DBS = {"tasks": int(os.environ.get("PEER_REDIS_TASKS_DB", 14)),
 FIND_OBJ_CACHE_TTL = int(os.environ.get("PEER_FIND_OBJ_CACHE_TTL", 0))
 FORBIDDEN_PORTS = {8000, 8081}  # 8081 is the Go reconciler's gRPC default
 READY_TIMEOUT = 120.0
+PROGRESS_SECONDS = 15.0  # a long step of the first install says how far it is this often
 
 HERE = Path(__file__).resolve().parent
 VENV = CACHE / f"venv-{TAG}"
@@ -117,18 +123,128 @@ def _tail(path: Path, lines: int = 40) -> str:
     return f"--- last {len(text)} lines of {path} ---\n" + "\n".join(text)
 
 
-def _run(argv: list, log: Path, env: dict | None = None) -> str:
-    """Run a command to completion, output appended to `log`; raise with the log's tail on failure."""
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+
+
+class Progress:
+    """What a long step says while it runs, every `every` seconds: its elapsed time, and what the
+    command's output told so far (subclasses read it line by line in `feed`). Plain lines, each on
+    its own, so that a journal or a CI log reads as well as a terminal."""
+
+    def __init__(self, what: str, every: float | None = None) -> None:
+        self.what, self.started = what, time.monotonic()
+        self.every = PROGRESS_SECONDS if every is None else every
+
+    def feed(self, line: str) -> None:
+        pass
+
+    def detail(self) -> str:
+        return ""
+
+    def report(self) -> str:
+        detail = self.detail()
+        return f"{self.what}: {_clock(time.monotonic() - self.started)} elapsed" + (f", {detail}" if detail else "")
+
+
+class MigrateProgress(Progress):
+    """`migrate` prints `  Applying app.0001_name... OK` per migration: counted against the plan's
+    total (`showmigrations --plan` before it; None if that could not be read)."""
+
+    APPLYING = re.compile(r"Applying \S+\.\.\.")
+
+    def __init__(self, total: int | None, what: str = "netbox migrate", every: float | None = None) -> None:
+        super().__init__(what, every)
+        self.total, self.applied = total, 0
+
+    def feed(self, line: str) -> None:
+        self.applied += len(self.APPLYING.findall(line))
+
+    def detail(self) -> str:
+        return f"migrations applied {self.applied}" + (f" of {self.total}" if self.total is not None else "")
+
+
+def pending_migrations(plan: str) -> int:
+    """Migrations not yet applied in the output of `showmigrations --plan` (`[ ]  app.0001_name`)."""
+    return sum(1 for line in plan.splitlines() if line.startswith("[ ]"))
+
+
+class PipProgress(Progress):
+    """`pip install` (output not a terminal) prints `Collecting name...` per package, then one
+    `Installing collected packages: a, b, ...`."""
+
+    def __init__(self, what: str = "venv install", every: float | None = None) -> None:
+        super().__init__(what, every)
+        self.collected, self.installing = 0, 0
+
+    def feed(self, line: str) -> None:
+        if line.startswith("Collecting "):
+            self.collected += 1
+        elif line.startswith("Installing collected packages:"):
+            self.installing = len(line.split(":", 1)[1].split(","))
+
+    def detail(self) -> str:
+        if self.installing:
+            return f"{self.collected} packages collected, installing {self.installing}"
+        return f"{self.collected} packages collected"
+
+
+def _run(argv: list, log: Path, env: dict | None = None, progress: Progress | None = None) -> str:
+    """Run a command to completion, output appended to `log`; raise with the log's tail on failure.
+    With `progress`, its output is read as it comes and a progress line is logged every
+    `progress.every` seconds until it ends."""
     with open(log, "ab") as out:
         shown = " ".join(str(arg) if len(str(arg)) < 200 else "<script>" for arg in argv)
         out.write(f"\n$ {shown}\n".encode())
         out.flush()
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out,
-                              env={**os.environ, **(env or {})})
-        out.write(proc.stdout)
-    if proc.returncode != 0:
-        raise PeerError(f"{argv[0]} exited {proc.returncode}\n{_tail(log)}")
-    return proc.stdout.decode()
+        environ = {**os.environ, **(env or {})}
+        if progress is None:
+            proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out, env=environ)
+            stdout, returncode = proc.stdout, proc.returncode
+            out.write(stdout)
+        else:
+            stdout, returncode = _stream(argv, out, {**environ, "PYTHONUNBUFFERED": "1"}, progress)
+    if returncode != 0:
+        raise PeerError(f"{argv[0]} exited {returncode}\n{_tail(log)}")
+    return stdout.decode()
+
+
+def _stream(argv: list, out, environ: dict, progress: Progress) -> tuple[bytes, int]:
+    """Run `argv`, its stdout fed line by line to `progress` and to `out` (stderr goes straight to
+    `out`), logging `progress.report()` every `progress.every` seconds; (stdout, exit status)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out, env=environ)
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, name=f"read {progress.what}", daemon=True).start()
+    chunks = []
+    next_report = time.monotonic() + progress.every
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, next_report - time.monotonic()))
+            except queue.Empty:
+                line = b""
+            if line is None:
+                proc.stdout.close()
+                break
+            if line:
+                chunks.append(line)
+                out.write(line)
+                out.flush()
+                progress.feed(line.decode(errors="replace"))
+            if time.monotonic() >= next_report:
+                _log(progress.report())
+                next_report = time.monotonic() + progress.every
+        return b"".join(chunks), proc.wait()
+    finally:
+        if proc.poll() is None:  # we are being interrupted: the command goes with us
+            proc.kill()
+            proc.wait()
 
 
 def _port_free(port: int) -> bool:
@@ -261,7 +377,10 @@ def _ensure_venv(timer: _Timer) -> None:
         if not (VENV / "bin/python").exists():
             _run([PYTHON312, "-m", "venv", VENV], log)
         pins = [f"{name}=={version}" for name, version in VERSIONS.items()]
-        _run([VENV / "bin/pip", "install", "--disable-pip-version-check", *pins], log)
+        _log(f"venv install: pip installs NetBox {VERSIONS['netbox']} and its plugins into {VENV} "
+             f"(about a minute or two; log {log})")
+        _run([VENV / "bin/pip", "install", "--disable-pip-version-check", "--progress-bar", "off", *pins], log,
+             progress=PipProgress())
         if not _venv_ok():
             raise PeerError(f"venv at {VENV} lacks the pinned versions\n{_tail(log)}")
 
@@ -333,9 +452,10 @@ def _write_configuration(introspect_port: int) -> None:
     (conf / "configuration.py").write_text(text)
 
 
-def _netbox_cmd(*args: str, log_name: str) -> str:
+def _netbox_cmd(*args: str, log_name: str, progress: Progress | None = None) -> str:
     """Run `netbox <django command>` (the wheel has no manage.py) against our NETBOX_ROOT."""
-    return _run([VENV / "bin/netbox", *args], LOGS / log_name, env={"NETBOX_ROOT": str(NETBOX_ROOT)})
+    return _run([VENV / "bin/netbox", *args], LOGS / log_name, env={"NETBOX_ROOT": str(NETBOX_ROOT)},
+                progress=progress)
 
 
 def _nbshell(script: str, **env: str) -> dict:
@@ -343,7 +463,7 @@ def _nbshell(script: str, **env: str) -> dict:
     (`shell -c` execs the whole text; feeding stdin to nbshell would break multi-line blocks.)"""
     code = (HERE / "nbshell" / script).read_text()
     out = _run([VENV / "bin/netbox", "shell", "-c", code], LOGS / "shell.log",
-               env={"NETBOX_ROOT": str(NETBOX_ROOT), **env})
+               env={"NETBOX_ROOT": str(NETBOX_ROOT), **env}, progress=Progress(f"netbox shell {script}"))
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -390,15 +510,33 @@ def _ensure_schema(timer: _Timer) -> None:
             _run(["pg_restore", "--no-owner", *_pg_args(DB_NAME), SNAPSHOT], LOGS / "postgres.log")
     else:
         with timer.step("netbox migrate"):
-            _netbox_cmd("migrate", "--no-input", log_name="migrate.log")
+            _migrate()
         with timer.step("bootstrap admin token"):
             _nbshell("bootstrap.py", PEER_NETBOX_TOKEN=NETBOX_TOKEN)
         if empty:  # only a schema migrated from nothing is a clean snapshot
             with timer.step("snapshot dump"):
                 tmp = SNAPSHOT.with_suffix(".tmp")
-                _run(["pg_dump", "-Fc", "-f", tmp, *_pg_args(DB_NAME)], LOGS / "postgres.log")
+                _run(["pg_dump", "-Fc", "-f", tmp, *_pg_args(DB_NAME)], LOGS / "postgres.log",
+                     progress=Progress("snapshot dump"))
                 tmp.rename(SNAPSHOT)
     _stamp_db()
+
+
+def _migrate() -> None:
+    """`netbox migrate`, saying every PROGRESS_SECONDS how many of the plan's migrations are applied
+    (the first time, a few hundred in about 5.5 min)."""
+    try:
+        plan = _netbox_cmd("showmigrations", "--plan", log_name="migrate.log",
+                           progress=Progress("netbox showmigrations"))
+        total = pending_migrations(plan)
+    except PeerError as err:  # only the count is lost
+        _log(f"netbox migrate: cannot count the migrations to apply ({str(err).splitlines()[0]})")
+        total = None
+    _log(f"netbox migrate: {'some' if total is None else total} migrations to apply (the first time about "
+         f"5.5 min; progress every {PROGRESS_SECONDS:.0f} s; log {LOGS / 'migrate.log'})")
+    progress = MigrateProgress(total)
+    _netbox_cmd("migrate", "--no-input", log_name="migrate.log", progress=progress)
+    _log(f"netbox migrate: {progress.detail()}")
 
 
 def _drop_database() -> None:
@@ -462,12 +600,16 @@ def _wait(ready, timeout: float, proc: subprocess.Popen, log: Path, what: str) -
     We are its parent, so poll() is exact. Not _alive(): until the kernel has finished loading
     the new program, /proc/<pid>/cmdline can still read empty, and a marker check then
     mistakes a process that is starting for one that died."""
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline, next_report = started + timeout, started + PROGRESS_SECONDS
     while not ready():
         if proc.poll() is not None:
             raise PeerError(f"{what}: process {proc.pid} exited with {proc.returncode}\n{_tail(log)}")
         if time.monotonic() > deadline:
             raise PeerError(f"{what}: not ready after {timeout:.0f}s\n{_tail(log)}")
+        if time.monotonic() >= next_report:
+            _log(f"{what}: not ready yet, {_clock(time.monotonic() - started)} elapsed (at most {timeout:.0f} s)")
+            next_report += PROGRESS_SECONDS
         time.sleep(0.2)
 
 
