@@ -1,10 +1,11 @@
-"""Process heartbeats in Postgres (table `processes`, migration 0005): what `reconciler status` lists.
+"""The processes that are alive, as Postgres knows them (table `processes`, migration 0005): what
+`reconciler status` lists.
 
-The supervisor's heartbeats (roles.py) live in its memory and only tell it which child hangs. An
-operator, possibly on another host and with several replicas running, asks Postgres instead: every
-role process records (host, pid, role, started_at, last_seen) there.
+The supervisor's heartbeat (roles.Link.heartbeat) lives in shared memory and only tells it which
+child hangs. An operator, possibly on another host and with several replicas running, asks Postgres
+instead: every role process records (host, pid, role, started_at, last_seen) there.
 
-A role calls `heartbeat(db, role_name)` from its loop as often as it likes: it writes at most every
+A role calls `report_alive(db, role_name)` from its loop as often as it likes: it writes at most every
 HEARTBEAT_INTERVAL seconds and never raises, since a Postgres outage must not crash a role that is
 otherwise waiting it out (the consumer keeps its entries and retries).
 """
@@ -42,7 +43,7 @@ class Process(NamedTuple):
     seconds_since_seen: float
 
 
-def heartbeat(db: Database, role_name: str) -> bool:
+def report_alive(db: Database, role_name: str) -> bool:
     """Record that this process runs `role_name`, at most every HEARTBEAT_INTERVAL; True if written."""
     pid = os.getpid()
     key, now = (pid, role_name, db.dsn), time.monotonic()

@@ -31,7 +31,7 @@ import setproctitle
 
 from . import errors, log as logsetup
 from .db import Database
-from .processes import heartbeat
+from .processes import report_alive
 from .settings import Config
 
 logger = logging.getLogger(__name__)
@@ -203,11 +203,11 @@ def _shutdown_quietly(role: Role) -> None:
         logger.exception("shutdown failed")
 
 
-def _record_heartbeat(role: Role) -> None:
+def _report_alive(role: Role) -> None:
     """The `processes` row `reconciler status` lists (between iterations: no transaction is open).
     Written at most every few seconds, and never raises: an outage is the role's to wait out."""
     if role.db is not None:
-        heartbeat(role.db, role.name)
+        report_alive(role.db, role.name)
 
 
 def set_title(name: str) -> None:
@@ -233,7 +233,7 @@ def serve(factory: Callable[[Config], Role], config: Config, link: Link, parent:
         while not role.stopping:
             if role.orphaned():
                 break
-            _record_heartbeat(role)
+            _report_alive(role)
             role.run_once()
             role.beat()
     except Exception:

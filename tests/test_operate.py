@@ -4,12 +4,11 @@ heartbeats `status` lists."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
-import socket
 import signal
+import socket
 import subprocess
 import sys
 
@@ -17,14 +16,16 @@ import pytest
 from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from reconciler import errors, inbox, processes, sample, states, streamentry
-from reconciler.ops import deadletters, retry
+from reconciler import errors, processes, sample, states
 from reconciler.db import Database
+from reconciler.ops import deadletters, retry
 
-from .faultserver import FaultServer, Step, converge
-from .support import BIN, GROUP, ROOT, STREAM, push, query, reconciler, scalar, wait_until
+from .builders import GROUP, STREAM, enqueue, next_entry_id, request, site
+from .faultserver import FaultServer, Step
+from .support import BIN, ROOT, push, query, reconciler, scalar, wait_until
 
-_entries = itertools.count(1)
+STAGING = {"id": "td5smq0f", "name": "staging"}
+pytestmark = pytest.mark.plugin(branch=STAGING)  # the `plugin` fixture's default branch
 
 
 # --- helpers ---
@@ -47,29 +48,10 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def request(*entities: pb.Entity) -> pb.IngestRequest:
-    return pb.IngestRequest(entities=list(entities), id="req-1", producer_app_name="disco", producer_app_version="2",
-                            sdk_name="diode-sdk-python", sdk_version="1.14.3")
-
-
-def site(name: str) -> pb.Entity:
-    return sdk.Entity(site=sdk.Site(name=name, slug=name))
-
-
 def device(name: str) -> pb.Entity:
     return sdk.Entity(device=sdk.Device(name=name, site=sdk.Site(name="dc-1", slug="dc-1"), role="access",
                                         device_type=sdk.DeviceType(model="EX4300",
                                                                    manufacturer=sdk.Manufacturer(name="Juniper"))))
-
-
-def enqueue(dsn: str, *entities: pb.Entity) -> list[int]:
-    """New QUEUED rows through the consumer's own inbox code; returns their ids."""
-    message = streamentry.decode_entry(f"{next(_entries)}-0".encode(), sample.stream_fields(request(*entities)))
-    database = Database(dsn, "reconciler")
-    before = scalar(dsn, "SELECT coalesce(max(id), 0) FROM ingestion_logs")
-    inbox.write(database, STREAM, [message])
-    database.close()
-    return [row[0] for row in query(dsn, "SELECT id FROM ingestion_logs WHERE id > %s ORDER BY id", (before,))]
 
 
 def set_row(dsn: str, row_id: int, assignments: str, params: tuple = ()) -> None:
@@ -80,21 +62,12 @@ def insert_dead_letter(dsn: str, fields: dict[bytes, bytes], reason: str = "test
                        entity_index: int | None = None) -> int:
     return scalar(dsn, "INSERT INTO dead_letters (stream, stream_id, entity_index, reason, field_names, field_values, "
                        "created_at) VALUES (%s, %s, %s, %s, %s, %s, now() - %s::interval) RETURNING id",
-                  (STREAM, f"{next(_entries)}-0", entity_index, reason, [name for name in fields],
+                  (STREAM, next_entry_id(), entity_index, reason, [name for name in fields],
                    [value for value in fields.values()], age))
 
 
 def snapshot(dsn: str) -> list[tuple]:
     return query(dsn, "SELECT l.*, (SELECT count(*) FROM dead_letters) FROM ingestion_logs AS l ORDER BY id")
-
-
-@pytest.fixture
-def plugin():
-    server = FaultServer()
-    server.default("default-branch/", Step(200, {"branch": {"id": "td5smq0f", "name": "staging"}}))
-    server.default("bulk-plan-apply/", Step(answer=converge))
-    yield server
-    server.close()
 
 
 @pytest.fixture
@@ -122,13 +95,14 @@ def known_state(dsn, redis_client):
     redis_client.xgroup_create(STREAM, GROUP, id="0")
     redis_client.xreadgroup(GROUP, "c1", {STREAM: ">"}, count=1)  # one pending, two unread
     database = Database(dsn, "reconciler")
-    processes.heartbeat(database, "worker 1")
+    processes.report_alive(database, "worker 1")
     database.close()
     query(dsn, "INSERT INTO processes VALUES ('other-host', 42, 'consumer', now() - interval '1 hour', now()), "
                "('gone-host', 7, 'worker 2', now() - interval '2 hours', now() - interval '1 hour')")
     return ids
 
 
+@pytest.mark.subprocess
 def test_status_json_matches_the_known_state(plugin_env, known_state):
     report = cli_json(plugin_env, "status")
 
@@ -152,6 +126,7 @@ def test_status_json_matches_the_known_state(plugin_env, known_state):
         "changes", "no [netbox] api_token is configured", None, 0)
 
 
+@pytest.mark.subprocess
 def test_status_text_is_a_readable_table_of_the_same(plugin_env, known_state):
     done = cli(plugin_env, "status")
 
@@ -169,6 +144,7 @@ def test_status_text_is_a_readable_table_of_the_same(plugin_env, known_state):
     assert "gone-host" not in text and "Traceback" not in done.stderr
 
 
+@pytest.mark.subprocess
 def test_status_says_unknown_when_redis_cannot_compute_the_lag(plugin_env, redis_client, dsn):
     ids = push(redis_client, [{b"n": b"1"}, {b"n": b"2"}, {b"n": b"3"}])
     redis_client.xgroup_create(STREAM, GROUP, id="0")
@@ -178,6 +154,7 @@ def test_status_says_unknown_when_redis_cannot_compute_the_lag(plugin_env, redis
     assert re.search(r"consumer group\s+diode-reconciler: lag unknown, pending 0", cli(plugin_env, "status").stdout)
 
 
+@pytest.mark.subprocess
 def test_status_reports_redis_and_netbox_down_and_still_exits_zero(env, dsn):
     enqueue(dsn, site("a"))
     down = {**env, "RECONCILER_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0",
@@ -196,6 +173,7 @@ def test_status_reports_redis_and_netbox_down_and_still_exits_zero(env, dsn):
     assert report["inbox"]["states"]["QUEUED"] == 1
 
 
+@pytest.mark.subprocess
 def test_status_exits_4_when_postgres_is_unreachable_and_still_shows_the_stream(env, redis_client):
     push(redis_client, [{b"n": b"1"}])
     down = {**env, "RECONCILER_POSTGRES_DSN": f"postgresql://postgres@127.0.0.1:{closed_port()}/reconciler"}
@@ -212,6 +190,7 @@ def test_status_exits_4_when_postgres_is_unreachable_and_still_shows_the_stream(
     assert report["stream"]["length"] == 1
 
 
+@pytest.mark.subprocess
 def test_status_points_at_migrate_when_the_schema_is_behind(env, dsn):
     query(dsn, "DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM schema_migrations)")
     done = cli(env, "status")
@@ -221,13 +200,14 @@ def test_status_points_at_migrate_when_the_schema_is_behind(env, dsn):
 # --- heartbeats ---
 
 
+@pytest.mark.pg
 def test_heartbeats_are_written_at_most_every_few_seconds_and_listed_while_recent(dsn):
     database = Database(dsn, "reconciler")
     query(dsn, "INSERT INTO processes VALUES ('old-host', 1, 'consumer', now() - interval '3 days', "
                "now() - interval '2 days')")
 
-    assert processes.heartbeat(database, "consumer") is True
-    assert processes.heartbeat(database, "consumer") is False  # within HEARTBEAT_INTERVAL: no write
+    assert processes.report_alive(database, "consumer") is True
+    assert processes.report_alive(database, "consumer") is False  # within HEARTBEAT_INTERVAL: no write
     [process] = processes.live_processes(database, within_seconds=60)
     database.close()
 
@@ -239,7 +219,7 @@ def test_heartbeats_are_written_at_most_every_few_seconds_and_listed_while_recen
 
 def test_a_heartbeat_never_raises_when_postgres_is_down():
     database = Database(f"postgresql://postgres@127.0.0.1:{closed_port()}/x", "reconciler")
-    assert processes.heartbeat(database, "worker 9") is False
+    assert processes.report_alive(database, "worker 9") is False
 
 
 # --- retry ---
@@ -268,6 +248,7 @@ def row(dsn, row_id) -> dict:
     return dict(zip(names, query(dsn, f"SELECT {', '.join(names)} FROM ingestion_logs WHERE id = %s", (row_id,))[0]))
 
 
+@pytest.mark.subprocess
 def test_retry_dry_run_changes_nothing_and_says_what_would_change(env, dsn, failed_rows):
     before = snapshot(dsn)
 
@@ -282,6 +263,7 @@ def test_retry_dry_run_changes_nothing_and_says_what_would_change(env, dsn, fail
     assert "1 matching rows are not the current row of their entity" in done.stdout
 
 
+@pytest.mark.subprocess
 def test_retry_filters_by_object_type_state_and_age(env, dsn, failed_rows):
     by_type = cli_json(env, "retry", "--object-type", "dcim.device")
     assert by_type["requeued"] == 1
@@ -294,6 +276,7 @@ def test_retry_filters_by_object_type_state_and_age(env, dsn, failed_rows):
     assert row(dsn, failed_rows["errored"])["state"] == states.ERRORED
 
 
+@pytest.mark.subprocess
 def test_retry_requeues_like_a_fresh_row_and_leaves_the_rest_alone(env, dsn, failed_rows):
     done = cli(env, "retry")
 
@@ -312,6 +295,7 @@ def test_retry_requeues_like_a_fresh_row_and_leaves_the_rest_alone(env, dsn, fai
     assert cli(env, "retry").stdout.startswith("no matching FAILED or ERRORED rows to requeue; nothing changed")
 
 
+@pytest.mark.subprocess
 def test_retry_of_a_row_that_gave_up_on_a_request_netbox_may_still_run_waits_for_it(env, dsn):
     """A row alone whose requests kept going unanswered ends ERRORED with the moment NetBox can no longer
     be working on the last one: a retry must not have it sent before then."""
@@ -323,6 +307,7 @@ def test_retry_of_a_row_that_gave_up_on_a_request_netbox_may_still_run_waits_for
     assert row(dsn, row_id)["state"] == states.PENDING_RETRY and row(dsn, row_id)["next_attempt_at"] == until
 
 
+@pytest.mark.subprocess
 def test_retried_rows_are_planned_and_applied_by_a_running_reconciler(plugin_env, dsn, failed_rows, tmp_path):
     assert cli(plugin_env, "retry").returncode == 0
 
@@ -333,6 +318,7 @@ def test_retried_rows_are_planned_and_applied_by_a_running_reconciler(plugin_env
     assert row(dsn, failed_rows["superseded"])["state"] == states.FAILED
 
 
+@pytest.mark.subprocess
 def test_retry_goes_in_batches_and_counts_on_a_terminal(env, dsn):
     ids = enqueue(dsn, *[site(f"b{n}") for n in range(5)])
     query(dsn, "UPDATE ingestion_logs SET state = 4 WHERE id = ANY(%s)", (ids,))
@@ -356,6 +342,7 @@ def test_retry_goes_in_batches_and_counts_on_a_terminal(env, dsn):
 # --- dead letters ---
 
 
+@pytest.mark.subprocess
 def test_a_dead_letter_replayed_through_a_running_consumer_becomes_queued_rows(env, dsn, redis_client, tmp_path):
     """Dead-lettered for a limit (max_entities 1), replayed once the limit is raised."""
     with reconciler({**env, "RECONCILER_REDIS_MAX_ENTITIES": "1"}, tmp_path):
@@ -378,6 +365,7 @@ def test_a_dead_letter_replayed_through_a_running_consumer_becomes_queued_rows(e
     assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
 
 
+@pytest.mark.subprocess
 def test_replay_re_adds_the_stored_fields_byte_for_byte(env, dsn, redis_client):
     fields = sample.stream_fields(request(site("x")))
     letter_id = insert_dead_letter(dsn, fields)
@@ -390,6 +378,7 @@ def test_replay_re_adds_the_stored_fields_byte_for_byte(env, dsn, redis_client):
     assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 0
 
 
+@pytest.mark.subprocess
 def test_replaying_a_still_bad_entity_loses_nothing(env, dsn, redis_client, tmp_path):
     with reconciler(env, tmp_path):
         push(redis_client, [sample.stream_fields(request(site("good"), sdk.Entity()))])
@@ -406,6 +395,7 @@ def test_replaying_a_still_bad_entity_loses_nothing(env, dsn, redis_client, tmp_
     assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == 1
 
 
+@pytest.mark.subprocess
 def test_replay_fails_cleanly_when_redis_is_down(env, dsn):
     letter_id = insert_dead_letter(dsn, sample.stream_fields(request(site("x"))))
     down = {**env, "RECONCILER_REDIS_URL": f"redis://127.0.0.1:{closed_port()}/0"}
@@ -417,6 +407,7 @@ def test_replay_fails_cleanly_when_redis_is_down(env, dsn):
     assert scalar(dsn, "SELECT count(*) FROM dead_letters") == 1
 
 
+@pytest.mark.subprocess
 def test_purge_deletes_only_what_it_names_and_dry_run_nothing(env, dsn):
     old = insert_dead_letter(dsn, {b"request": b"\x01"}, age="2 days")
     first = insert_dead_letter(dsn, {b"request": b"\x02"})
@@ -439,6 +430,7 @@ def test_purge_deletes_only_what_it_names_and_dry_run_nothing(env, dsn):
     assert missing.returncode == 1 and f"not found: {first}" in missing.stdout and remaining() == []
 
 
+@pytest.mark.subprocess
 def test_dead_letters_list_and_show(env, dsn):
     good = insert_dead_letter(dsn, sample.stream_fields(request(site("shown"), sdk.Entity())), entity_index=1,
                               reason="entity 1 has no entity type set")
@@ -471,6 +463,7 @@ def test_dead_letters_list_and_show(env, dsn):
 # --- show ---
 
 
+@pytest.mark.subprocess
 def test_show_prints_a_row_with_its_entity_as_protojson_and_its_change_sets(env, dsn):
     [row_id] = enqueue(dsn, device("sw-9"))
     set_row(dsn, row_id, "state = 3")
@@ -495,11 +488,13 @@ def test_show_prints_a_row_with_its_entity_as_protojson_and_its_change_sets(env,
     assert missing.returncode == 1 and "no ingestion log row with id 999999" in missing.stderr
 
 
+@pytest.mark.subprocess
 def test_status_lists_the_processes_of_a_running_service(env, tmp_path, dsn):
     plugin = FaultServer()
     plugin.default("default-branch/", Step(200, {"branch": None}))
     try:
-        env = {**env, "RECONCILER_WORKERS_COUNT": "2", "RECONCILER_NETBOX_URL": plugin.url, "RECONCILER_NETBOX_TOKEN": "t"}
+        env = {**env, "RECONCILER_WORKERS_COUNT": "2", "RECONCILER_NETBOX_URL": plugin.url,
+               "RECONCILER_NETBOX_TOKEN": "t"}
         with reconciler(env, tmp_path) as run:
             run.wait_for_log("ready: running")
             roles = lambda: sorted(p["role"] for p in cli_json(env, "status")["processes"]["live"])  # noqa: E731
@@ -513,6 +508,7 @@ def test_status_lists_the_processes_of_a_running_service(env, tmp_path, dsn):
         plugin.close()
 
 
+@pytest.mark.pg
 def test_a_replay_or_purge_covers_the_letters_that_existed_when_it_started(dsn, monkeypatch):
     """Replayed entries that are still bad come back as new letters while the replay runs: a selection
     that followed them would replay its own output again and again."""
