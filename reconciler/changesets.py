@@ -23,6 +23,17 @@ def malformed_change_set(change_set: Any) -> str | None:
     return None
 
 
+def error_leaves(errors: Any, path: str = "") -> list[tuple[str, Any]]:
+    """The plugin's error trees ({type: {field: [message]}}, lists nested at any depth) as
+    (dotted path, message) pairs: `("dcim.site.name", "too long")`, `("__all__", "db_error")`."""
+    if isinstance(errors, dict):
+        return [leaf for key, value in errors.items()
+                for leaf in error_leaves(value, f"{path}.{key}" if path else str(key))]
+    if isinstance(errors, list):
+        return [leaf for value in errors for leaf in error_leaves(value, path)]
+    return [(path, errors)]
+
+
 def has_changes(change_set: dict | None) -> bool:
     """A plan counts as changes unless it is empty or only noops (referenced objects that exist)."""
     changes = (change_set or {}).get("changes") or []

@@ -1,5 +1,5 @@
 """Command line: `reconciler run | migrate | check-config | print-config`, and the operator commands
-(`status | retry | dead-letters | show`, ops.py)."""
+(`status | retry | dead-letters | show`, reconciler/ops)."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from .queuevacuum import QueueVacuum
 from .roles import SUMMARY_INTERVAL, Role
 from .settings import consumer_name
 from .streamgroup import StreamGroup, redis_client
+from .text import as_bytes
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Consumer(Role):
 
     def _still_ours(self, batch: list[streamentry.Message]) -> list[streamentry.Message]:
         mine = self.stream_group.still_ours([message.stream_id for message in batch])
-        kept = [message for message in batch if message.stream_id in mine]
+        kept = [message for message in batch if as_bytes(message.stream_id) in mine]
         if len(kept) < len(batch):
             log.warning("%d of %d entries were taken over by another consumer while their write was retried; "
                         "left to it", len(batch) - len(kept), len(batch))

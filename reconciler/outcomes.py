@@ -37,7 +37,7 @@ from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from netboxlabs.diode.sdk.ingester import PRIMARY_VALUE_MAP
 
 from . import backoff, states
-from .changesets import has_changes, malformed_change_set
+from .changesets import error_leaves, has_changes, malformed_change_set
 from .claims import KEEP, LOST, ChangeSet, Claimed, Decision
 from .objecttypes import DISPLAY_NAMES, MEMBERS
 from .text import without_nul
@@ -59,13 +59,9 @@ class RetryPolicy:
 # --- errors as stored in ingestion_logs.error ---
 
 
-def _flatten(errors: Any, path: str = "") -> list[str]:
-    """Plugin error trees ({type: {field: [msg]}}, possibly nested lists) as 'type.field: msg' lines."""
-    if isinstance(errors, dict):
-        return [line for key, value in errors.items() for line in _flatten(value, f"{path}.{key}" if path else key)]
-    if isinstance(errors, list):
-        return [line for value in errors for line in _flatten(value, path)]
-    return [f"{path}: {errors}" if path else str(errors)]
+def _flatten(errors: Any) -> list[str]:
+    """Plugin error trees as 'type.field: msg' lines."""
+    return [f"{path}: {message}" if path else str(message) for path, message in error_leaves(errors)]
 
 
 def error(message: str, code: str, details: Any = None) -> dict:

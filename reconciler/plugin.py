@@ -35,7 +35,7 @@ import orjson
 import urllib3
 
 from . import backoff, metrics
-from .changesets import malformed_change_set
+from .changesets import error_leaves, malformed_change_set
 from .errors import ReconcilerError
 from .ratelimit import SharedRateLimiter
 from .settings import plugin_connect_seconds, plugin_request_seconds
@@ -490,10 +490,9 @@ def _parse_result(raw: Any, apply: bool) -> Result | None:
 
 def _row_id(echoed: Any) -> int | None:
     """The row id the plugin echoed (we send it as text), or None when it is not one of ours."""
-    try:
-        return int(echoed)
-    except (TypeError, ValueError):
-        return None
+    if isinstance(echoed, int) and not isinstance(echoed, bool):
+        return echoed
+    return int(echoed) if isinstance(echoed, str) and echoed.isascii() and echoed.isdigit() else None
 
 
 def _wire_item(item: Item) -> dict:
@@ -502,14 +501,10 @@ def _wire_item(item: Item) -> dict:
 
 def transient_apply_errors(errors: Any) -> bool:
     """Whether an apply failed only because NetBox's database was in trouble (the plugin's stable codes
-    under `__all__`), not because of the change set: such a row is retried, not FAILED."""
-    if isinstance(errors, list):  # one error object per change
-        return bool(errors) and all(transient_apply_errors(each) for each in errors)
-    if not isinstance(errors, dict) or set(errors) != {"__all__"}:
-        return False
-    codes = errors["__all__"]
-    codes = codes if isinstance(codes, list) else [codes]
-    return bool(codes) and all(isinstance(code, str) and code in TRANSIENT_APPLY_ERRORS for code in codes)
+    under `__all__`, however the lists around them nest), not because of the change set: such a row
+    is retried, not FAILED."""
+    leaves = error_leaves(errors)
+    return bool(leaves) and all(path == "__all__" and message in TRANSIENT_APPLY_ERRORS for path, message in leaves)
 
 
 def _client_secret(netbox) -> str:

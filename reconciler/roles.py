@@ -1,7 +1,8 @@
 """The contract between the supervisor and the processes it forks.
 
-A role (consumer, poll worker, branch refresher) implements `boot()`, `run_once()` and
-`shutdown()`; `serve()` runs it in the child process with the same signal contract for all:
+A role (consumer, poll worker, branch refresher, drift checks) implements `boot()` and `run_once()`
+(what boot opens through `open_database()` and `closes()` is closed by `shutdown()`); `serve()` runs
+it in the child process with the same signal contract for all:
 
 - SIGTERM: finish the iteration in progress, shut down, exit 0. A second SIGTERM exits at once
   (RET_KILLED). SIGINT and SIGHUP are the supervisor's business; children ignore them, since
@@ -179,7 +180,10 @@ def _install_child_signals(role: Role) -> None:
     # On SIGABRT (the supervisor's, for a hang) or a crash in C code, every thread's stack goes to
     # stderr (the journal) before the process dies; written from C, so it works while Python is stuck
     # in a C call (a blocked socket read).
-    faulthandler.enable(all_threads=True)
+    try:
+        faulthandler.enable(all_threads=True)
+    except (RuntimeError, ValueError, OSError, AttributeError) as exc:  # no usable stderr (started with 2>&-)
+        logger.warning("no stack dump on a hang: faulthandler cannot write to stderr (%s)", exc)
     # The supervisor blocked these across fork so none is lost before our handlers exist.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 

@@ -23,7 +23,7 @@ from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from .entityhash import HashingEntity, digest
 from .objecttypes import OBJECT_TYPES
-from .text import as_text, without_nul
+from .text import as_text
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,8 @@ def decode_entry(stream_id: bytes, fields: dict[bytes, bytes], limits: Limits = 
     except Exception as exc:
         log.error("unexpected error decoding stream entry %r; it becomes a dead letter", stream_id, exc_info=True)
         message = Message(stream_id=stream_id, fields=fields)
-        error = without_nul(f"{type(exc).__name__}: {exc}")[:UNEXPECTED_ERROR_CHARS]
+        # repr: escapes what a stored text or a log line cannot carry (NUL, lone surrogates, newlines).
+        error = repr(exc)[:UNEXPECTED_ERROR_CHARS]
         reason = f"stream entry {as_text(stream_id)} could not be decoded: unexpected {error}"
         message.rejections.append(Rejection(message, None, reason, fields, UNEXPECTED_ERROR))
         return message

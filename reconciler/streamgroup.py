@@ -28,13 +28,18 @@ log = logging.getLogger(__name__)
 # pending entries of the name it deletes, so the name must be long dead and hold nothing: with hours
 # of silence, a consumer reading between our XINFO and our DELCONSUMER is all but impossible.
 FORGET_CONSUMER_IDLE_SECONDS = 6 * 3600.0
+# Beyond its BLOCK time, how long a blocking read waits for Redis' reply: a Redis that forks for a
+# snapshot or waits on an fsync can stall for seconds, and a read given up on leaves its entries
+# pending with us until a takeover.
+BLOCKING_REPLY_MARGIN = 10.0
 
 
 def redis_client(url: str, name: str, timeout: float = 5.0, blocking_ms: int = 0) -> redis.Redis:
     """The one way the service connects to Redis: named in CLIENT LIST (`reconciler-<name>`), with
-    connect and reply timeouts so a Redis that stops answering is noticed; the reply timeout
-    outlasts a blocking read of `blocking_ms`."""
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout + blocking_ms / 1000,
+    connect and reply timeouts so a Redis that stops answering is noticed. A client that blocks in
+    reads of `blocking_ms` waits that long plus BLOCKING_REPLY_MARGIN for a reply."""
+    reply = blocking_ms / 1000 + BLOCKING_REPLY_MARGIN if blocking_ms else timeout
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=reply,
                                 client_name=f"reconciler-{name}", health_check_interval=30)
 
 

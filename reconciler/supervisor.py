@@ -111,7 +111,7 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self.phase = Phase.STARTING
         self.exit_code = errors.RET_OK  # what run() returns; set with GIVING_UP
-        self._reload_pending = False  # a SIGHUP arrived during a reload's drain: the file may have changed again
+        self._reload_pending = False  # a SIGHUP arrived during a drain: handled once the drain is over
         self.notifier = Notifier()
         # What the status line reports besides the children.
         self._restarts = 0
@@ -267,6 +267,7 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children:
             if not child.running or now - child.link.heartbeat.value <= timeout:
+                child.aborted_at = None  # beating again: a later hang gets its stack dump too
                 continue
             assert child.process is not None  # running
             if child.aborted_at is None:
@@ -308,7 +309,7 @@ class Supervisor:
             earlier_drain_clean = True
             for signum in self._take_signals():
                 if signum == signal.SIGHUP:
-                    earlier_drain_clean = self._reload()
+                    earlier_drain_clean = self._reload() and earlier_drain_clean
                 elif self.phase is not Phase.STOPPING:
                     log.info("%s received; stopping", signal.Signals(signum).name,
                              extra={"event": "stop_requested"})
@@ -318,6 +319,8 @@ class Supervisor:
                 return self._stop(earlier_drain_clean)
             self._reap()
             self._check_manager()
+            if self.phase is Phase.STOPPING:  # a stop came during the Manager's restart drain
+                return self._stop()
             if self.phase is Phase.GIVING_UP:
                 self._stop()
                 return self.exit_code
@@ -372,10 +375,6 @@ class Supervisor:
         self.config = config
         self.phase = Phase.STARTING
         self._start_generation()
-        if self._reload_pending:
-            self._reload_pending = False
-            log.info("SIGHUP received while reloading; reloading again")
-            self._signals.append(signal.SIGHUP)  # handled by the loop's next turn, like any signal
         return True
 
     # --- stopping ---
@@ -394,12 +393,14 @@ class Supervisor:
         for child in running:
             _signal(child.process, signal.SIGTERM)
         deadline = time.monotonic() + self.config.supervisor.drain_seconds
+        stop_seen = self.phase is Phase.STOPPING
         while any(c.running for c in running) and time.monotonic() < deadline:
             multiprocessing.connection.wait([self._wake_r, *(c.process.sentinel for c in running
                                                              if c.process is not None and c.running)],
                                             timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             self.notifier.watchdog()  # a drain may outlast WatchdogSec/2; the supervisor is not hung
-            if self._stop_again(self._take_signals()):
+            kill, stop_seen = self._stop_again(self._take_signals(), stop_seen)
+            if kill:
                 log.warning("second stop signal; killing children now")
                 break
         clean = True
@@ -415,22 +416,30 @@ class Supervisor:
                 clean = clean and child.process.exitcode == 0
             self._after_exit(child, child.process)
             child.process = None
+        if self._reload_pending and self.phase not in (Phase.STOPPING, Phase.GIVING_UP):
+            # The file may have changed again since this drain began: reload once more.
+            self._reload_pending = False
+            log.info("SIGHUP received while draining; reloading after it")
+            self._signals.append(signal.SIGHUP)  # handled by the loop's next turn, like any signal
         return clean
 
-    def _stop_again(self, signals: list[int]) -> bool:
-        """While draining: True for a stop signal on top of a stop (kill now). A stop signal during
-        another drain (a reload's, the Manager's restart) makes the phase STOPPING, so that drain ends
-        in a stop instead of new children."""
+    def _stop_again(self, signals: list[int], stop_seen: bool) -> tuple[bool, bool]:
+        """While draining: (kill the children now, a stop was seen). A stop signal on top of a stop
+        kills at once. The first stop during another drain (a reload's, the Manager's restart) makes
+        the phase STOPPING, so that drain ends in a stop instead of new children; during a give-up's
+        drain it is only noted (the exit code stays the give-up's). A SIGHUP waits for the drain's end."""
         for signum in signals:
             if signum == signal.SIGHUP:
-                self._reload_pending = self.phase is Phase.RELOADING
+                self._reload_pending = True
                 continue
-            if self.phase in (Phase.STOPPING, Phase.GIVING_UP):
-                return True
-            self.phase = Phase.STOPPING
+            if stop_seen:
+                return True, True
+            stop_seen = True
+            if self.phase is not Phase.GIVING_UP:
+                self.phase = Phase.STOPPING
             log.info("%s received while draining; stopping after the drain", signal.Signals(signum).name,
                      extra={"event": "stop_requested"})
-        return False
+        return False, stop_seen
 
 
 def _signal(process, signum: int) -> None:

@@ -13,7 +13,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from reconciler.plugin import InDoubt, Item, NotSent, PluginClient, Unavailable, Unpaced, retry_after
+from reconciler.plugin import (
+    InDoubt,
+    Item,
+    NotSent,
+    PluginClient,
+    Unavailable,
+    Unpaced,
+    retry_after,
+    transient_apply_errors,
+)
 from reconciler.ratelimit import SharedRateLimiter
 
 from .faultserver import FaultServer, Step, converge, plan_for
@@ -85,6 +94,19 @@ def test_an_apply_that_failed_only_in_netboxs_database_is_marked_transient_where
     assert [results[n].apply_transient for n in (11, 12, 13)] == [True, False, True]
 
 
+@pytest.mark.parametrize("errors, transient", [
+    ({"__all__": [["db_error"]]}, True),
+    ([{"__all__": "db_error"}, {}], True),
+    ([[], {"__all__": "db_deadlock_after_retries"}], True),
+    ({"__all__": "db_error", "dcim.site": []}, True),
+    ({"__all__": []}, False),  # nothing said: not a database error
+    ([{}], False),
+    ({"dcim.site": {"__all__": ["db_error"]}}, False),
+])
+def test_transient_apply_errors_by_shape(errors, transient):
+    assert transient_apply_errors(errors) is transient
+
+
 def test_bulk_plan_errors_are_not_unwrapped(server):
     server.script("bulk-plan/", Step(200, {"results": [{"id": "11", "errors": {"ipam.prefix": {"__all__": ["bad"]}}}]}))
     assert client(server.url).plan(ITEMS, None)[11].plan_errors == {"ipam.prefix": {"__all__": ["bad"]}}
@@ -151,10 +173,11 @@ def test_an_answered_request_is_cleared_and_one_that_never_left_is_not_in_doubt(
 def test_429_honours_retry_after(server):
     server.script("bulk-plan-apply/", Step(429, {"detail": "slow down"}, headers={"Retry-After": "1"}),
                   Step(answer=converge))
-    started = time.monotonic()
-    client(server.url).plan_apply(ITEMS, None)
-    assert time.monotonic() - started >= 1.0
-    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0 and retry_after("120") == 60.0 and retry_after(None) is None
+    pacer = CountingPacer()
+    client(server.url, pacer).plan_apply(ITEMS, None)
+    assert pacer.slept == [1.0] and len(server.calls("bulk-plan-apply/")) == 2  # waited what it was told, once
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after("120") == 60.0 and retry_after(None) is None
 
 
 def test_connection_refused_is_unavailable(server):
@@ -256,6 +279,8 @@ class CountingPacer:
 
     def __init__(self, stop_after_beats: int | None = None) -> None:
         self.beats, self.stop_after_beats = 0, stop_after_beats
+        self.asked: list[float] = []  # every wait the client asked for (retries, the rate limit)
+        self.slept: list[float] = []  # those it got
 
     @property
     def stopping(self) -> bool:
@@ -265,9 +290,11 @@ class CountingPacer:
         self.beats += 1
 
     def pause(self, seconds: float) -> bool:
+        self.asked.append(seconds)
         if self.stopping:  # as Role.pause: a stop ends the wait at once
             return False
         time.sleep(seconds)
+        self.slept.append(seconds)
         return True
 
     def in_flight(self, until: float) -> None:
@@ -344,10 +371,10 @@ def test_a_stop_while_waiting_for_the_rate_limit_sends_nothing(server):
     pacer = CountingPacer(stop_after_beats=1)
     plugin = client(server.url, pacer, limiter=SharedRateLimiter(0.2, 1))  # the next token in 5 s
     plugin.plan(ITEMS, None)
-    started = time.monotonic()
     with pytest.raises(NotSent, match="stopping before the request was sent"):
         plugin.plan(ITEMS, None)
-    assert time.monotonic() - started < 1 and len(server.calls("bulk-plan/")) == 1
+    [wait] = pacer.asked  # for the next token
+    assert 0 < wait <= 5 and pacer.slept == [] and len(server.calls("bulk-plan/")) == 1  # ended at once
 
 
 def test_no_request_starts_that_could_outlast_the_deadline(server):
@@ -362,11 +389,11 @@ def test_no_request_starts_that_could_outlast_the_deadline(server):
 
 def test_a_retry_wait_that_would_outlast_the_deadline_is_not_waited(server):
     server.default("bulk-plan/", Step(503, b"busy", headers={"Retry-After": "30"}))
-    started = time.monotonic()
+    pacer = CountingPacer()
     with pytest.raises(Unavailable, match="HTTP 503; no time left to retry within the claim's lease") as raised:
-        client(server.url).plan(ITEMS, None, deadline=time.monotonic() + 20.0)
+        client(server.url, pacer).plan(ITEMS, None, deadline=time.monotonic() + 20.0)
     assert not isinstance(raised.value, NotSent)  # the first attempt was sent: the rows used an attempt
-    assert time.monotonic() - started < 5 and len(server.calls("bulk-plan/")) == 1
+    assert pacer.asked == [] and len(server.calls("bulk-plan/")) == 1  # the 30 s wait was not even begun
 
 
 def test_nul_characters_in_answers_are_replaced_so_they_can_be_stored(server):
@@ -420,7 +447,7 @@ class TokenServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -481,26 +508,29 @@ def test_oauth_token_is_renewed_before_it_expires(server, tmp_path):
 # --- the shared rate limit ---
 
 
-def _hammer(limiter: SharedRateLimiter, count: int, stamps) -> None:
-    for _ in range(count):
-        limiter.acquire()
-        stamps.append(time.monotonic())
+def _ask_once(limiter: SharedRateLimiter, waits) -> None:
+    """One request's turn: 0.0 if a token was granted, else the wait the limiter asked for (not waited)."""
+    asked: list[float] = []
+    limiter.acquire(sleep=lambda seconds: asked.append(seconds) or False)  # False: stop instead of waiting
+    waits.append(asked[0] if asked else 0.0)
 
 
 def test_rate_limit_is_shared_by_processes():
+    """Five processes ask once each, with a burst of 2 and a token every 1000 s: two are granted, three are
+    told to wait for the next token. Each process with a bucket of its own would have granted all five."""
     context = multiprocessing.get_context("fork")
-    limiter = SharedRateLimiter(rate=20, burst=2, context=context)
+    limiter = SharedRateLimiter(rate=0.001, burst=2, context=context)
     with context.Manager() as manager:
-        stamps = manager.list()
-        workers = [context.Process(target=_hammer, args=(limiter, 10, stamps)) for _ in range(3)]
-        started = time.monotonic()
+        waits = manager.list()
+        workers = [context.Process(target=_ask_once, args=(limiter, waits)) for _ in range(5)]
         for worker in workers:
             worker.start()
         for worker in workers:
-            worker.join()
-        elapsed = time.monotonic() - started
-        # 30 requests at 20/s with a burst of 2: at least (30 - 2) / 20 = 1.4 s, whatever the process count.
-        assert len(stamps) == 30 and elapsed >= 1.35
+            worker.join(30)
+        assert [worker.exitcode for worker in workers] == [0] * 5
+        granted, refused = [w for w in waits if w == 0.0], sorted(w for w in waits if w > 0.0)
+    assert len(granted) == 2 and len(refused) == 3
+    assert all(900 < wait <= 1000 for wait in refused)  # a whole token short: about 1 / rate
 
 
 def _spin(limiter: SharedRateLimiter) -> None:

@@ -8,8 +8,7 @@ import threading
 import psycopg2
 import pytest
 
-from reconciler import db as dbmod
-from reconciler import states
+from reconciler import db as dbmod, states
 from reconciler.db import Database, parse_queries
 from reconciler.errors import SchemaError
 
@@ -34,9 +33,9 @@ def test_every_state_in_the_queries_is_written_with_its_name():
     """diode.v1.State makes states integers; a reader of the SQL still sees which: `9 /* PENDING_RETRY */`."""
     import re
     unnamed = []
-    for name, query in dbmod.QUERIES.items():
-        for line in query.splitlines():
-            compared = re.findall(r"state\s*(?:=|IN\s*\((?:\d+ /\* \w+ \*/, )*)\s*(\d+)\b(?!\s*/\*)", line)
+    for name, sql in dbmod.QUERIES.items():
+        for line in sql.splitlines():
+            compared = re.findall(r"state\s*(?:=|(?:NOT\s+)?IN\s*\((?:\d+ /\* \w+ \*/, )*)\s*(\d+)\b(?!\s*/\*)", line)
             assigned = re.findall(r"(?:THEN|ELSE)\s+(\d+)\b(?!\s*/\*)", line) \
                 if re.match(r"\s*(SET )?(requeued_from_)?state\s*=", line) else []
             unnamed += [(name, number) for number in compared + assigned]
