@@ -51,10 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import brotli
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
+from reconciler.streamentry import split_request
+
 from chaosparts import (
     ERRORED, FAILED, NO_CHANGES, NOT_FINAL, ROOT, STATE_NAMES, VENV_BIN, HarnessError, Holder, Observer, PgCluster,
     Proc, Push, RedisServer, Service, StandIn, alive, futex_waiters, join_request, replace_field, say,
-    semaphore_value, shared_semaphores, signal_proc, split_request, start_watchdog, tail, wait_for)
+    semaphore_value, shared_semaphores, signal_proc, start_watchdog, tail, wait_for)
 
 # How long the stand-in's NetBox may go on working on a request after it arrived, answered or not (its
 # worker timeout): no handler runs longer. The service is told so ([netbox] server_timeout_seconds) when

@@ -419,7 +419,7 @@ class Supervisor:
         if self._reload_pending and self.phase not in (Phase.STOPPING, Phase.GIVING_UP):
             # The file may have changed again since this drain began: reload once more.
             self._reload_pending = False
-            log.info("SIGHUP received while draining; reloading after it")
+            log.info("SIGHUP received while draining; reloading after it", extra={"event": "reload_queued"})
             self._signals.append(signal.SIGHUP)  # handled by the loop's next turn, like any signal
         return clean
 

@@ -38,7 +38,7 @@ def _docker_client():
         client = docker.from_env()
         client.ping()
         return client
-    except Exception as exc:  # no SDK, no socket, no engine: all mean "no fallback here"
+    except Exception as exc:  # noqa: BLE001 - no SDK, no socket, no engine: all mean "no fallback here"
         raise RuntimeError(f"no Docker engine to fall back to ({exc})") from None
 
 

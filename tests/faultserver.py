@@ -24,7 +24,7 @@ class Step:
     body: Any = None  # JSON-encoded unless bytes
     headers: dict = field(default_factory=dict)
     delay: float = 0.0
-    answer: Callable[[Any], "Step"] | None = None  # computes the step from the request body
+    answer: Callable[[Any], Step] | None = None  # computes the step from the request body
 
 
 @dataclass
@@ -80,7 +80,8 @@ class FaultServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/plugins/diode"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # A short poll: close() (shutdown) waits for the loop to see it, 0.5 s per server by default.
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def script(self, path: str, *steps: Step) -> None:

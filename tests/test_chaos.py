@@ -13,6 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Its own Postgres cluster and Redis (none of the machine's), killed and restarted; ~6 minutes.
+pytestmark = [pytest.mark.subprocess, pytest.mark.chaos]
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 15 * 60  # the suite aims at 5-7 minutes on the project's 2-core machine
 

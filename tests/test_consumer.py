@@ -170,7 +170,8 @@ def test_entry_ids_beyond_bigint_become_rows_and_so_do_the_auto_ids_after_them(c
     assert scalar(dsn, "SELECT max(ms)::text FROM stream_receipts") == "18446744073709551614"
 
     # A redelivery of the first entry is a no-op: its receipt is found.
-    assert inbox.write(consumer.db, STREAM, [streamentry.decode_entry(b"18446744073709551614-1", entries[0])]).redelivered == 1
+    assert inbox.write(consumer.db, STREAM,
+                       [streamentry.decode_entry(b"18446744073709551614-1", entries[0])]).redelivered == 1
     query(dsn, "UPDATE stream_receipts SET committed_at = now() - interval '1 day'")
     consumer._prune_receipts()
     assert scalar(dsn, "SELECT count(*) FROM stream_receipts") == 0
@@ -246,7 +247,8 @@ def test_dropped_redis_connections_lose_nothing(consumer, redis_client, dsn):
                 redis_client.client_kill_filter(_id=client["id"])
         consumer.run_once()
     drain(consumer, redis_client)
-    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sample.Shape(sites=2, devices_per_site=4).entity_count()
+    assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == \
+        sample.Shape(sites=2, devices_per_site=4).entity_count()
     assert scalar(dsn, "SELECT sum(duplicate_count) FROM ingestion_logs") == 0
 
 
@@ -270,7 +272,7 @@ def test_kill_between_commit_and_ack_creates_no_duplicate(env, tmp_path, redis_c
     redis_client.acl_setuser(acl_user, enabled=True, commands=["-xack"])  # commit will succeed, the ACK will not
 
     with reconciler(env, tmp_path) as run:
-        run.wait_for_log("booted")
+        run.wait_for_event("booted")
         push(redis_client, entries)
         run.wait_for_log("cannot acknowledge the batch in Redis")
         committed = scalar(dsn, "SELECT count(*) FROM stream_receipts")
@@ -297,7 +299,7 @@ def test_postgres_restart_mid_ingest_loses_and_duplicates_nothing(env, tmp_path,
     shape = sample.Shape(sites=6, devices_per_site=10)
     entries = list(sample.entries(shape))
     with reconciler(env, tmp_path) as run:
-        run.wait_for_log("booted")
+        run.wait_for_event("booted")
 
         # The last quarter is held back until Postgres is back, so that at least one write meets the
         # connection the restart cut, however fast the first three quarters were consumed.

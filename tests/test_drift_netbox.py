@@ -12,11 +12,12 @@ import pytest
 from peer import netbox as peer
 from reconciler import driftkeys, sample, settings, states
 from reconciler.ops import status
-from reconciler.db import Database
 
 from .support import push, query, reconciler, scalar, wait_until
-from .test_metrics import base_url, scrape, value
 from .test_e2e import EXPECTED, SHAPE, head_states, netbox, netbox_counts, site_entries, wait_finished  # noqa: F401
+from .test_metrics import base_url, scrape, value
+
+pytestmark = pytest.mark.netbox
 
 WAITING = (states.QUEUED, states.CHECKING, states.PENDING_RETRY)
 

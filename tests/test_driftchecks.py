@@ -15,9 +15,11 @@ from reconciler.db import Database
 from reconciler.driftchecks import DriftChecks, holds_reobservations
 from reconciler.netboxapi import ChangeLogUnreadable
 
+from .builders import STREAM, entry, site
 from .faultserver import FaultServer, Step
 from .support import query, scalar
-from .test_inbox import STREAM, entry, site
+
+pytestmark = pytest.mark.pg
 
 
 @pytest.fixture
@@ -138,7 +140,7 @@ def test_a_change_log_that_refuses_or_makes_no_sense_is_a_fallback_not_a_crash(d
 def test_netbox_s_clock_is_checked_against_postgres_s(env, netbox_ahead, refused):
     role = DriftChecks(drift_config(env, mode="changes", clock_margin_seconds=10))
     postgres_now = datetime.datetime.now(datetime.timezone.utc)
-    check = lambda: role._check_clock(postgres_now + datetime.timedelta(seconds=netbox_ahead), postgres_now)  # noqa
+    check = lambda: role._check_clock(postgres_now + datetime.timedelta(seconds=netbox_ahead), postgres_now)  # noqa: E731
     if refused:
         with pytest.raises(ChangeLogUnreadable) as raised:
             check()

@@ -16,6 +16,8 @@ from reconciler import sample, states
 
 from .support import push, query, reconciler, scalar, wait_until
 
+pytestmark = pytest.mark.netbox
+
 SHAPE = sample.Shape(sites=1, devices_per_site=2, ports_per_device=4, vlans_per_site=3, prefixes_per_site=3,
                      vms_per_site=2, addresses_per_device=2)
 FINISHED = (states.APPLIED, states.NO_CHANGES, states.FAILED, states.ERRORED, states.OPEN)

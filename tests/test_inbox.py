@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
 
 import psycopg2
 import pytest
-from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from reconciler import inbox, sample, states, streamentry
 from reconciler.db import Database
 from reconciler.errors import ConflictError, ContentRejected, DatabaseError
 
+from .builders import STREAM, entry, next_entry_id, site
 from .support import query, scalar, wait_until
 
-STREAM = "diode.v1.ingest-stream"
-_ids = itertools.count(1)
-
-
-def site(name: str, **extra) -> pb.Entity:
-    return sdk.Entity(site=sdk.Site(name=name, slug=name, **extra))
-
-
-def entry(*entities: pb.Entity, **request_fields) -> streamentry.Message:
-    fields = dict(id="req", producer_app_name="disco", producer_app_version="1", sdk_name="diode-sdk-python",
-                  sdk_version="1.14.3")
-    fields.update(request_fields)
-    req = pb.IngestRequest(entities=list(entities), **fields)
-    return streamentry.decode_entry(f"{next(_ids)}-0".encode(), sample.stream_fields(req))
+pytestmark = pytest.mark.pg
 
 
 @pytest.fixture
@@ -54,7 +40,8 @@ def test_new_entities_become_queued_rows(db, dsn):
     assert len(bytes(stored[5])) == 32 and stored[6] and stored[7]
 
 
-# The reference's dedup table: a new observation of a prior row in each state.
+# A new observation of a prior row in each state: the Go reconciler's rule (docs/go-reconciler.md),
+# ERRORED requeued too (docs/schema.md).
 @pytest.mark.parametrize("prior_state, after, requeued_from", [
     (states.QUEUED, states.QUEUED, None),
     (states.OPEN, states.OPEN, None),
@@ -180,12 +167,14 @@ def test_request_fields_a_row_cannot_hold_are_cleaned_and_noted(db, dsn):
     long = entry(site("long"), id="r" * 300)
     req = pb.IngestRequest(entities=[site("latin")], id="req-latin", producer_app_name="x")
     raw = req.SerializeToString().replace(b"\x22\x01x", b"\x22\x04caf\xe9")  # field 4, "café" in Latin-1
-    latin = streamentry.decode_entry(b"99-0", sample.stream_fields(pb.IngestRequest.FromString(req.SerializeToString()))
-                              | {b"request": raw, b"encoding": b""})
+    latin = streamentry.decode_entry(next_entry_id().encode(),
+                                     sample.stream_fields(pb.IngestRequest.FromString(req.SerializeToString()))
+                                     | {b"request": raw, b"encoding": b""})
     outcome = inbox.write(db, STREAM, [clean, nul, long, latin])
 
     assert outcome.dead_letters == [] and outcome.inserted == 5
-    stored = {pb.Entity.FromString(bytes(e)).site.name: (request_id, producer, metadata) for e, request_id, producer, metadata
+    stored = {pb.Entity.FromString(bytes(e)).site.name: (request_id, producer, metadata)
+              for e, request_id, producer, metadata
               in query(dsn, "SELECT entity, request_id, producer_app_name, source_metadata FROM ingestion_logs")}
     assert stored["clean"] == ("req", "disco", None)
     for name in ("nul-1", "nul-2"):

@@ -102,7 +102,7 @@ def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_cl
     entries, entity_count = known_ingest()
     with reconciler(env, tmp_path) as run:
         base = base_url(run)
-        run.wait_for_log("booted", count=4)
+        run.wait_for_event("booted", count=4)
         # the supervisor's private PROMETHEUS_MULTIPROC_DIR, in its TMPDIR
         [directory] = (tmp_path / "tmp").glob("reconciler-run-*")
         push(redis_client, entries)
@@ -125,7 +125,8 @@ def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_cl
         plan_calls = len(plugin.calls("bulk-plan-apply/"))
         assert plan_calls >= 2
         assert value(samples, "reconciler_plugin_responses_total", endpoint="bulk-plan-apply", code="200") == plan_calls
-        assert value(samples, "reconciler_plugin_request_duration_seconds_count", endpoint="bulk-plan-apply") == plan_calls
+        assert value(samples, "reconciler_plugin_request_duration_seconds_count",
+                     endpoint="bulk-plan-apply") == plan_calls
         assert value(samples, "reconciler_plugin_request_duration_seconds_bucket", endpoint="bulk-plan-apply",
                      le="+Inf") == plan_calls
         assert value(samples, "reconciler_plugin_responses_total", endpoint="default-branch", code="200") >= 1
@@ -150,7 +151,7 @@ def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_cl
         assert gauges.exists()
         for role in ("consumer", "refresher"):
             os.kill(role_pid(run, role), signal.SIGKILL)
-            run.wait_for_log(f"started {role} (pid", count=2)
+            run.wait_for_event("child_started", child=role, count=2)
         assert not gauges.exists()
         samples = wait_until(lambda: (s := scrape(base)) and len(by_label(
             s, "reconciler_child_restarts_total", "role")) == 2 and s, what="two restarts counted")
@@ -186,7 +187,7 @@ def test_backpressure_is_counted_and_the_stream_gauges_follow_the_lag(env, plugi
     env = run_env(env, plugin, tmp_path, RECONCILER_WORKERS_COUNT="1", RECONCILER_WORKERS_BACKPRESSURE_THRESHOLD="5")
     with reconciler(env, tmp_path) as run:
         base = base_url(run)
-        run.wait_for_log("booted", count=3)
+        run.wait_for_event("booted", count=3)
         consumer = role_pid(run, "consumer")
         os.kill(consumer, signal.SIGSTOP)  # the consumer stops reading: the entries wait in the stream
         try:
@@ -212,7 +213,7 @@ def test_consumer_alone_is_ready_without_a_plugin_and_an_operators_directory_is_
     stale.write_bytes(b"left over by an earlier run")  # unreadable: a scrape would fail if it stayed
     with reconciler({**env, "PROMETHEUS_MULTIPROC_DIR": str(directory)}, tmp_path) as run:
         base = base_url(run)
-        run.wait_for_log("booted")
+        run.wait_for_event("booted")
         assert not stale.exists()
         status, body = get(base + "/readyz")
         assert status == 200, body
@@ -234,13 +235,13 @@ def test_the_scratch_directory_of_a_killed_supervisor_is_removed_by_the_next_one
     env = {**env, "TMPDIR": str(temp)}
     for _ in range(3):
         with reconciler(env, tmp_path) as run:
-            run.wait_for_log("booted")
+            run.wait_for_event("booted")
             run.kill_all()
     [last_killed] = temp.glob("reconciler-run-*")  # each start removed the one killed before it
     someone_elses = temp / "reconciler-run-not-ours"
     someone_elses.mkdir()  # no lock file: not a directory a supervisor made, never touched
     with reconciler(env, tmp_path) as run:
-        run.wait_for_log("booted")
+        run.wait_for_event("booted")
         assert not last_killed.exists()
         [ours] = [path for path in temp.glob("reconciler-run-*") if path != someone_elses]
         run.signal(signal.SIGTERM)
@@ -259,7 +260,7 @@ def test_a_taken_port_is_logged_and_the_service_runs_on(env, tmp_path):
     try:
         with reconciler({**env, "RECONCILER_METRICS_LISTEN": listen}, tmp_path) as run:
             run.wait_for_log(f"cannot serve metrics and health on {listen} ([metrics] listen)")
-            run.wait_for_log("booted")
+            run.wait_for_event("booted")
             run.signal(signal.SIGTERM)
             assert run.wait(timeout=20) == errors.RET_OK
     finally:

@@ -496,7 +496,7 @@ def test_status_lists_the_processes_of_a_running_service(env, tmp_path, dsn):
         env = {**env, "RECONCILER_WORKERS_COUNT": "2", "RECONCILER_NETBOX_URL": plugin.url,
                "RECONCILER_NETBOX_TOKEN": "t"}
         with reconciler(env, tmp_path) as run:
-            run.wait_for_log("ready: running")
+            run.wait_for_event("ready")
             roles = lambda: sorted(p["role"] for p in cli_json(env, "status")["processes"]["live"])  # noqa: E731
             wait_until(lambda: roles() == ["consumer", "refresher", "worker 1", "worker 2"],
                        what=lambda: f"every role in `status`, saw {roles()}")

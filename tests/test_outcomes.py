@@ -1,4 +1,5 @@
-"""The state machine of a claimed row: every row of the reference's outcome tables, plus retries."""
+"""The state machine of a claimed row: every row of the Go reconciler's outcome table
+(docs/go-reconciler.md), plus retries."""
 
 from __future__ import annotations
 
@@ -125,9 +126,11 @@ def test_an_unanswered_request_holds_the_row_and_splits_its_batch():
     ("dcim.device", [{"change_type": "noop", "object_type": "dcim.site", "object_primary_value": "dc"},
                      {"change_type": "update", "object_type": "dcim.device", "object_primary_value": "sw1"}],
      "Device sw1 modified"),
-    ("dcim.device", [{"change_type": "create", "object_type": "dcim.device", "ref_id": "r1", "object_primary_value": "sw2"},
+    ("dcim.device", [{"change_type": "create", "object_type": "dcim.device", "ref_id": "r1",
+                      "object_primary_value": "sw2"},
                      {"change_type": "create", "object_type": "ipam.ipaddress", "object_primary_value": "10.0.0.1/24"},
-                     {"change_type": "update", "object_type": "dcim.device", "ref_id": "r1", "object_primary_value": None}],
+                     {"change_type": "update", "object_type": "dcim.device", "ref_id": "r1",
+                      "object_primary_value": None}],
      "Device sw2 discovered"),
     ("ipam.ipaddress", [{"change_type": "create", "object_type": "dcim.site", "object_primary_value": "dc"}],
      "IP Address unchanged"),

@@ -19,6 +19,8 @@ from peer import netbox as peer
 
 from .support import ROOT
 
+pytestmark = pytest.mark.netbox
+
 SAMPLE_ARGS = ("--first-site 30 --racks-per-site 2 --devices-per-site 3 --ports-per-device 4 --vlans-per-site 2 "
                "--prefixes-per-site 2 --vms-per-site 2 --addresses-per-device 1")
 

@@ -6,22 +6,17 @@ import os
 import signal
 
 import pytest
-from netboxlabs.diode.sdk import ingester as sdk
-from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
 from reconciler import sample, settings
 from reconciler.refresher import Refresher
 from reconciler.sharedcache import Shared, read
 
-from .faultserver import FaultServer, Step, converge
-from .support import GROUP, STREAM, push, query, reconciler, role_pid, scalar, wait_until
+from .builders import GROUP, STREAM, request, sites
+from .faultserver import Step, converge
+from .support import push, query, reconciler, role_pid, scalar, wait_until
 
-
-@pytest.fixture
-def plugin():
-    server = FaultServer()
-    yield server
-    server.close()
+# A plugin that answers only what each test scripts or sets (404 otherwise, default-branch/ included).
+pytestmark = pytest.mark.plugin(branch_endpoint=False, applies=False)
 
 
 @pytest.fixture
@@ -42,6 +37,7 @@ def refresher(env, plugin, shared):
     role.shutdown()
 
 
+@pytest.mark.pg
 def test_branch_is_published_and_404_means_no_branch(refresher, plugin, shared):
     plugin.script("default-branch/", Step(200, {"branch": {"id": "td5smq0f", "name": "staging"}}))
     assert read(shared.cache).branch_known is False
@@ -54,6 +50,7 @@ def test_branch_is_published_and_404_means_no_branch(refresher, plugin, shared):
     assert read(shared.cache).branch is None and read(shared.cache).branch_known
 
 
+@pytest.mark.pg
 def test_errors_keep_the_last_known_branch(refresher, plugin, shared, caplog):
     plugin.script("default-branch/", Step(200, {"branch": {"id": "b1", "name": "one"}}))
     plugin.default("default-branch/", Step(500, b"boom"))
@@ -65,6 +62,7 @@ def test_errors_keep_the_last_known_branch(refresher, plugin, shared, caplog):
     assert caplog.text.count("serving the last known value") == 1
 
 
+@pytest.mark.pg
 def test_first_answer_is_retried_quickly_not_after_the_interval(refresher, plugin, shared):
     plugin.script("default-branch/", Step(403, {"detail": "Invalid token"}), Step(200, {"branch": None}))
     refresher.run_once()
@@ -73,6 +71,7 @@ def test_first_answer_is_retried_quickly_not_after_the_interval(refresher, plugi
                what="the retried first branch fetch")
 
 
+@pytest.mark.pg
 def test_backpressure_follows_lag_plus_pending_and_logs_each_change_once(refresher, redis_client, shared, caplog):
     caplog.set_level("INFO")
     redis_client.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
@@ -96,6 +95,7 @@ def test_backpressure_follows_lag_plus_pending_and_logs_each_change_once(refresh
     assert caplog.text.count("workers pause") == 1 and caplog.text.count("workers resume") == 1
 
 
+@pytest.mark.subprocess
 def test_worker_killed_mid_batch_its_rows_are_taken_over_once_its_request_cannot_run(
         env, tmp_path, redis_client, dsn, plugin):
     """The supervisor reaps the worker at once, but the worker died with a request in flight: its rows
@@ -115,7 +115,7 @@ def test_worker_killed_mid_batch_its_rows_are_taken_over_once_its_request_cannot
 
         plugin.script("bulk-plan-apply/", Step(answer=kill_the_worker))
         push(redis_client, sample.entries(shape))
-        run.wait_for_log("worker 1 (pid %d) was killed by SIGKILL" % victim)
+        run.wait_for_event("child_exited", child="worker 1", exit_code=-signal.SIGKILL)
         run.wait_for_log("once NetBox can no longer be working on its last request")
         run.wait_for_log("outlived their lease", timeout=30)
         wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state = 3") == shape.entity_count(),
@@ -129,6 +129,7 @@ def test_worker_killed_mid_batch_its_rows_are_taken_over_once_its_request_cannot
     assert {attempts[i] for i in first} == {2}  # the killed batch was claimed twice
 
 
+@pytest.mark.subprocess
 def test_a_row_that_kills_every_worker_that_plans_it_ends_errored_alone(env, tmp_path, redis_client, dsn, plugin):
     """The rows of a killed batch are planned one at a time afterwards: the poison row spends its lease
     budget ([workers] max_attempts expiries) and ends ERRORED; its batch-mates are applied."""
@@ -138,8 +139,6 @@ def test_a_row_that_kills_every_worker_that_plans_it_ends_errored_alone(env, tmp
            "RECONCILER_NETBOX_SERVER_TIMEOUT_SECONDS": "1", "RECONCILER_WORKERS_LEASE_SECONDS": "3",
            "RECONCILER_WORKERS_MAX_ATTEMPTS": "2"}
     names = ["a", "b", "poison", "c", "d"]
-    request = pb.IngestRequest(entities=[sdk.Entity(site=sdk.Site(name=n, slug=n)) for n in names], id="r",
-                               producer_app_name="p", producer_app_version="1", sdk_name="s", sdk_version="1.0.0")
     with reconciler(env, tmp_path) as run:
         def kill_whoever_plans_the_poison(body):
             if any(e["entity"]["site"]["name"] == "poison" for e in body["entities"]):
@@ -147,7 +146,7 @@ def test_a_row_that_kills_every_worker_that_plans_it_ends_errored_alone(env, tmp
             return converge(body)
 
         plugin.default("bulk-plan-apply/", Step(answer=kill_whoever_plans_the_poison))
-        push(redis_client, [sample.stream_fields(request)])
+        push(redis_client, [sample.stream_fields(request(*sites(*names)))])
         wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs WHERE state IN (3, 7)") == len(names),
                    timeout=60, interval=0.5, what="every row applied or errored")
         run.signal(signal.SIGTERM)

@@ -61,13 +61,15 @@ def test_every_setting_has_an_env_name_of_its_section_and_key():
     ("[workers]\ncount = many\n", "[workers] count: invalid literal"),
     ("[workers]\ncount = -1\n", "[workers] count: must be >= 0"),
     ("[workers]\nauto_apply = maybe\n", "[workers] auto_apply: expected true or false"),
-    ("[workers]\ncuont = 2\n", "unknown setting [workers] cuont (known keys in [workers]: count, batch_size, auto_apply, "),
+    ("[workers]\ncuont = 2\n",
+     "unknown setting [workers] cuont (known keys in [workers]: count, batch_size, auto_apply, "),
     ("[worker]\ncount = 2\n", "unknown setting [worker] count (no section [worker])"),
     ("[redis]\nurl = http://x\n", "[redis] url: expected a URL starting with redis://"),
     ("[postgres]\nschema = Robert'); DROP\n", "[postgres] schema: expected a lower-case SQL identifier"),
     ("[log]\nlevel = loud\n", "[log] level: must be one of debug, info, warning, error"),
     ("count = 1\n", "not valid INI"),
-], ids=["not-int", "negative", "not-bool", "typo-key", "typo-section", "bad-url", "bad-schema", "bad-choice", "no-section"])
+], ids=["not-int", "negative", "not-bool", "typo-key", "typo-section", "bad-url", "bad-schema", "bad-choice",
+        "no-section"])
 def test_bad_ini_names_the_file_and_key(tmp_path, text, message):
     path = write_ini(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
@@ -76,7 +78,8 @@ def test_bad_ini_names_the_file_and_key(tmp_path, text, message):
 
 
 def test_bad_env_and_unknown_env_are_named():
-    with pytest.raises(ConfigError, match="environment RECONCILER_WORKERS_BATCH_SIZE: must be between 1 and 10000, got 0"):
+    with pytest.raises(ConfigError,
+                       match="environment RECONCILER_WORKERS_BATCH_SIZE: must be between 1 and 10000, got 0"):
         settings.load(None, {"RECONCILER_WORKERS_BATCH_SIZE": "0"})
     with pytest.raises(ConfigError, match="unknown environment variable RECONCILER_WORKER_COUNT"):
         settings.load(None, {"RECONCILER_WORKER_COUNT": "2"})
@@ -168,7 +171,8 @@ def test_print_config_masks_secrets(tmp_path, capsys, monkeypatch):
 def test_etc_reconciler_ini_lists_every_setting_with_its_default():
     assert (ROOT / "etc" / "reconciler.ini").read_text() == settings.render_ini(), \
         "etc/reconciler.ini is stale: regenerate it with `reconciler print-config --defaults`"
-    assert settings.load(str(ROOT / "etc" / "reconciler.ini"), {}).sources == {s.name: "default" for s in settings.SETTINGS}
+    assert settings.load(str(ROOT / "etc" / "reconciler.ini"), {}).sources == \
+        {s.name: "default" for s in settings.SETTINGS}
 
 
 def test_readme_configuration_table_is_generated_from_the_registry():

@@ -13,16 +13,20 @@ from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from reconciler import sample, streamentry
 from reconciler.objecttypes import ENTITY_ONEOF, OBJECT_TYPES
 
+from . import builders
+
 DEVICE = sdk.Device(name="edge-1", site=sdk.Site(name="dc-1", slug="dc-1"), role="access", serial="SN1",
                     device_type=sdk.DeviceType(model="EX4300", manufacturer=sdk.Manufacturer(name="Juniper")))
 INTERFACE = sdk.Interface(device=DEVICE, name="ge-0/0/1", type="1000base-t", enabled=True)
 
 
+# The decoder is checked against every field a client fills, a UUID id and a stream name included.
+CLIENT_FIELDS = dict(id="7f1e1c2a-0000-4000-8000-000000000001", producer_app_name="discovery",
+                     producer_app_version="1.0.0", stream="latest")
+
+
 def request(*entities, **overrides) -> pb.IngestRequest:
-    fields = dict(id="7f1e1c2a-0000-4000-8000-000000000001", producer_app_name="discovery",
-                  producer_app_version="1.0.0", sdk_name="diode-sdk-python", sdk_version="1.14.3", stream="latest")
-    fields.update(overrides)
-    return pb.IngestRequest(entities=list(entities), **fields)
+    return builders.request(*entities, **{**CLIENT_FIELDS, **overrides})
 
 
 def decode(fields, limits=streamentry.Limits()) -> streamentry.Message:
@@ -148,7 +152,8 @@ def test_hash_ignores_producer_fields_and_request_id():
     assert one.rows[0].entity_hash == two.rows[0].entity_hash
 
 
-# --- malformed and negative input (ingest-streamentry.md §5.3) ---
+# --- malformed and negative input: entries and entities from other writers than the ingester,
+# or from clients it passes through (no entity type, a member this SDK lacks, nesting Go accepts) ---
 
 GOOD = sample.stream_fields(request(sdk.Entity(device=DEVICE)), compress=False)
 
@@ -211,7 +216,8 @@ def _nested_interfaces(depth: int) -> bytes:
 
 def test_one_bad_entity_never_costs_the_others():
     good = sdk.Entity(device=DEVICE).SerializeToString()
-    bad_utf8 = pb.Entity(site=pb.Site(name="placeholder")).SerializeToString().replace(b"placeholder", b"bad\xff\xfename!")
+    bad_utf8 = (pb.Entity(site=pb.Site(name="placeholder")).SerializeToString()
+                .replace(b"placeholder", b"bad\xff\xfename!"))
     too_deep = _nested_interfaces(120)  # protobuf-python refuses nesting deeper than 100 (Go accepts it)
     no_type = pb.Entity(timestamp={"seconds": 1}).SerializeToString()
     unknown_type = b"\xe2\x06\x02\x08\x01"  # Entity field 108 (a member this schema lacks)
