@@ -8,7 +8,7 @@ Two measurements in one run, printed as figures and ratios:
     /bulk-plan-apply/ at once with a change set of three changes (one create, two noops), so the
     workers' own cost shows: claim, protojson, HTTP, decisions, COPY of change sets and changes,
     bulk state update. 1, 2 and 4 worker processes (the production role) drain the same queue.
-    The ceiling, in the same run (issue 11): a bare loop drains the same queue from the same
+    The ceiling, in the same run (issue 10): a bare loop drains the same queue from the same
     instant plugin before the workers and again after them, in this process, with one connection
     and no supervisor, Manager, metrics, rate limiter, decisions or error handling: per batch it
     runs the workers' statements by name through reconciler.db.Database -- claim_batch (committed),
