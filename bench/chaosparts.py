@@ -29,6 +29,7 @@ import orjson
 import psycopg2
 import redis
 
+from reconciler.sharedcache import MANAGER_TITLE
 from reconciler.streamentry import ENTITIES_FIELD, fields_of, length_delimited
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -792,15 +793,14 @@ class Service:
         if not self.running:
             return {}
         return {proc.role: proc for proc in children(self.pid)
-                if proc.role and proc.role != "supervisor" and proc.state != "Z"}
+                if proc.role and proc.role not in ("supervisor", MANAGER_TITLE) and proc.state != "Z"}
 
     def manager(self) -> Proc | None:
-        """The multiprocessing Manager: the supervisor's child that carries no role title of its own."""
+        """The multiprocessing Manager of the shared cache, by its process title."""
         if not self.running:
             return None
-        others = [proc for proc in children(self.pid) if proc.state != "Z" and
-                  (proc.role is None or proc.role == "supervisor")]
-        return others[0] if len(others) == 1 else None
+        found = [proc for proc in children(self.pid) if proc.state != "Z" and proc.role == MANAGER_TITLE]
+        return found[0] if len(found) == 1 else None
 
     def stop(self, timeout: float) -> int | None:
         """SIGTERM to the supervisor alone (systemd's KillMode=mixed); its exit code, None if it hung."""

@@ -28,6 +28,8 @@ from .roles import set_title
 # forkserver, which would pickle them.
 MP = multiprocessing.get_context("fork")
 
+MANAGER_TITLE = "shared cache"  # the Manager's process title: `reconciler: shared cache`
+
 # Errors a proxy raises when the Manager process is gone.
 PROXY_ERRORS = (BrokenPipeError, EOFError, ConnectionError, FileNotFoundError)
 
@@ -42,7 +44,7 @@ def _manager_init(supervisor: int) -> None:
     have drained (they are shut down last, explicitly). But a SIGKILLed supervisor cannot shut it
     down at all, so the kernel is asked to kill it when its parent dies.
     """
-    set_title("shared cache")  # its own line in ps and `systemctl status`
+    set_title(MANAGER_TITLE)  # its own line in ps and `systemctl status`
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
