@@ -223,9 +223,9 @@ def stream_backlog(lag: int, pending: int) -> None:
 def backpressure(paused: bool, started: bool) -> None:
     """The refresher's backpressure decision; `started`: the workers were running until now."""
     m = _objects()
-    m.paused.set(1 if paused else 0)
-    if started:
+    if started:  # counted first: a scrape that sees the workers paused sees this pause counted
         m.pauses.inc()
+    m.paused.set(1 if paused else 0)
 
 
 # --- drift checks ---
