@@ -29,7 +29,7 @@ from typing import Callable
 import redis
 import urllib3
 
-from . import sharedcache as shared_state
+from . import sharedcache
 from .db import Database
 from .errors import DatabaseError
 from .roles import STOP_SIGNALS
@@ -104,8 +104,8 @@ def check_branch(cache) -> str | None:
     if cache is None:
         return "the shared cache is being restarted"
     try:
-        view = shared_state.read(cache)
-    except shared_state.PROXY_ERRORS as exc:
+        view = sharedcache.read(cache)
+    except sharedcache.PROXY_ERRORS as exc:
         return f"the shared cache is unreachable: {exc!r}"
     if view.branch_known:
         return None
