@@ -130,8 +130,8 @@ def _record_bare(database: Database, owner: str, rows: list[tuple], change_sets:
             return
         first = tx.fetchall("allocate_change_set_ids")[0][0]
         tx.copy("copy_change_sets", pgcopy.stream([
-            b"".join((pgcopy.tuple_start(5), pgcopy.bigint(first + k), pgcopy.text(str(cs["id"])),
-                      pgcopy.bigint(row[0]), pgcopy.NULL, pgcopy.text(row[1])))
+            b"".join((pgcopy.tuple_start(7), pgcopy.bigint(first + k), pgcopy.text(str(cs["id"])),
+                      pgcopy.bigint(row[0]), pgcopy.NULL, pgcopy.text(row[1]), pgcopy.NULL, pgcopy.NULL))
             for k, (row, cs) in enumerate(sets)]))
         texts: dict[str, bytes] = {}  # change and object types repeat: each encoded once per batch
 

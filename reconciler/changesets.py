@@ -1,5 +1,7 @@
 """The shape of the plugin's change sets, as the worker relies on it: read by the pure decisions
-(outcomes.py) and by the plugin client, which must not send an unreadable one to apply-change-set/.
+(outcomes.py), by the plugin client, which must not send an unreadable one to apply-change-set/,
+and by the review's apply (applier.py), which applies a reviewed plan only if a fresh one makes the
+same changes.
 
 A change set is `{"id", "branch": {"id", "name"} | None, "changes": [change, ...]}`; a change is
 `{"change_type": "create"|"update"|"noop", "object_type", "object_primary_value", "object_id",
@@ -38,3 +40,51 @@ def has_changes(change_set: dict | None) -> bool:
     """A plan counts as changes unless it is empty or only noops (referenced objects that exist)."""
     changes = (change_set or {}).get("changes") or []
     return any(change.get("change_type") != "noop" for change in changes)
+
+
+def same_changes(reviewed: list[dict], fresh: list[dict]) -> bool:
+    """Whether a fresh plan makes the changes a reviewed one made. The plugin checks nothing at apply
+    time (the last writer wins, a create that collides binds without storing its fields), so a
+    reviewed plan is only applied when planning again now gives the same one: the same changes in the
+    same order, each creating or updating the same object with the same data; an update also over the
+    same values it replaces (its `before`, for the fields it writes: a field edited by hand since the
+    review makes it stale, one it does not write does not). Change ids and `new_object:` refs are new
+    on every plan and compared by position; noops only by the object they name."""
+    return _comparable(reviewed) == _comparable(fresh)
+
+
+def _comparable(changes: list[dict]) -> list[tuple]:
+    refs: dict[str, str] = {}
+    for change in changes:
+        ref = change.get("ref_id")
+        if change.get("change_type") == "create" and isinstance(ref, str):
+            refs.setdefault(ref, f"new_object#{len(refs)}")
+
+    def same_refs(value: Any) -> Any:
+        if isinstance(value, str):
+            return refs.get(value, value)
+        if isinstance(value, list):
+            return [same_refs(item) for item in value]
+        if isinstance(value, dict):
+            return {key: same_refs(item) for key, item in value.items()}
+        return value
+
+    comparable: list[tuple] = []
+    for change in changes:
+        kind = change.get("change_type")
+        target = (kind, change.get("object_type"), change.get("object_id"), same_refs(change.get("ref_id")))
+        if kind == "noop":
+            comparable.append(target)
+            continue
+        data = change.get("data") or {}
+        before = change.get("before") or {}
+        replaced = {key: before.get(key) for key in data} if kind == "update" else None
+        comparable.append(target + (same_refs(data), sorted(str(path) for path in change.get("new_refs") or []),
+                                    replaced))
+    return comparable
+
+
+def dropped_fields(apply_warnings: list | None) -> list[dict]:
+    """The warnings of an apply that say a create bound to an existing object without storing its
+    fields: what was reviewed did not all land, and only a new plan can say what is left."""
+    return [warning for warning in apply_warnings or [] if isinstance(warning, dict) and warning.get("fields")]

@@ -27,6 +27,7 @@ import orjson
 
 from . import pgcopy, states
 from .db import Database, Tx
+from .text import json_text
 
 KEEP_CHANGE_SETS = 5
 LOST, KEEP = True, None  # Decision.answer_lost: what becomes of the row's answer_lost_at
@@ -62,6 +63,8 @@ class ChangeSet:
     branch_id: str | None
     deviation_name: str
     changes: list[dict] = field(default_factory=list)
+    plan_warnings: dict | None = None  # {object_type: {field: [message]}}: what the plan ignored
+    apply_warnings: list | None = None  # [{object_type, object_id, fields, message}]: what the apply did not store
 
 
 @dataclass
@@ -117,14 +120,19 @@ def record(db: Database, owner: str, branch_scope: str, decisions: list[Decision
     they are pruned to the newest KEEP_CHANGE_SETS, which spares the query on first plans.
     """
     with db.transaction() as tx:
-        written = _finish_rows(tx, owner, branch_scope, decisions)
-        kept = [d for d in decisions if d.row_id in written]
-        clones = _clone_drift(tx, branch_scope, [d for d in kept if d.drift_state is not None])
-        sets = [(clones.get(d.row_id, d.row_id), d.change_set) for d in kept if d.change_set is not None]
-        _store_change_sets(tx, sets)
-        prune = sorted({log_id for log_id, _ in sets} & planned_before)
-        if prune:
-            tx.execute("keep_latest_change_sets", {"ids": prune, "keep": KEEP_CHANGE_SETS})
+        return write(tx, owner, branch_scope, decisions, planned_before)
+
+
+def write(tx: Tx, owner: str, branch_scope: str, decisions: list[Decision], planned_before: set[int]) -> set[int]:
+    """`record` within a transaction of the caller's (the review's apply adds its audit trail to it)."""
+    written = _finish_rows(tx, owner, branch_scope, decisions)
+    kept = [d for d in decisions if d.row_id in written]
+    clones = _clone_drift(tx, branch_scope, [d for d in kept if d.drift_state is not None])
+    sets = [(clones.get(d.row_id, d.row_id), d.change_set) for d in kept if d.change_set is not None]
+    _store_change_sets(tx, sets)
+    prune = sorted({log_id for log_id, _ in sets} & planned_before)
+    if prune:
+        tx.execute("keep_latest_change_sets", {"ids": prune, "keep": KEEP_CHANGE_SETS})
     return written
 
 
@@ -140,10 +148,6 @@ def end_leases(db: Database, owner: str, request_seconds: float, max_attempts: i
     return {row_id for row_id, in ended}, [Released(*row) for row in released]
 
 
-def _json(value) -> str | None:
-    return None if value is None else orjson.dumps(value).decode()
-
-
 def _finish_rows(tx: Tx, owner: str, branch_scope: str, decisions: list[Decision]) -> set[int]:
     decisions = sorted(decisions, key=lambda d: d.row_id)  # rows are locked in this order
     drift = [d.drift_state is not None for d in decisions]
@@ -151,7 +155,7 @@ def _finish_rows(tx: Tx, owner: str, branch_scope: str, decisions: list[Decision
         "owner": owner, "branch": branch_scope,
         "ids": [d.row_id for d in decisions],
         "states": [states.APPLIED if moved else d.state for d, moved in zip(decisions, drift)],
-        "errors": [None if moved else _json(d.error) for d, moved in zip(decisions, drift)],
+        "errors": [None if moved else json_text(d.error) for d, moved in zip(decisions, drift)],
         "retry_in": [d.retry_in for d in decisions],
         "superseded": drift,
         "answer_lost": [d.answer_lost for d in decisions],
@@ -168,7 +172,7 @@ def _clone_drift(tx: Tx, branch_scope: str, decisions: list[Decision]) -> dict[i
         return {}
     rows = tx.fetchall("clone_for_drift", {
         "ids": [d.row_id for d in decisions], "states": [d.drift_state for d in decisions],
-        "errors": [_json(d.error) for d in decisions], "branch": branch_scope, "now_ns": time.time_ns()})
+        "errors": [json_text(d.error) for d in decisions], "branch": branch_scope, "now_ns": time.time_ns()})
     return {prior: clone for clone, prior in rows}
 
 
@@ -186,9 +190,10 @@ def _store_change_sets(tx: Tx, sets: list[tuple[int, ChangeSet]]) -> None:
 
 
 def _change_set_tuple(change_set_id: int, log_id: int, change_set: ChangeSet) -> bytes:
-    return b"".join((pgcopy.tuple_start(5), pgcopy.bigint(change_set_id), pgcopy.text(change_set.external_id),
+    return b"".join((pgcopy.tuple_start(7), pgcopy.bigint(change_set_id), pgcopy.text(change_set.external_id),
                      pgcopy.bigint(log_id), pgcopy.nullable_text(change_set.branch_id),
-                     pgcopy.text(change_set.deviation_name)))
+                     pgcopy.text(change_set.deviation_name), pgcopy.jsonb(_document(change_set.plan_warnings or None)),
+                     pgcopy.jsonb(_document(change_set.apply_warnings or None))))
 
 
 def _fitting(value, bits: int) -> int | None:

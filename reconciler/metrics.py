@@ -60,6 +60,10 @@ class _Metrics:
         self.claimed = C("reconciler_rows_claimed", "Rows claimed by poll workers.", ["object_type"], registry=None)
         self.rows = C("reconciler_rows", "Rows' recorded outcomes by object type and state: planned (OPEN, plan-only), "
                       "applied, no_changes, failed, pending_retry, errored.", ["object_type", "state"], registry=None)
+        self.warnings = C("reconciler_plugin_warnings", "The plugin's warnings on recorded change sets, by kind "
+                          "(plan: a field it ignored; apply: a create it resolved onto an existing object without "
+                          "storing its fields) and the object type they name.", ["kind", "object_type"],
+                          registry=None)
         # plugin client (workers and refresher)
         self.latency = H("reconciler_plugin_request_duration_seconds", "Plugin HTTP requests, from sending to the "
                          "whole answer read, by endpoint.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=None)
@@ -198,6 +202,20 @@ def decided(outcomes: Iterable[tuple[str, int]]) -> None:
     rows = _objects().rows
     for (object_type, state), n in Counter(outcomes).items():
         rows.labels(object_type, OUTCOME_LABELS.get(state) or states.NAMES.get(state, str(state)).lower()).inc(n)
+
+
+def warned(plan_warnings: Iterable[dict], apply_warnings: Iterable[list]) -> None:
+    """The warnings of one batch's recorded change sets: one per field a plan ignored, one per create an
+    apply resolved onto an existing object."""
+    counts: Counter = Counter()
+    for warnings in plan_warnings:
+        for object_type, fields in warnings.items():
+            counts[("plan", str(object_type))] += len(fields) if isinstance(fields, dict) else 1
+    for applied in apply_warnings:
+        counts.update(("apply", str(w.get("object_type", ""))) for w in applied)
+    metric = _objects().warnings
+    for (kind, object_type), n in counts.items():
+        metric.labels(kind, object_type).inc(n)
 
 
 # --- plugin client ---

@@ -33,10 +33,11 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from google.protobuf.message import DecodeError
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 from netboxlabs.diode.sdk.ingester import PRIMARY_VALUE_MAP
 
-from . import backoff, states
+from . import backoff, protojson, states
 from .changesets import error_leaves, has_changes, malformed_change_set
 from .claims import KEEP, LOST, ChangeSet, Claimed, Decision
 from .objecttypes import DISPLAY_NAMES, MEMBERS
@@ -51,6 +52,11 @@ class RetryPolicy:
     max_attempts: int
     base_seconds: float
     max_seconds: float
+
+    @classmethod
+    def of(cls, workers) -> RetryPolicy:
+        """The policy [workers] sets."""
+        return cls(workers.max_attempts, workers.retry_base_seconds, workers.retry_max_seconds)
 
     def delay(self, attempts: int) -> float:
         return backoff.delay(attempts, self.base_seconds, self.max_seconds)
@@ -121,12 +127,29 @@ def placeholder(row: Claimed, entity: dict | None, branch_id: str | None) -> Cha
 # --- decisions ---
 
 
-def _stored_change_set(row: Claimed, change_set: dict) -> ChangeSet:
+def stored_change_set(object_type: str, change_set: dict, apply_warnings: list | None = None) -> ChangeSet:
+    """A plan as stored, with the plugin's warnings on it (plan warnings come in the change set, those
+    of an apply beside it)."""
     branch = change_set.get("branch")
     branch_id = f"{branch.get('name')} ({branch.get('id')})" if isinstance(branch, dict) else None
     changes = change_set.get("changes") or []
-    return ChangeSet(str(change_set.get("id") or uuid.uuid4()), branch_id,
-                     deviation_name(row.object_type, changes), changes)
+    plan_warnings = change_set.get("warnings")
+    return ChangeSet(str(change_set.get("id") or uuid.uuid4()), branch_id, deviation_name(object_type, changes),
+                     changes, plan_warnings=plan_warnings if isinstance(plan_warnings, dict) else None,
+                     apply_warnings=[w for w in apply_warnings or [] if isinstance(w, dict)] or None)
+
+
+def entities(rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:
+    """Each row's entity as protojson with proto field names, as the plugin reads it; a row whose
+    stored bytes do not parse fails."""
+    parsed, failed = {}, []
+    for row in rows:
+        try:
+            parsed[row.id] = pb.Entity.FromString(row.entity)
+        except (DecodeError, UnicodeDecodeError) as exc:
+            failure = error(f"the stored entity is not a valid diode.v1.Entity: {exc}", "ERR_INTERNAL")
+            failed.append(plan_failed(row, failure, None, None))
+    return dict(zip(parsed, protojson.batch_to_dicts(list(parsed.values())))), failed
 
 
 def plan_failed(row: Claimed, failure: dict, entity: dict | None, branch_id: str | None) -> Decision:
@@ -161,7 +184,7 @@ def decide(row: Claimed, result: Result | None, apply: bool, entity: dict | None
         return Decision(row.id, states.NO_CHANGES)
     if apply and result.apply_transient:
         return unavailable(row, f"apply failed in NetBox's database: {_flatten(result.apply_errors)[0]}", retry)
-    change_set = _stored_change_set(row, result.change_set)
+    change_set = stored_change_set(row.object_type, result.change_set, result.warnings if apply else None)
     if not apply:
         state, failure = states.OPEN, None
     elif result.apply_errors:

@@ -29,7 +29,7 @@ import email.utils
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import orjson
 import urllib3
@@ -273,6 +273,21 @@ class PluginClient:
         """Plan and apply (bulk-plan-apply/, or generate-diff/ + apply-change-set/ per entity)."""
         return self._bulk_or_single("bulk-plan-apply/", items, branch, apply=True, deadline=deadline)
 
+    def apply(self, change_sets: dict[int, dict], branch: str | None,
+              deadline: float | None = None) -> dict[int, Result]:
+        """Apply stored change sets, keyed by their row ids (bulk-apply/, or apply-change-set/ one by one on
+        plugins older than 1.12); results carry apply_errors and warnings. Never sent twice once the
+        plugin may have got them: an apply whose answer is lost is left to a fresh plan."""
+        ids = list(change_sets)
+        if self._bulk is not False:
+            response = self._call("POST", "bulk-apply/", {"change_sets": [change_sets[i] for i in ids]}, branch,
+                                  deadline, replay_safe=False)
+            if response.status != 404:
+                self._bulk = True
+                return self._bulk_apply_results(response, ids)
+            self._no_bulk_endpoints("bulk-apply/")
+        return self._each(ids, lambda row_id: self._apply_one(row_id, change_sets[row_id], branch, deadline))
+
     # --- bulk and single-entity paths ---
 
     def _bulk_or_single(self, path: str, items: list[Item], branch: str | None, apply: bool,
@@ -282,11 +297,16 @@ class PluginClient:
             if response.status != 404:
                 self._bulk = True
                 return self._bulk_results(response, path, items, apply)
-            if self._bulk is True and self.api == "bulk":
-                raise Unavailable(f"{path} answered 404: is [netbox] url the plugin API base?")
-            log.warning("%s answered 404: the plugin is older than 1.12; using generate-diff/ per entity", path)
-            self._bulk = False
-        return self._singles(items, branch, apply, deadline)
+            self._no_bulk_endpoints(path)
+        by_id = {item.id: item for item in items}
+        return self._each(list(by_id), lambda row_id: self._single(by_id[row_id], branch, apply, deadline))
+
+    def _no_bulk_endpoints(self, path: str) -> None:
+        """A bulk endpoint answered 404: the plugin is older than 1.12 (unless [netbox] api = bulk)."""
+        if self._bulk is True and self.api == "bulk":
+            raise Unavailable(f"{path} answered 404: is [netbox] url the plugin API base?")
+        log.warning("%s answered 404: the plugin is older than 1.12; using its single-entity endpoints", path)
+        self._bulk = False
 
     def _bulk_results(self, response: Response, path: str, items: list[Item], apply: bool) -> dict[int, Result]:
         if response.status == 400 and _is_json(response):
@@ -304,23 +324,21 @@ class PluginClient:
                 results[result.id] = result
         return results
 
-    def _singles(self, items: list[Item], branch: str | None, apply: bool,
-                 deadline: float | None) -> dict[int, Result]:
-        """One entity after the other. Once the plugin cannot be asked (down, a stop, the deadline), the
-        entities not done are reported unavailable; those done keep their results (some may be applied)."""
+    def _each(self, ids: list[int], one: Callable[[int], Result]) -> dict[int, Result]:
+        """One row after the other. Once the plugin cannot be asked (down, a stop, the deadline), the
+        rows not done are reported unavailable; those done keep their results (some may be applied)."""
         results: dict[int, Result] = {}
-        for position, item in enumerate(items):
+        for position, row_id in enumerate(ids):
             try:
-                results[item.id] = self._single(item, branch, apply, deadline)
+                results[row_id] = one(row_id)
             except Unavailable as exc:
                 if not results and not isinstance(exc, AnswerLost):
                     raise
                 first_unsent = position if isinstance(exc, NotSent) else position + 1
-                if first_unsent > position:  # this entity's request may have reached the plugin
-                    results[item.id] = Result(item.id, unavailable=str(exc), answer_lost=isinstance(exc, AnswerLost),
-                                              running_until=getattr(exc, "until", None))
-                results.update((rest.id, Result(rest.id, unavailable=str(exc), sent=False))
-                               for rest in items[first_unsent:])
+                if first_unsent > position:  # this row's request may have reached the plugin
+                    results[row_id] = Result(row_id, unavailable=str(exc), answer_lost=isinstance(exc, AnswerLost),
+                                             running_until=getattr(exc, "until", None))
+                results.update((rest, Result(rest, unavailable=str(exc), sent=False)) for rest in ids[first_unsent:])
                 break
         return results
 
@@ -331,17 +349,43 @@ class PluginClient:
             raise Unavailable("generate-diff/ answered 404: no diode plugin API at [netbox] url")
         body = self._expect_json(planned, "generate-diff", accept=(200, 400))
         result = Result(item.id, change_set=body.get("change_set"), plan_errors=body.get("errors"))
-        if not apply or result.plan_errors or malformed_change_set(result.change_set) \
-                or not (result.change_set or {}).get("changes"):
+        change_set = result.change_set
+        if not apply or result.plan_errors or malformed_change_set(change_set) or not (change_set or {}).get("changes"):
             return result
+        assert change_set is not None  # it has changes
+        applied = self._apply_one(item.id, change_set, branch, deadline)
+        result.apply_errors, result.apply_transient = applied.apply_errors, applied.apply_transient
+        result.warnings = applied.warnings
+        return result
+
+    def _apply_one(self, row_id: int, change_set: dict, branch: str | None, deadline: float | None) -> Result:
         # Not repeated once it may have reached the plugin (a timeout, a 5xx): replaying an old change
         # set can create an object twice. The entity is planned afresh later instead.
-        applied = self._call("POST", "apply-change-set/", result.change_set, branch, deadline, replay_safe=False)
+        applied = self._call("POST", "apply-change-set/", change_set, branch, deadline, replay_safe=False)
         answer = self._expect_json(applied, "apply-change-set", accept=(200, 400))
-        result.apply_errors = answer.get("errors")
-        result.apply_transient = transient_apply_errors(result.apply_errors)
-        result.warnings = answer.get("warnings") or []
-        return result
+        errors = answer.get("errors")
+        return Result(row_id, apply_errors=errors, apply_transient=transient_apply_errors(errors),
+                      warnings=_warning_list(answer.get("warnings")))
+
+    def _bulk_apply_results(self, response: Response, ids: list[int]) -> dict[int, Result]:
+        """bulk-apply/'s results, correlated by position (the plugin answers some failures under ids of its
+        own). A result missing from the answer is one whose outcome is unknown."""
+        if response.status == 400 and _is_json(response):  # the whole envelope was refused: nothing applied
+            refused = {"request": response.json()}
+            return {row_id: Result(row_id, apply_errors=refused) for row_id in ids}
+        raw_results = self._expect_json(response, "bulk-apply/").get("results")
+        if not isinstance(raw_results, list):
+            raise AnswerLost(f"bulk-apply/ answered HTTP {response.status} without a results list")
+        results = {}
+        for row_id, raw in zip(ids, raw_results):
+            errors = raw.get("errors") if isinstance(raw, dict) else {"request": {"__all__": [repr(raw)[:200]]}}
+            results[row_id] = Result(row_id, apply_errors=errors, warnings=_warning_list(
+                raw.get("warnings") if isinstance(raw, dict) else None),
+                apply_transient=transient_apply_errors(errors) or _bulk_apply_deadlock(errors))
+        for row_id in ids[len(raw_results):]:
+            results[row_id] = Result(row_id, unavailable="bulk-apply/ answered without a result for this change set",
+                                     answer_lost=True)
+        return results
 
     def _expect_json(self, response: Response, what: str, accept=(200, 207)) -> Any:
         """The answer as a JSON object; a 2xx that is not one is an answer lost (the plugin did the work)."""
@@ -486,6 +530,19 @@ def _parse_result(raw: Any, apply: bool) -> Result | None:
     else:
         result.plan_errors = errors
     return result
+
+
+def _warning_list(warnings: Any) -> list:
+    return [w for w in warnings if isinstance(w, dict)] if isinstance(warnings, list) else []
+
+
+def _bulk_apply_deadlock(errors: Any) -> bool:
+    """Whether bulk-apply/ failed a change set only on a Postgres deadlock, rolled back and worth another
+    try. It has no stable code for that (bulk-plan-apply/ has, see TRANSIENT_APPLY_ERRORS): the
+    exception's text, "invalid change_set: deadlock detected ...", is all it says."""
+    leaves = error_leaves(errors)
+    return bool(leaves) and all(path == "request.change_set" and "deadlock detected" in str(message)
+                                for path, message in leaves)
 
 
 def _row_id(echoed: Any) -> int | None:

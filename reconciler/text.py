@@ -5,6 +5,7 @@
 - Postgres text and jsonb cannot hold U+0000, yet an entity, the plugin's echo of it or an
   exception's message may carry one: `without_nul` replaces it with U+FFFD everywhere, so what is
   stored still shows that something was there.
+- Values for jsonb parameters (errors, warnings, audit details) go as JSON text through `json_text`.
 - Error messages (libpq's span several lines, indented with tabs) go into one-line log fields,
   table cells and status reports through `one_line`.
 """
@@ -12,6 +13,8 @@
 from __future__ import annotations
 
 from typing import Any
+
+import orjson
 
 
 def as_text(value: Any) -> Any:
@@ -44,3 +47,8 @@ def one_line(message: str, width: int | None = None, max_lines: int | None = Non
     if width is not None and len(line) > width:
         return line[:width - 1] + "…"
     return line
+
+
+def json_text(value: Any) -> str | None:
+    """A value as JSON text for a jsonb parameter; None stays NULL."""
+    return None if value is None else orjson.dumps(value).decode()

@@ -20,10 +20,7 @@ import os
 import socket
 import time
 
-from google.protobuf.message import DecodeError
-from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
-
-from . import claims, metrics, outcomes, protojson, sharedcache, states
+from . import claims, metrics, outcomes, sharedcache, states
 from .claims import Claimed, Decision
 from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
@@ -51,8 +48,7 @@ class Worker(Role):
         self.name = f"worker {index}"
         self.index, self.cache, self.limiter = index, cache, limiter
         self.apply = config.workers.auto_apply
-        self.retry = RetryPolicy(config.workers.max_attempts, config.workers.retry_base_seconds,
-                                 config.workers.retry_max_seconds)
+        self.retry = RetryPolicy.of(config.workers)
         self.plugin: PluginClient  # boot() opens it
         self.owner = ""
         self._next_sweep = 0.0
@@ -142,7 +138,7 @@ class Worker(Role):
 
     def _process(self, rows: list[Claimed], view: sharedcache.View, deadline: float) -> None:
         metrics.claimed(row.object_type for row in rows)
-        entities, decisions = self._entities(rows)
+        entities, decisions = outcomes.entities(rows)
         items = [Item(row.id, row.object_type, entities[row.id]) for row in rows if row.id in entities]
         if items:
             decisions += self._ask_plugin(items, rows, view, deadline)
@@ -161,17 +157,6 @@ class Worker(Role):
         if until:
             self.link.sent.value = True
         super().in_flight(max(until, self._unrecorded_until))
-
-    def _entities(self, rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:
-        """Each row's entity as protojson with proto field names; a row whose bytes do not parse fails."""
-        parsed, failed = {}, []
-        for row in rows:
-            try:
-                parsed[row.id] = pb.Entity.FromString(row.entity)
-            except (DecodeError, UnicodeDecodeError) as exc:
-                failure = outcomes.error(f"the stored entity is not a valid diode.v1.Entity: {exc}", "ERR_INTERNAL")
-                failed.append(outcomes.plan_failed(row, failure, None, None))
-        return dict(zip(parsed, protojson.batch_to_dicts(list(parsed.values())))), failed
 
     def _ask_plugin(self, items: list[Item], rows: list[Claimed], view: sharedcache.View,
                     deadline: float) -> list[Decision]:
@@ -227,6 +212,9 @@ class Worker(Role):
             self._counts[state] = self._counts.get(state, 0) + 1
             recorded.append((object_types[decision.row_id], state))
         metrics.decided(recorded)
+        stored = [d.change_set for d in written if d.change_set is not None]
+        metrics.warned([cs.plan_warnings for cs in stored if cs.plan_warnings],
+                       [cs.apply_warnings for cs in stored if cs.apply_warnings])
         return unrecorded
 
     def _record(self, decisions: list[Decision], branch_scope: str,

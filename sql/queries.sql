@@ -257,7 +257,9 @@ RETURNING id, drift_of;
 SELECT nextval(pg_get_serial_sequence('change_sets', 'id'));
 
 -- copy_change_sets --
-COPY change_sets (id, external_id, ingestion_log_id, branch_id, deviation_name) FROM STDIN WITH (FORMAT binary);
+-- Warnings are NULL when the plugin gave none (migration 0011).
+COPY change_sets (id, external_id, ingestion_log_id, branch_id, deviation_name, plan_warnings, apply_warnings)
+FROM STDIN WITH (FORMAT binary);
 
 -- copy_changes --
 COPY changes (external_id, change_set_id, change_type, object_type, object_primary_value, object_id, ref_id,
@@ -520,3 +522,142 @@ SELECT c.high_water, c.trusted_since, c.read_at, c.failing_since, c.failure_kind
        (SELECT count(*) FROM ingestion_logs WHERE state = 10 /* CHECKING */),
        now() - c.high_water
 FROM change_log AS c;
+
+-- deviations_page --
+-- `reconciler deviations list` (and the rows `apply --all` and `ignore --all` act on): the rows the
+-- filters match, newest first, %(limit)s of them (NULL: all) before id %(before)s (NULL: from the
+-- newest), each with its latest change set: its name, branch, warnings and changes counted by type
+-- (noops left out: they change nothing). "Planned" is when the claim that made its plan was taken
+-- (planned_at, 0010), or when the row arrived if it was never planned. The filters, all optional
+-- but the states: object type; planned within %(since)s seconds; branch, by name or id ("main": no
+-- branch); producer app name; %(name)s, an ILIKE pattern on the change set's name; and %(ids)s.
+SELECT l.id, l.state, l.object_type, cs.deviation_name, l.planned_branch, l.producer_app_name,
+       coalesce(l.planned_at, l.created_at), extract(epoch FROM now() - coalesce(l.planned_at, l.created_at))::float8,
+       l.is_head, cs.id,
+       coalesce((SELECT json_object_agg(t.change_type, t.n ORDER BY t.change_type)
+                 FROM (SELECT change_type, count(*) AS n FROM changes
+                       WHERE change_set_id = cs.id AND change_type <> 'noop' GROUP BY change_type) AS t), '{}'::json),
+       cs.plan_warnings IS NOT NULL OR cs.apply_warnings IS NOT NULL
+FROM ingestion_logs AS l
+LEFT JOIN LATERAL (SELECT id, deviation_name, plan_warnings, apply_warnings FROM change_sets
+                   WHERE ingestion_log_id = l.id ORDER BY id DESC LIMIT 1) AS cs ON true
+WHERE l.state = ANY(%(states)s::smallint[])
+  AND (%(before)s::bigint IS NULL OR l.id < %(before)s::bigint)
+  AND (%(object_type)s::text IS NULL OR l.object_type = %(object_type)s::text)
+  AND (%(since)s::float8 IS NULL OR coalesce(l.planned_at, l.created_at) >= now() - %(since)s::float8 * interval '1 second')
+  AND (%(branch)s::text IS NULL OR coalesce(l.planned_branch, '') = CASE WHEN %(branch)s::text = 'main' THEN '' END
+       OR l.planned_branch = %(branch)s::text OR substring(l.planned_branch FROM '^(.*) \([^()]*\)$') = %(branch)s::text
+       OR substring(l.planned_branch FROM '\(([^()]*)\)$') = %(branch)s::text)
+  AND (%(producer)s::text IS NULL OR l.producer_app_name = %(producer)s::text)
+  AND (%(name)s::text IS NULL OR cs.deviation_name ILIKE %(name)s::text)
+  AND (%(ids)s::bigint[] IS NULL OR l.id = ANY(%(ids)s::bigint[]))
+ORDER BY l.id DESC
+LIMIT %(limit)s::bigint;
+
+-- deviations_tally --
+-- How many rows deviations_page's filters match (without its paging), by state and object type.
+SELECT l.state, l.object_type, count(*)
+FROM ingestion_logs AS l
+LEFT JOIN LATERAL (SELECT deviation_name FROM change_sets
+                   WHERE ingestion_log_id = l.id ORDER BY id DESC LIMIT 1) AS cs ON true
+WHERE l.state = ANY(%(states)s::smallint[])
+  AND (%(object_type)s::text IS NULL OR l.object_type = %(object_type)s::text)
+  AND (%(since)s::float8 IS NULL OR coalesce(l.planned_at, l.created_at) >= now() - %(since)s::float8 * interval '1 second')
+  AND (%(branch)s::text IS NULL OR coalesce(l.planned_branch, '') = CASE WHEN %(branch)s::text = 'main' THEN '' END
+       OR l.planned_branch = %(branch)s::text OR substring(l.planned_branch FROM '^(.*) \([^()]*\)$') = %(branch)s::text
+       OR substring(l.planned_branch FROM '\(([^()]*)\)$') = %(branch)s::text)
+  AND (%(producer)s::text IS NULL OR l.producer_app_name = %(producer)s::text)
+  AND (%(name)s::text IS NULL OR cs.deviation_name ILIKE %(name)s::text)
+  AND (%(ids)s::bigint[] IS NULL OR l.id = ANY(%(ids)s::bigint[]))
+GROUP BY l.state, l.object_type
+ORDER BY l.state, l.object_type;
+
+-- review_targets --
+-- The rows an operator named by id, as they are now: whether they exist, their state, whether
+-- they are the current row of their entity and whether a worker or an apply holds them.
+SELECT id, state, is_head, lease_owner IS NOT NULL FROM ingestion_logs WHERE id = ANY(%(ids)s::bigint[]);
+
+-- claim_for_apply --
+-- OPEN rows for one `deviations apply` run, leased like a worker's claim (claim_batch) and committed
+-- before the plugin is asked, so no worker, no other apply and no ignore can act on them meanwhile;
+-- a row someone else holds is skipped (SKIP LOCKED, and a lease). APPLYING while the apply may be
+-- in flight: if the run dies holding them, the lease sweep sends them to QUEUED with answer_lost_at,
+-- to be planned afresh, never applied again. attempts start again at 0: what they counted (plan
+-- attempts) is done. The row's latest change set, the one reviewed, comes along.
+WITH picked AS (
+    SELECT id FROM ingestion_logs
+    WHERE id = ANY(%(ids)s::bigint[]) AND state = 2 /* OPEN */ AND lease_owner IS NULL
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE ingestion_logs AS l
+SET state = 8 /* APPLYING */, lease_owner = %(owner)s,
+    lease_expires_at = now() + %(lease_seconds)s::float8 * interval '1 second',
+    attempts = 0, claimed_at = now(), updated_at = now()
+FROM picked
+WHERE l.id = picked.id
+RETURNING l.id, l.object_type, l.entity, coalesce(l.planned_branch, ''), l.answer_lost_at,
+          (SELECT row_to_json(cs) FROM (SELECT id, external_id, branch_id, deviation_name FROM change_sets
+                                        WHERE ingestion_log_id = l.id ORDER BY id DESC LIMIT 1) AS cs),
+          (SELECT coalesce(json_agg(row_to_json(c) ORDER BY c.sequence_number), '[]'::json)
+           FROM changes AS c
+           WHERE c.change_set_id = (SELECT max(id) FROM change_sets WHERE ingestion_log_id = l.id));
+
+-- release_apply_claims --
+-- Claimed rows an apply did not change (the plugin could not be asked, or refused the apply in a
+-- way that rolled it back) go back to OPEN as they were.
+UPDATE ingestion_logs
+SET state = 2 /* OPEN */, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
+
+-- note_apply_warnings --
+-- What an apply reported on the change set it applied (migration 0011).
+UPDATE change_sets AS cs SET apply_warnings = u.warnings, updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(warnings)s::jsonb[]) AS u (id, warnings)
+WHERE cs.id = u.id;
+
+-- record_reviews --
+-- The audit trail of what operators did (migration 0011), one row per action on a row.
+INSERT INTO reviews (ingestion_log_id, change_set_id, action, outcome, operator, reason, detail)
+SELECT u.log_id, u.change_set_id, %(action)s, u.outcome, %(operator)s, %(reason)s, u.detail
+FROM unnest(%(ids)s::bigint[], %(change_sets)s::bigint[], %(outcomes)s::text[], %(details)s::jsonb[])
+     AS u (log_id, change_set_id, outcome, detail);
+
+-- ignore_rows --
+-- OPEN and FAILED rows an operator ignores: IGNORED (6), which a new observation of the same entity
+-- leaves alone (mark_duplicates only counts it). Rows a worker or an apply holds are left out;
+-- locked in id order, a concurrent change re-checked once the lock is granted. Returns the rows
+-- ignored, with the state they had and their latest change set, for the audit trail.
+WITH picked AS (
+    SELECT id, state FROM ingestion_logs
+    WHERE id = ANY(%(ids)s::bigint[]) AND state IN (2 /* OPEN */, 4 /* FAILED */) AND lease_owner IS NULL
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE ingestion_logs AS l
+SET state = 6 /* IGNORED */, next_attempt_at = NULL, updated_at = now()
+FROM picked
+WHERE l.id = picked.id
+RETURNING l.id, picked.state, (SELECT max(id) FROM change_sets WHERE ingestion_log_id = l.id);
+
+-- unignore_rows --
+-- IGNORED rows back to QUEUED, planned again as a fresh row would be (retry_batch does the same for
+-- FAILED rows), requeued_from_state 6. Only the current row of its entity: a superseded one
+-- requeued beside it would have the entity planned twice.
+WITH picked AS (
+    SELECT id FROM ingestion_logs
+    WHERE id = ANY(%(ids)s::bigint[]) AND state = 6 /* IGNORED */ AND is_head
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE ingestion_logs AS l
+SET state = 1 /* QUEUED */, requeued_from_state = 6 /* IGNORED */, error = NULL, attempts = 0, lease_expiries = 0,
+    timeouts = 0, next_attempt_at = NULL, updated_at = now()
+FROM picked
+WHERE l.id = picked.id
+RETURNING l.id, (SELECT max(id) FROM change_sets WHERE ingestion_log_id = l.id);
+
+-- reviews_of_row --
+-- A row's audit trail, oldest first.
+SELECT action, outcome, operator, reason, at, change_set_id, detail FROM reviews
+WHERE ingestion_log_id = %(id)s ORDER BY id;
