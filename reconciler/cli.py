@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--defaults", action="store_true", help="print every setting with its default, commented")
     show.add_argument("--markdown", action="store_true", help="print the settings table used in README.md")
     show.set_defaults(handler=cmd_print_config)
-    ops.add_commands(commands, parent)  # status, retry, dead-letters, show
+    ops.add_commands(commands, parent)  # status, retry, dead-letters, show, deviations
     return parser
 
 

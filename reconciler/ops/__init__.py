@@ -1,6 +1,8 @@
-"""The operator commands' place on the command line: `status`, `retry`, `dead-letters`, `show`.
+"""The operator commands' place on the command line: `status`, `retry`, `dead-letters`, `show`,
+`deviations`.
 
-Each command lives in a module of its own (status.py, retry.py, deadletters.py, show.py); this
+Each command lives in a module of its own (status.py, retry.py, deadletters.py, show.py,
+deviations.py); this
 one only declares their arguments, so cli.py gains one line. Every command takes the same settings
 (-c/--config, environment) as `reconciler run`, since it must look at the same database and stream.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import deadletters, retry, show, status
+from . import deadletters, deviations, retry, show, status
 from .console import duration
 
 
@@ -19,6 +21,7 @@ def add_commands(commands, parent: argparse.ArgumentParser) -> None:
     _add_retry(commands, parent)
     _add_dead_letters(commands, parent)
     _add_show(commands, parent)
+    _add_deviations(commands, parent)
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> None:
@@ -95,3 +98,75 @@ def _add_show(commands, parent) -> None:
                                              "and its change sets with their changes.")
     parser.add_argument("id", type=int)
     parser.set_defaults(handler=show.cmd_show)
+
+
+def _add_deviations(commands, parent) -> None:
+    parser = commands.add_parser(
+        "deviations", help="review what plan-only mode leaves OPEN: list, show, apply, ignore, unignore",
+        description="With [workers] auto_apply = false, rows end OPEN with a planned change set. List them, review "
+                    "one as a diff, apply reviewed change sets (planned again first, applied only if NetBox did not "
+                    "change since), ignore them, or send ignored ones back to be planned. Every apply, ignore and "
+                    "unignore is recorded with the operator's login name and the time.")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", parents=[parent], help="rows by state, type, age, branch, producer, name",
+                                 description="Matching rows, newest first, with the counts by state and type of "
+                                             "all of them at the bottom.")
+    _deviation_filters(listing, states=True)
+    listing.add_argument("--limit", type=int, default=deviations.LIST_LIMIT,
+                         help=f"show at most this many (default {deviations.LIST_LIMIT}; 0: all)")
+    listing.add_argument("--before", type=int, metavar="ID", help="the next page: rows with ids below ID")
+    _json_flag(listing)
+    listing.set_defaults(handler=deviations.cmd_list)
+
+    show = actions.add_parser("show", parents=[parent], help="one row's change set as a diff, its entity, warnings "
+                                                              "and reviews")
+    show.add_argument("id", type=int)
+    show.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                      help="colour the diff (auto: on a terminal)")
+    _json_flag(show)
+    show.set_defaults(handler=deviations.cmd_show)
+
+    apply = actions.add_parser(
+        "apply", parents=[parent], help="apply reviewed change sets of OPEN rows",
+        description="Apply the change set planned for each OPEN row, in the branch it was planned in. Each row is "
+                    "planned again first: if NetBox changed since, so that the plan differs, nothing is applied and "
+                    "the row stays OPEN with the fresh plan (stale). An apply whose answer is lost is never sent "
+                    "again: the row is planned afresh. Exit 0 when every row was applied (or found already in "
+                    "NetBox), 1 otherwise.")
+    _row_selection(apply, states=False)
+    apply.set_defaults(handler=deviations.cmd_apply)
+
+    ignore = actions.add_parser("ignore", parents=[parent], help="OPEN or FAILED rows to IGNORED",
+                                description="IGNORED rows stay so when the same entity is seen again unchanged "
+                                            "(counted); a changed entity becomes a new row.")
+    _row_selection(ignore, states=True)
+    ignore.add_argument("--reason", required=True, metavar="TEXT", help="why, kept with the row's reviews")
+    ignore.set_defaults(handler=deviations.cmd_ignore)
+
+    unignore = actions.add_parser("unignore", parents=[parent], help="IGNORED rows back to QUEUED, to be planned")
+    _row_selection(unignore, states=False)
+    unignore.add_argument("--reason", metavar="TEXT", help="why, kept with the row's reviews")
+    unignore.set_defaults(handler=deviations.cmd_unignore)
+
+
+def _deviation_filters(parser: argparse.ArgumentParser, states: bool) -> None:
+    if states:
+        parser.add_argument("--state", action="append", choices=list(deviations.STATE_CHOICES),
+                            help="rows in this state (repeatable; default: open)")
+    parser.add_argument("--type", metavar="TYPE", help="only rows of this NetBox object type, e.g. dcim.device")
+    parser.add_argument("--since", type=duration, metavar="AGE", help="only rows planned within AGE (90s, 15m, 2h, 2d)")
+    parser.add_argument("--branch", metavar="BRANCH", help="only rows planned in this branch (name or id; main: none)")
+    parser.add_argument("--producer", metavar="APP", help="only rows sent by this producer app")
+    parser.add_argument("--name", metavar="PATTERN", help="only rows whose name (e.g. 'Device sw-011-0001 "
+                                                          "discovered') contains PATTERN; * and ? are wildcards")
+
+
+def _row_selection(parser: argparse.ArgumentParser, states: bool) -> None:
+    parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="rows by id")
+    parser.add_argument("--all", action="store_true", help="every row the filters match (needs --yes)")
+    parser.add_argument("--yes", action="store_true", help="confirm --all")
+    _deviation_filters(parser, states)
+    if not states:
+        parser.set_defaults(state=None)
+    _dry_run_flag(parser)
+    _json_flag(parser)

@@ -74,6 +74,12 @@ def print_json(value: Any, out: TextIO | None = None) -> None:
     out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
 
 
+def indented_json(value: Any, indent: str) -> str:
+    """A JSON document for a person to read, every line indented."""
+    text = orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+    return "\n".join(indent + line for line in text.splitlines())
+
+
 class Counter:
     """Rows done by an operator command, shown as `<verb> done/total` (progress.py: redrawn on a
     terminal only; an operator command prints its own summary at the end)."""

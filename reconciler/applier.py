@@ -1,0 +1,175 @@
+"""Apply what was reviewed, or nothing: the work of `reconciler deviations apply` (ops/deviations.py
+selects the rows and reports; review.py holds the statements).
+
+The plugin checks nothing when it applies (plugin-api.md §5.3, §8.4: `before` is not compared, the
+last writer wins, a create that collides binds to the existing object without storing its fields),
+so staleness is ours to detect. For each batch of rows:
+
+1. claim them (review.claim): leased to this run and committed before the plugin is asked, so no
+   worker, other apply or ignore acts on them meanwhile; rows someone else holds are skipped;
+2. plan them again, in the branch each was planned in (bulk-plan/, read-only): a row whose fresh
+   plan makes other changes than its reviewed one is stale, and stays OPEN with the fresh plan (the
+   reviewed one is kept for audit, among the KEEP_CHANGE_SETS); one with nothing left to do is
+   NO_CHANGES; one that no longer plans is FAILED, as a worker would record it;
+3. apply the reviewed change sets of the others (bulk-apply/, or apply-change-set/ before plugin
+   1.12) and record each outcome (`Outcome`): APPLIED; FAILED when the plugin refused it; an apply
+   whose answer was lost (timeout, 5xx) is never sent again: the row waits until NetBox can no
+   longer be working on it, then a worker plans it afresh; an apply where a create bound to an
+   existing object without storing its fields is planned afresh at once, to show what is left.
+
+Rows the plugin could not be asked about, or whose apply it rolled back (a deadlock), go back to
+OPEN unchanged. The decisions (`judge_fresh_plan`, `judge_apply`) are pure functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import outcomes, review, states
+from .changesets import dropped_fields, same_changes
+from .claims import Decision
+from .db import Database
+from .outcomes import RetryPolicy
+from .plugin import AnswerLost, InDoubt, Item, PluginClient, Result, Unavailable
+from .review import Outcome, Reviewed
+from .settings import claim_lease_seconds, lease_budget_seconds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    """What one batch came to."""
+
+    outcomes: list[Outcome] = field(default_factory=list)  # recorded
+    untouched: dict[int, str] = field(default_factory=dict)  # claimed, given back OPEN: why
+    busy: list[int] = field(default_factory=list)  # not OPEN any more, or held by someone else
+    lost: list[int] = field(default_factory=list)  # claimed, but the lease ran out before the outcome was written
+
+
+class Applier:
+    def __init__(self, config, db: Database, plugin: PluginClient, owner: str, operator: str) -> None:
+        self.db, self.plugin, self.owner, self.operator = db, plugin, owner, operator
+        self.lease = claim_lease_seconds(config)
+        self.budget = lease_budget_seconds(config.workers)
+        self.retry = RetryPolicy.of(config.workers)
+
+    def apply(self, ids: list[int]) -> Report:
+        """Claim, plan again, apply and record one batch of row ids."""
+        deadline = time.monotonic() + self.budget  # read before the claim, so it errs early
+        claimed = review.claim(self.db, self.owner, ids, self.lease)
+        report = Report(busy=sorted(set(ids) - {r.row.id for r in claimed}))
+        for scope in sorted({r.branch_scope for r in claimed}):
+            self._apply_in_branch([r for r in claimed if r.branch_scope == scope], deadline, report)
+        if report.untouched:
+            review.release(self.db, self.owner, sorted(report.untouched), self.operator, report.untouched)
+        if report.outcomes:
+            written = review.record(self.db, self.owner, report.outcomes, self.operator)
+            report.lost = sorted(o.reviewed.row.id for o in report.outcomes if o.reviewed.row.id not in written)
+            report.outcomes = [o for o in report.outcomes if o.reviewed.row.id in written]
+        return report
+
+    def _apply_in_branch(self, claimed: list[Reviewed], deadline: float, report: Report) -> None:
+        entities, failed = outcomes.entities([r.row for r in claimed])
+        by_id = {r.row.id: r for r in claimed}
+        report.outcomes += [Outcome(by_id[d.row_id], review.PLAN_FAILED, d, detail=_error_detail(d)) for d in failed]
+        planned = [r for r in claimed if r.row.id in entities and r.change_set["changes"]]
+        report.untouched.update((r.row.id, "it has no stored plan to apply") for r in claimed
+                                if r.row.id in entities and not r.change_set["changes"])
+        if not planned:
+            return
+        branch_id = planned[0].branch_id
+        try:
+            fresh = self.plugin.plan([Item(r.row.id, r.row.object_type, entities[r.row.id]) for r in planned],
+                                     branch_id, deadline)
+        except Unavailable as exc:
+            report.untouched.update((r.row.id, f"could not plan it again to check it: {exc}") for r in planned)
+            return
+        now = time.time()
+        current = []
+        for reviewed in planned:
+            result = fresh.get(reviewed.row.id)
+            if result is not None and result.unavailable:
+                report.untouched[reviewed.row.id] = f"could not plan it again to check it: {result.unavailable}"
+                continue
+            decision = outcomes.decide(reviewed.row, result, False, entities[reviewed.row.id], branch_id,
+                                       self.retry, now)
+            judged = judge_fresh_plan(reviewed, decision, result)
+            if judged is None:
+                current.append(reviewed)
+            else:
+                report.outcomes.append(judged)
+        if current:
+            self._send(current, branch_id, deadline, report)
+
+    def _send(self, current: list[Reviewed], branch_id: str | None, deadline: float, report: Report) -> None:
+        try:
+            results = self.plugin.apply({r.row.id: r.change_set for r in current}, branch_id, deadline)
+        except InDoubt as exc:
+            log.warning("no answer to the apply of %d change sets: %s", len(current), exc)
+            results = {r.row.id: Result(r.row.id, unavailable=str(exc), answer_lost=True, running_until=exc.until)
+                       for r in current}
+        except AnswerLost as exc:
+            results = {r.row.id: Result(r.row.id, unavailable=str(exc), answer_lost=True) for r in current}
+        except Unavailable as exc:
+            results = {r.row.id: Result(r.row.id, unavailable=str(exc), sent=False) for r in current}
+        now = time.time()
+        for reviewed in current:
+            judged = judge_apply(reviewed, results.get(reviewed.row.id), self.retry, now)
+            if isinstance(judged, str):
+                report.untouched[reviewed.row.id] = judged
+            else:
+                report.outcomes.append(judged)
+
+
+# --- the decisions ---
+
+
+def judge_fresh_plan(reviewed: Reviewed, decision: Decision, result: Result | None) -> Outcome | None:
+    """What a fresh plan says of a reviewed row: None when it makes the reviewed changes (apply them),
+    else the outcome to record: stale (OPEN with the fresh plan), already in NetBox, or plan failed."""
+    if decision.state == states.OPEN:
+        assert result is not None and result.change_set is not None  # OPEN: the plugin planned changes
+        if same_changes(reviewed.change_set["changes"], result.change_set.get("changes") or []):
+            return None
+        return Outcome(reviewed, review.STALE, decision, detail={"fresh_changes": len(result.change_set["changes"])})
+    if decision.state == states.NO_CHANGES:
+        return Outcome(reviewed, review.ALREADY_IN_NETBOX, decision)
+    return Outcome(reviewed, review.PLAN_FAILED, decision, detail=_error_detail(decision))
+
+
+def judge_apply(reviewed: Reviewed, result: Result | None, retry: RetryPolicy, now: float) -> Outcome | str:
+    """What the plugin's answer to an apply means for the row: an outcome to record, or why the row goes
+    back OPEN unchanged (the apply surely did not happen). `now`: time.time()."""
+    row = reviewed.row
+    if result is None:
+        result = Result(row.id, unavailable="the plugin answered without a result for it", answer_lost=True)
+    if result.running_until is not None:
+        decision = outcomes.in_doubt(row, str(result.unavailable), result.running_until - now, 1, retry)
+        return Outcome(reviewed, review.NO_ANSWER, decision, detail=_error_detail(decision))
+    if result.unavailable:
+        if not result.answer_lost:
+            return f"the plugin could not be asked: {result.unavailable}"
+        decision = outcomes.unavailable(row, f"the apply's answer was lost, so it is not sent again: "
+                                             f"{result.unavailable}", retry, answer_lost=True)
+        return Outcome(reviewed, review.NO_ANSWER, decision, detail=_error_detail(decision))
+    if result.apply_transient:
+        failure = outcomes.plugin_error("apply", result.apply_errors)
+        return f"NetBox's database rolled the apply back ({failure['message']}); apply it again"
+    if result.apply_errors:
+        decision = Decision(row.id, states.FAILED, outcomes.plugin_error("apply", result.apply_errors))
+        return Outcome(reviewed, review.APPLY_FAILED, decision, detail=_error_detail(decision))
+    dropped = dropped_fields(result.warnings)
+    if dropped:
+        failure = outcomes.error("applied, but NetBox already had objects it creates, and kept their fields as they "
+                                 "were; planned again to show what is left", "ERR_APPLY_FIELDS_NOT_STORED", dropped)
+        decision = Decision(row.id, states.QUEUED, failure)
+        return Outcome(reviewed, review.APPLIED_PARTLY, decision, apply_warnings=result.warnings,
+                       detail={"not_stored": dropped})
+    return Outcome(reviewed, review.APPLIED, Decision(row.id, states.APPLIED), apply_warnings=result.warnings)
+
+
+def _error_detail(decision: Decision) -> dict:
+    return {"error": decision.error} if decision.error else {}
