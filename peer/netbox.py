@@ -726,11 +726,20 @@ def rest_get(path: str, params: dict | None = None, branch: str | None = None):
 
 def rest_patch(path: str, fields: dict) -> dict:
     """PATCH a NetBox object (e.g. '/api/dcim/devices/7/') as admin, as an operator editing by hand."""
+    return _rest_write("PATCH", path, fields, 200)
+
+
+def rest_post(path: str, fields: dict) -> dict:
+    """POST a new NetBox object (e.g. to '/api/dcim/sites/') as admin, as an operator adding it by hand."""
+    return _rest_write("POST", path, fields, 201)
+
+
+def _rest_write(method: str, path: str, fields: dict, expected: int) -> dict:
     url = current().netbox_url + path
-    status, body = _http(url, {**_rest_headers(), "Content-Type": "application/json"}, timeout=60, method="PATCH",
+    status, body = _http(url, {**_rest_headers(), "Content-Type": "application/json"}, timeout=60, method=method,
                          body=json.dumps(fields).encode())
-    if status != 200:
-        raise PeerError(f"PATCH {url}: HTTP {status}: {body[:500]!r}")
+    if status != expected:
+        raise PeerError(f"{method} {url}: HTTP {status}: {body[:500]!r}")
     return json.loads(body)
 
 

@@ -15,10 +15,12 @@ so staleness is ours to detect. For each batch of rows:
    1.12) and record each outcome (`Outcome`): APPLIED; FAILED when the plugin refused it; an apply
    whose answer was lost (timeout, 5xx) is never sent again: the row waits until NetBox can no
    longer be working on it, then a worker plans it afresh; an apply where a create bound to an
-   existing object without storing its fields is planned afresh at once, to show what is left.
+   existing object without storing its fields (often a site or role another row of the same batch
+   just created) is planned again at once: APPLIED if nothing is left, else OPEN with what is.
 
 Rows the plugin could not be asked about, or whose apply it rolled back (a deadlock), go back to
-OPEN unchanged. The decisions (`judge_fresh_plan`, `judge_apply`) are pure functions.
+OPEN unchanged. The decisions (`judge_fresh_plan`, `judge_apply`, `judge_what_is_left`) are pure
+functions.
 """
 
 from __future__ import annotations
@@ -116,12 +118,33 @@ class Applier:
         except Unavailable as exc:
             results = {r.row.id: Result(r.row.id, unavailable=str(exc), sent=False) for r in current}
         now = time.time()
+        partly = []
         for reviewed in current:
             judged = judge_apply(reviewed, results.get(reviewed.row.id), self.retry, now)
             if isinstance(judged, str):
                 report.untouched[reviewed.row.id] = judged
+            elif judged.outcome == review.APPLIED_PARTLY:
+                partly.append(judged)
             else:
                 report.outcomes.append(judged)
+        if partly:
+            report.outcomes += self._plan_what_is_left(partly, branch_id, deadline)
+
+    def _plan_what_is_left(self, partly: list[Outcome], branch_id: str | None, deadline: float) -> list[Outcome]:
+        """Rows applied with fields NetBox did not store, planned again while still claimed. If the plugin
+        cannot be asked now, they stay QUEUED, for a worker to plan."""
+        rows = [o.reviewed.row for o in partly]
+        entities, _ = outcomes.entities(rows)
+        try:
+            fresh = self.plugin.plan([Item(row.id, row.object_type, entities[row.id]) for row in rows], branch_id,
+                                     deadline)
+        except Unavailable as exc:
+            log.warning("could not plan %d partly applied rows again (%s); a worker will", len(rows), exc)
+            return partly
+        now = time.time()
+        return [judge_what_is_left(o, outcomes.decide(o.reviewed.row, fresh.get(o.reviewed.row.id), False,
+                                                      entities[o.reviewed.row.id], branch_id, self.retry, now))
+                for o in partly]
 
 
 # --- the decisions ---
@@ -169,6 +192,19 @@ def judge_apply(reviewed: Reviewed, result: Result | None, retry: RetryPolicy, n
         return Outcome(reviewed, review.APPLIED_PARTLY, decision, apply_warnings=result.warnings,
                        detail={"not_stored": dropped})
     return Outcome(reviewed, review.APPLIED, Decision(row.id, states.APPLIED), apply_warnings=result.warnings)
+
+
+def judge_what_is_left(partly: Outcome, fresh: Decision) -> Outcome:
+    """A partly applied row, planned again: nothing left to do means NetBox already had what was not
+    stored (typically a shared object the same batch created for another row): APPLIED. Changes left
+    are for review: OPEN with the fresh plan. Otherwise it stays QUEUED, to be planned by a worker."""
+    if fresh.state == states.NO_CHANGES:
+        return Outcome(partly.reviewed, review.APPLIED, Decision(fresh.row_id, states.APPLIED),
+                       apply_warnings=partly.apply_warnings, detail=partly.detail)
+    if fresh.state == states.OPEN:
+        return Outcome(partly.reviewed, review.APPLIED_PARTLY, fresh, apply_warnings=partly.apply_warnings,
+                       detail=partly.detail)
+    return partly
 
 
 def _error_detail(decision: Decision) -> dict:

@@ -10,7 +10,10 @@ A change set is `{"id", "branch": {"id", "name"} | None, "changes": [change, ...
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
+
+import orjson
 
 
 def malformed_change_set(change_set: Any) -> str | None:
@@ -45,43 +48,44 @@ def has_changes(change_set: dict | None) -> bool:
 def same_changes(reviewed: list[dict], fresh: list[dict]) -> bool:
     """Whether a fresh plan makes the changes a reviewed one made. The plugin checks nothing at apply
     time (the last writer wins, a create that collides binds without storing its fields), so a
-    reviewed plan is only applied when planning again now gives the same one: the same changes in the
-    same order, each creating or updating the same object with the same data; an update also over the
-    same values it replaces (its `before`, for the fields it writes: a field edited by hand since the
-    review makes it stale, one it does not write does not). Change ids and `new_object:` refs are new
-    on every plan and compared by position; noops only by the object they name."""
+    reviewed plan is only applied when planning again now gives the same one: the same changes, each
+    creating or updating the same object with the same data; an update also over the same values it
+    replaces (its `before`, for the fields it writes: a field edited by hand since the review makes
+    it stale, one it does not write does not). Noops compare by the object they name only.
+
+    Change ids and `new_object:` refs are new on every plan, and the plugin orders the creates of one
+    dependency level differently from plan to plan: so changes compare as a set, and a ref as the
+    object it creates (its type and primary value). Two creates of one type and value in a plan keep
+    their raw refs, which never compare equal: such a plan is judged stale rather than guessed at."""
     return _comparable(reviewed) == _comparable(fresh)
 
 
-def _comparable(changes: list[dict]) -> list[tuple]:
-    refs: dict[str, str] = {}
-    for change in changes:
-        ref = change.get("ref_id")
-        if change.get("change_type") == "create" and isinstance(ref, str):
-            refs.setdefault(ref, f"new_object#{len(refs)}")
+def _comparable(changes: list[dict]) -> list[bytes]:
+    created = {change["ref_id"]: f"new {change.get('object_type')} {change.get('object_primary_value')}"
+               for change in changes if change.get("change_type") == "create" and isinstance(change.get("ref_id"), str)}
+    repeated = {label for label, n in Counter(created.values()).items() if n > 1}
+    labels = {ref: label for ref, label in created.items() if label not in repeated}
 
-    def same_refs(value: Any) -> Any:
+    def by_label(value: Any) -> Any:
         if isinstance(value, str):
-            return refs.get(value, value)
+            return labels.get(value, value)
         if isinstance(value, list):
-            return [same_refs(item) for item in value]
+            return [by_label(item) for item in value]
         if isinstance(value, dict):
-            return {key: same_refs(item) for key, item in value.items()}
+            return {key: by_label(item) for key, item in value.items()}
         return value
 
-    comparable: list[tuple] = []
+    comparable = []
     for change in changes:
         kind = change.get("change_type")
-        target = (kind, change.get("object_type"), change.get("object_id"), same_refs(change.get("ref_id")))
-        if kind == "noop":
-            comparable.append(target)
-            continue
-        data = change.get("data") or {}
-        before = change.get("before") or {}
-        replaced = {key: before.get(key) for key in data} if kind == "update" else None
-        comparable.append(target + (same_refs(data), sorted(str(path) for path in change.get("new_refs") or []),
-                                    replaced))
-    return comparable
+        target = [kind, change.get("object_type"), change.get("object_id"), by_label(change.get("ref_id"))]
+        if kind != "noop":
+            data = change.get("data") or {}
+            before = change.get("before") or {}
+            target += [by_label(data), sorted(str(path) for path in change.get("new_refs") or []),
+                       {key: before.get(key) for key in data} if kind == "update" else None]
+        comparable.append(orjson.dumps(target, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
+    return sorted(comparable)
 
 
 def dropped_fields(apply_warnings: list | None) -> list[dict]:

@@ -30,7 +30,7 @@ from .text import json_text
 
 # What came of an operator's action on a row: reviews.outcome, and the `outcome` of --json output.
 APPLIED = "applied"  # the reviewed change set is in NetBox
-APPLIED_PARTLY = "applied_partly"  # applied, but a create bound to an existing object without its fields: re-planned
+APPLIED_PARTLY = "applied_partly"  # applied, but NetBox kept fields of objects it had: OPEN with what is left
 STALE = "stale"  # NetBox changed since the review: nothing applied, the row is OPEN with the fresh plan
 ALREADY_IN_NETBOX = "already_in_netbox"  # a fresh plan has nothing left to do: NO_CHANGES
 PLAN_FAILED = "plan_failed"  # planning again failed: nothing applied, the row is FAILED like a worker's
@@ -150,11 +150,11 @@ def claim(db: Database, owner: str, ids: list[int], lease_seconds: float) -> lis
             claimed.append(Reviewed(row, branch_scope, 0, {"id": "", "changes": []}))
             continue
         claimed.append(Reviewed(row, branch_scope, change_set["id"],
-                                {"id": change_set["external_id"], "changes": [_as_sent(c) for c in changes]}))
+                                {"id": change_set["external_id"], "changes": [as_sent(c) for c in changes]}))
     return claimed
 
 
-def _as_sent(change: dict) -> dict:
+def as_sent(change: dict) -> dict:
     """A stored change as the plugin planned it (its apply reads these fields)."""
     return {"id": change["external_id"], "change_type": change["change_type"], "object_type": change["object_type"],
             "object_id": change["object_id"], "ref_id": change["ref_id"],

@@ -527,7 +527,8 @@ FROM change_log AS c;
 -- `reconciler deviations list` (and the rows `apply --all` and `ignore --all` act on): the rows the
 -- filters match, newest first, %(limit)s of them (NULL: all) before id %(before)s (NULL: from the
 -- newest), each with its latest change set: its name, branch, warnings and changes counted by type
--- (noops left out: they change nothing). "Planned" is when the claim that made its plan was taken
+-- (noops left out: they change nothing). An OPEN row a plan-only worker holds is being planned
+-- (OPEN is its state in flight): it has nothing to review yet and is left out. "Planned" is when the claim that made its plan was taken
 -- (planned_at, 0010), or when the row arrived if it was never planned. The filters, all optional
 -- but the states: object type; planned within %(since)s seconds; branch, by name or id ("main": no
 -- branch); producer app name; %(name)s, an ILIKE pattern on the change set's name; and %(ids)s.
@@ -541,7 +542,7 @@ SELECT l.id, l.state, l.object_type, cs.deviation_name, l.planned_branch, l.prod
 FROM ingestion_logs AS l
 LEFT JOIN LATERAL (SELECT id, deviation_name, plan_warnings, apply_warnings FROM change_sets
                    WHERE ingestion_log_id = l.id ORDER BY id DESC LIMIT 1) AS cs ON true
-WHERE l.state = ANY(%(states)s::smallint[])
+WHERE l.state = ANY(%(states)s::smallint[]) AND NOT (l.state = 2 /* OPEN */ AND l.lease_owner IS NOT NULL)
   AND (%(before)s::bigint IS NULL OR l.id < %(before)s::bigint)
   AND (%(object_type)s::text IS NULL OR l.object_type = %(object_type)s::text)
   AND (%(since)s::float8 IS NULL OR coalesce(l.planned_at, l.created_at) >= now() - %(since)s::float8 * interval '1 second')
@@ -569,6 +570,7 @@ WHERE l.state = ANY(%(states)s::smallint[])
   AND (%(producer)s::text IS NULL OR l.producer_app_name = %(producer)s::text)
   AND (%(name)s::text IS NULL OR cs.deviation_name ILIKE %(name)s::text)
   AND (%(ids)s::bigint[] IS NULL OR l.id = ANY(%(ids)s::bigint[]))
+  AND NOT (l.state = 2 /* OPEN */ AND l.lease_owner IS NOT NULL)
 GROUP BY l.state, l.object_type
 ORDER BY l.state, l.object_type;
 

@@ -33,6 +33,19 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval:
         time.sleep(interval)
 
 
+def cli(env: dict[str, str], *args: str, stderr=subprocess.PIPE, timeout: float = 60) -> subprocess.CompletedProcess:
+    """bin/reconciler with these arguments, as an operator runs it: its output as text."""
+    return subprocess.run([sys.executable, str(BIN), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=stderr, text=True, timeout=timeout)
+
+
+def cli_json(env: dict[str, str], *args: str, timeout: float = 60):
+    """bin/reconciler ... --json, which must succeed: its output parsed."""
+    done = cli(env, *args, "--json", timeout=timeout)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
 def query(dsn: str, sql: str, params=None) -> list[tuple]:
     with psycopg2.connect(dsn, options="-c search_path=reconciler") as conn, conn.cursor() as cursor:
         cursor.execute(sql, params)

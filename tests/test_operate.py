@@ -9,8 +9,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 from netboxlabs.diode.sdk import ingester as sdk
@@ -22,24 +20,13 @@ from reconciler.ops import deadletters, retry
 
 from .builders import GROUP, STREAM, enqueue, next_entry_id, request, site
 from .faultserver import FaultServer, Step
-from .support import BIN, ROOT, push, query, reconciler, scalar, wait_until
+from .support import cli, cli_json, push, query, reconciler, scalar, wait_until
 
 STAGING = {"id": "td5smq0f", "name": "staging"}
 pytestmark = pytest.mark.plugin(branch=STAGING)  # the `plugin` fixture's default branch
 
 
 # --- helpers ---
-
-
-def cli(env: dict[str, str], *args: str, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BIN), *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=stderr, text=True, timeout=60)
-
-
-def cli_json(env: dict[str, str], *args: str) -> dict:
-    done = cli(env, *args, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def closed_port() -> int:

@@ -184,18 +184,19 @@ def _show(db: Database, args: argparse.Namespace) -> int:
         return console.RET_FAILED
     change_sets = view.pop("change_sets")
     latest = change_sets[-1] if change_sets else None
+    planned = [review.as_sent(change) for change in latest["changes"]] if latest else []
     reviews = review.history(db, args.id)
     if args.json:
-        console.print_json({"row": view, "change_set": latest,
-                            "diff": diff.as_json(latest["changes"]) if latest else [],
+        console.print_json({"row": view, "change_set": latest, "diff": diff.as_json(planned),
                             "older_change_sets": len(change_sets) - 1 if change_sets else 0, "reviews": reviews})
         return errors.RET_OK
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(_show_text(view, latest, len(change_sets), reviews, colour))
+    print(_show_text(view, latest, planned, len(change_sets), reviews, colour))
     return errors.RET_OK
 
 
-def _show_text(view: dict, latest: dict | None, sets: int, reviews: list[dict], colour: bool) -> str:
+def _show_text(view: dict, latest: dict | None, planned: list[dict], sets: int, reviews: list[dict],
+               colour: bool) -> str:
     out = [f"row {view['id']}: {view['object_type']}, {view['state_name']}"
            + ("" if view.get("is_head") else " (a newer row of this entity exists)"),
            f"  producer {view['producer_app_name']} {view['producer_app_version']}, request {view['request_id']}, "
@@ -208,7 +209,7 @@ def _show_text(view: dict, latest: dict | None, sets: int, reviews: list[dict], 
         out.append(f"\nchange set {latest['id']} ({latest['external_id']}): {latest['deviation_name']}, planned "
                    f"{view.get('planned_at') or latest['created_at']} in {_branch(latest['branch_id'] or '')}"
                    + (f"; {sets - 1} older kept" if sets > 1 else ""))
-        out.append(diff.render(latest["changes"], colour) or "  (no changes)")
+        out.append(diff.render(planned, colour) or "  (no changes)")
         out += _warning_lines(latest)
     out.append("\nentity as sent:")
     out.append(console.indented_json(view["entity"], "  "))
@@ -382,7 +383,8 @@ def _report_apply(reports: list[Report], named: bool, interrupted: bool, as_json
     busy = sorted(row_id for report in reports for row_id in report.busy)
     lost = sorted(row_id for report in reports for row_id in report.lost)
     counts = Counter(o.outcome for o in outcomes)
-    counts[review.NOT_APPLIED] += len(untouched)
+    if untouched:
+        counts[review.NOT_APPLIED] += len(untouched)
     attention = [o for o in outcomes if o.outcome not in (review.APPLIED, review.ALREADY_IN_NETBOX)]
     if as_json:
         console.print_json({
@@ -406,8 +408,9 @@ _OUTCOME_WORDS = {
     review.APPLY_FAILED: "refused by the plugin (FAILED); nothing of it applied",
     review.NO_ANSWER: "no answer: it may or may not have been applied; it is not sent again, but planned afresh "
                       "once NetBox can no longer be working on it",
-    review.APPLIED_PARTLY: "applied, but NetBox already had objects it creates and kept their fields; planned "
-                           "again to show what is left",
+    review.APPLIED_PARTLY: "applied, but NetBox already had objects it creates and kept their fields as they were; "
+                           "planned again: what is left is OPEN for review (or QUEUED, if the plugin could not be "
+                           "asked)",
 }
 
 
