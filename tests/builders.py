@@ -1,5 +1,6 @@
 """Test data shared by the test modules: the stream's names, SDK entities, ingest requests as diode
-clients send them, decoded stream entries, and QUEUED rows written through the consumer's own inbox code."""
+clients send them, decoded stream entries, QUEUED rows written through the consumer's own inbox code, and
+OPEN rows planned through the worker's own claims."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import psycopg2
 from netboxlabs.diode.sdk import ingester as sdk
 from netboxlabs.diode.sdk.diode.v1 import ingester_pb2 as pb
 
-from reconciler import inbox, sample, streamentry
+from reconciler import claims, inbox, outcomes, sample, states, streamentry
 from reconciler.db import Database
+
+from .faultserver import plan_for
 
 STREAM = "diode.v1.ingest-stream"
 GROUP = "diode-reconciler"
@@ -57,6 +60,21 @@ def enqueue(dsn: str, *entities: pb.Entity, **request_fields) -> list[int]:
     finally:
         database.close()
     return [row_id for (row_id,) in _query(dsn, "SELECT id FROM ingestion_logs WHERE id > %s ORDER BY id", (before,))]
+
+
+def planned(dsn: str, *entities: pb.Entity, branch_scope: str = "", **request_fields) -> list[int]:
+    """OPEN rows, as a plan-only worker leaves them: enqueued, claimed and recorded with the plan
+    faultserver.plan_for(str(row id)) makes for each (one create), in `branch_scope`. Their ids."""
+    ids = enqueue(dsn, *entities, **request_fields)
+    database = Database(dsn, "reconciler")
+    try:
+        rows = claims.claim(database, "builder", states.OPEN, len(ids), 60)
+        decisions = [claims.Decision(row.id, states.OPEN, change_set=outcomes.stored_change_set(
+            row.object_type, plan_for(str(row.id), object_type=row.object_type))) for row in rows]
+        claims.record(database, "builder", branch_scope, decisions, set())
+    finally:
+        database.close()
+    return ids
 
 
 def _query(dsn: str, sql: str, params: tuple = ()) -> list[tuple]:

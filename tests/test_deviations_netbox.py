@@ -49,7 +49,7 @@ def states_by_id(dsn) -> dict[int, int]:
 
 
 def wait_all(dsn, rows: int, state: int, timeout: float = 240) -> None:
-    wait_until(lambda: sorted(set(states_by_id(dsn).values())) == [state] and len(states_by_id(dsn)) == rows,
+    wait_until(lambda: set(states_by_id(dsn).values()) == {state} and len(states_by_id(dsn)) == rows,
                timeout=timeout, interval=0.5,
                what=lambda: f"{rows} rows {states.NAMES[state]}: " + str(
                    query(dsn, "SELECT state, count(*), min(error::text) FROM ingestion_logs GROUP BY 1")))
