@@ -524,14 +524,11 @@ SELECT c.high_water, c.trusted_since, c.read_at, c.failing_since, c.failure_kind
 FROM change_log AS c;
 
 -- deviations_page --
--- `reconciler deviations list` (and the rows `apply --all` and `ignore --all` act on): the rows the
--- filters match, newest first, %(limit)s of them (NULL: all) before id %(before)s (NULL: from the
--- newest), each with its latest change set: its name, branch, warnings and changes counted by type
--- (noops left out: they change nothing). An OPEN row a plan-only worker holds is being planned
--- (OPEN is its state in flight): it has nothing to review yet and is left out. "Planned" is when the claim that made its plan was taken
--- (planned_at, 0010), or when the row arrived if it was never planned. The filters, all optional
--- but the states: object type; planned within %(since)s seconds; branch, by name or id ("main": no
--- branch); producer app name; %(name)s, an ILIKE pattern on the change set's name; and %(ids)s.
+-- `reconciler deviations list` (and the rows `apply --all` and `ignore --all` act on): the rows
+-- review_selection_v1 (migration 0011) matches, newest first, %(limit)s of them (NULL: all) before
+-- id %(before)s (NULL: from the newest), each with its latest change set: its name, branch,
+-- warnings and changes counted by type (noops left out: they change nothing). "Planned" is when the
+-- claim that made its plan was taken (planned_at, 0010), or when the row arrived if never planned.
 SELECT l.id, l.state, l.object_type, cs.deviation_name, l.planned_branch, l.producer_app_name,
        coalesce(l.planned_at, l.created_at), extract(epoch FROM now() - coalesce(l.planned_at, l.created_at))::float8,
        l.is_head, cs.id,
@@ -539,40 +536,21 @@ SELECT l.id, l.state, l.object_type, cs.deviation_name, l.planned_branch, l.prod
                  FROM (SELECT change_type, count(*) AS n FROM changes
                        WHERE change_set_id = cs.id AND change_type <> 'noop' GROUP BY change_type) AS t), '{}'::json),
        cs.plan_warnings IS NOT NULL OR cs.apply_warnings IS NOT NULL
-FROM ingestion_logs AS l
-LEFT JOIN LATERAL (SELECT id, deviation_name, plan_warnings, apply_warnings FROM change_sets
-                   WHERE ingestion_log_id = l.id ORDER BY id DESC LIMIT 1) AS cs ON true
-WHERE l.state = ANY(%(states)s::smallint[]) AND NOT (l.state = 2 /* OPEN */ AND l.lease_owner IS NOT NULL)
-  AND (%(before)s::bigint IS NULL OR l.id < %(before)s::bigint)
-  AND (%(object_type)s::text IS NULL OR l.object_type = %(object_type)s::text)
-  AND (%(since)s::float8 IS NULL OR coalesce(l.planned_at, l.created_at) >= now() - %(since)s::float8 * interval '1 second')
-  AND (%(branch)s::text IS NULL OR coalesce(l.planned_branch, '') = CASE WHEN %(branch)s::text = 'main' THEN '' END
-       OR l.planned_branch = %(branch)s::text OR substring(l.planned_branch FROM '^(.*) \([^()]*\)$') = %(branch)s::text
-       OR substring(l.planned_branch FROM '\(([^()]*)\)$') = %(branch)s::text)
-  AND (%(producer)s::text IS NULL OR l.producer_app_name = %(producer)s::text)
-  AND (%(name)s::text IS NULL OR cs.deviation_name ILIKE %(name)s::text)
-  AND (%(ids)s::bigint[] IS NULL OR l.id = ANY(%(ids)s::bigint[]))
-ORDER BY l.id DESC
+FROM review_selection_v1(%(states)s::smallint[], %(object_type)s, %(since)s::float8, %(branch)s, %(producer)s,
+                         %(name)s, %(ids)s::bigint[]) AS m
+JOIN ingestion_logs AS l ON l.id = m.id
+LEFT JOIN change_sets AS cs ON cs.id = m.change_set_id
+WHERE %(before)s::bigint IS NULL OR m.id < %(before)s::bigint
+ORDER BY m.id DESC
 LIMIT %(limit)s::bigint;
 
 -- deviations_tally --
--- How many rows deviations_page's filters match (without its paging), by state and object type.
-SELECT l.state, l.object_type, count(*)
-FROM ingestion_logs AS l
-LEFT JOIN LATERAL (SELECT deviation_name FROM change_sets
-                   WHERE ingestion_log_id = l.id ORDER BY id DESC LIMIT 1) AS cs ON true
-WHERE l.state = ANY(%(states)s::smallint[])
-  AND (%(object_type)s::text IS NULL OR l.object_type = %(object_type)s::text)
-  AND (%(since)s::float8 IS NULL OR coalesce(l.planned_at, l.created_at) >= now() - %(since)s::float8 * interval '1 second')
-  AND (%(branch)s::text IS NULL OR coalesce(l.planned_branch, '') = CASE WHEN %(branch)s::text = 'main' THEN '' END
-       OR l.planned_branch = %(branch)s::text OR substring(l.planned_branch FROM '^(.*) \([^()]*\)$') = %(branch)s::text
-       OR substring(l.planned_branch FROM '\(([^()]*)\)$') = %(branch)s::text)
-  AND (%(producer)s::text IS NULL OR l.producer_app_name = %(producer)s::text)
-  AND (%(name)s::text IS NULL OR cs.deviation_name ILIKE %(name)s::text)
-  AND (%(ids)s::bigint[] IS NULL OR l.id = ANY(%(ids)s::bigint[]))
-  AND NOT (l.state = 2 /* OPEN */ AND l.lease_owner IS NOT NULL)
-GROUP BY l.state, l.object_type
-ORDER BY l.state, l.object_type;
+-- How many rows review_selection_v1 matches, by state and object type.
+SELECT state, object_type, count(*)
+FROM review_selection_v1(%(states)s::smallint[], %(object_type)s, %(since)s::float8, %(branch)s, %(producer)s,
+                         %(name)s, %(ids)s::bigint[])
+GROUP BY state, object_type
+ORDER BY state, object_type;
 
 -- review_targets --
 -- The rows an operator named by id, as they are now: whether they exist, their state, whether

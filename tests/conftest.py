@@ -204,6 +204,17 @@ def config(env):
     return settings.load(path="/dev/null", environ=env)
 
 
+@pytest.fixture(scope="module")
+def netbox():
+    """The real NetBox with the diode plugin (peer/netbox.py), running and empty: reset once per module,
+    so each test of a module works on objects of its own."""
+    from peer import netbox as peer
+
+    peer.up()
+    yield peer.reset()
+    peer.down()
+
+
 @pytest.fixture
 def plugin_factory():
     """Makes scripted plugins (tests/faultserver.py), all closed after the test.

@@ -23,14 +23,6 @@ SHAPE = sample.Shape(sites=1, devices_per_site=2, ports_per_device=2, vlans_per_
                      vms_per_site=1, addresses_per_device=1)
 
 
-@pytest.fixture(scope="module")
-def netbox():
-    """A running, empty NetBox (reset once per module; each test works on objects of its own)."""
-    peer.up()
-    yield peer.reset()
-    peer.down()
-
-
 @pytest.fixture
 def plan_only(env, netbox):
     return {**env, **netbox.env(), "RECONCILER_WORKERS_AUTO_APPLY": "false", "RECONCILER_WORKERS_COUNT": "2",

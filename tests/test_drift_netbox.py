@@ -14,7 +14,7 @@ from reconciler import driftkeys, sample, settings, states
 from reconciler.ops import status
 
 from .support import push, query, reconciler, scalar, wait_until
-from .test_e2e import EXPECTED, SHAPE, head_states, netbox, netbox_counts, site_entries, wait_finished  # noqa: F401
+from .test_e2e import EXPECTED, SHAPE, head_states, netbox_counts, site_entries, wait_finished
 from .test_metrics import base_url, scrape, value
 
 pytestmark = pytest.mark.netbox
@@ -23,7 +23,7 @@ WAITING = (states.QUEUED, states.CHECKING, states.PENDING_RETRY)
 
 
 @pytest.fixture
-def drift_env(env, netbox):  # noqa: F811
+def drift_env(env, netbox):
     return {**env, **netbox.env(), "RECONCILER_WORKERS_COUNT": "2", "RECONCILER_NETBOX_TIMEOUT_SECONDS": "120",
             "RECONCILER_SUPERVISOR_HEARTBEAT_TIMEOUT_SECONDS": "180",
             "RECONCILER_DRIFT_MODE": "changes",  # with the peer's RECONCILER_NETBOX_API_TOKEN

@@ -23,14 +23,6 @@ SHAPE = sample.Shape(sites=1, devices_per_site=2, ports_per_device=4, vlans_per_
 FINISHED = (states.APPLIED, states.NO_CHANGES, states.FAILED, states.ERRORED, states.OPEN)
 
 
-@pytest.fixture(scope="module")
-def netbox():
-    """A running, empty NetBox (reset once per module; each test then works on its own sites)."""
-    peer.up()
-    yield peer.reset()
-    peer.down()
-
-
 @pytest.fixture
 def run_env(env, netbox):
     return {**env, **netbox.env(), "RECONCILER_WORKERS_COUNT": "2", "RECONCILER_NETBOX_TIMEOUT_SECONDS": "120",

@@ -9,7 +9,7 @@ import time
 import psycopg2
 import pytest
 
-from reconciler import settings, states
+from reconciler import metrics, settings, states
 from reconciler.sharedcache import Shared
 from reconciler.worker import ProxyGone, Worker, release_after_exit
 
@@ -87,6 +87,23 @@ def test_plan_only_leaves_changes_open_and_records_failures(env, plugin, shared,
     assert sets == [(1, "Site obj-1 discovered"), (3, "Site c reported")]
     error = scalar(dsn, "SELECT error FROM ingestion_logs WHERE id = 3")
     assert error["code"] == "ERR_OPS_GENERATE_DIFF" and error["details"] == {"dcim.site": {"slug": ["invalid"]}}
+
+
+def test_the_plugins_warnings_are_kept_with_the_change_set_and_counted(worker, plugin, dsn):
+    planned = plan_for("1")
+    planned["warnings"] = {"dcim.site": {"cooling": ["Ignored unsupported field."], "fans": ["Ignored."]}}
+    collided = {"object_type": "dcim.site", "object_id": 12, "fields": ["name"], "message": "resolved onto it"}
+    plugin.script("bulk-plan-apply/", Step(200, {"results": [
+        {"id": "1", "change_set": planned, "errors": None, "warnings": [collided]},
+        {"id": "2", "change_set": plan_for("2"), "errors": None}]}))
+    enqueue(dsn, *sites("a", "b"))
+    counted = metrics._objects().warnings
+    before = {kind: counted.labels(kind, "dcim.site")._value.get() for kind in ("plan", "apply")}
+    worker.run_once()
+    assert query(dsn, "SELECT plan_warnings, apply_warnings FROM change_sets ORDER BY ingestion_log_id") == [
+        (planned["warnings"], [collided]), (None, None)]
+    assert {kind: counted.labels(kind, "dcim.site")._value.get() - before[kind] for kind in before} == \
+        {"plan": 2, "apply": 1}
 
 
 def test_no_transaction_is_open_during_the_plugin_call(worker, plugin, dsn):
