@@ -113,7 +113,7 @@ class Result:
     apply_transient: bool = False  # apply_errors are only NetBox's database in trouble: worth a retry
     warnings: list = field(default_factory=list)
     unavailable: str | None = None  # per-entity path: why this entity has no outcome
-    sent: bool = True  # False: nothing about this entity was sent
+    sent: bool = True  # False: nothing about this entity was sent, or the plugin surely did not act on it
     answer_lost: bool = False  # the plugin got its request and what it did is unknown
     running_until: float | None = None  # in doubt: its request may run in NetBox until then (time.time())
 
@@ -370,9 +370,9 @@ class PluginClient:
     def _bulk_apply_results(self, response: Response, ids: list[int]) -> dict[int, Result]:
         """bulk-apply/'s results, correlated by position (the plugin answers some failures under ids of its
         own). A result missing from the answer is one whose outcome is unknown."""
-        if response.status == 400 and _is_json(response):  # the whole envelope was refused: nothing applied
-            refused = {"request": response.json()}
-            return {row_id: Result(row_id, apply_errors=refused) for row_id in ids}
+        if response.status == 400 and _is_json(response):  # the whole request was refused: nothing applied
+            refused = f"bulk-apply/ refused the whole request: {response.body[:300]!r}"
+            return {row_id: Result(row_id, unavailable=refused, sent=False) for row_id in ids}
         raw_results = self._expect_json(response, "bulk-apply/").get("results")
         if not isinstance(raw_results, list):
             raise AnswerLost(f"bulk-apply/ answered HTTP {response.status} without a results list")
@@ -422,11 +422,11 @@ class PluginClient:
             if attempt.running_until is not None:
                 raise InDoubt(f"{path}: {attempt.problem}; not sent again while NetBox may still be working on it",
                               attempt.running_until)
+            if attempt.sent and not replay_safe:  # before the attempts: what it did is unknown either way
+                raise AnswerLost(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
             failures += 1
             if failures >= self.max_attempts:
                 raise Unavailable(f"{path} failed after {failures} attempts: {attempt.problem}")
-            if attempt.sent and not replay_safe:
-                raise AnswerLost(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
             delay = attempt.wait if attempt.wait is not None else backoff.delay(failures, *RETRY_DELAYS)
             if not self._time_left(deadline, delay + self.attempt_seconds):
                 raise Unavailable(f"{path}: {attempt.problem}; no time left to retry within the claim's lease")

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from reconciler.plugin import (
+    AnswerLost,
     InDoubt,
     Item,
     NotSent,
@@ -266,6 +267,20 @@ def test_a_change_set_refused_with_429_or_no_connection_is_sent_again(server):
     server.close()
     with pytest.raises(Unavailable, match="failed after 2 attempts: NewConnectionError"):  # retried: never arrived
         client(url, max_attempts=2)._call("POST", "apply-change-set/", {"id": "cs-a"}, None, replay_safe=False)
+
+
+def test_an_apply_that_reached_the_plugin_is_never_resent_even_with_one_attempt_allowed(server):
+    server.default("apply-change-set/", Step(500, {"error": "boom"}))
+    with pytest.raises(AnswerLost, match="not sent again"):
+        client(server.url, max_attempts=1)._call("POST", "apply-change-set/", {"id": "cs-a"}, None, replay_safe=False)
+    assert len(server.calls("apply-change-set/")) == 1
+
+
+def test_a_bulk_apply_refused_whole_applied_nothing(server):
+    server.default("bulk-apply/", Step(400, {"change_sets": ["change_sets must not be empty"]}))
+    results = client(server.url).apply({7: {"id": "cs-7", "changes": [{}]}}, None)
+    assert results[7].sent is False and "refused the whole request" in results[7].unavailable
+    assert results[7].apply_errors is None
 
 
 def test_the_first_entity_unavailable_makes_the_whole_batch_unavailable(server):
