@@ -19,7 +19,9 @@ so staleness is ours to detect. For each batch of rows:
    just created) is planned again at once: APPLIED if nothing is left, else OPEN with what is.
 
 Rows the plugin could not be asked about, or whose apply it rolled back (a deadlock), go back to
-OPEN unchanged. The decisions (`judge_fresh_plan`, `judge_apply`, `judge_what_is_left`) are pure
+OPEN unchanged. The outcomes are written in one transaction, retried through a Postgres outage
+while the lease lasts (what NetBox did must not be lost); if they cannot be, the rows return to
+QUEUED after their lease, with answer_lost_at, and are planned afresh, never applied again. The decisions (`judge_fresh_plan`, `judge_apply`, `judge_what_is_left`) are pure
 functions.
 """
 
@@ -27,18 +29,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import outcomes, review, states
 from .changesets import dropped_fields, same_changes
 from .claims import Decision
 from .db import Database
+from .errors import ContentRejected, DatabaseError
 from .outcomes import RetryPolicy
 from .plugin import AnswerLost, InDoubt, Item, PluginClient, Result, Unavailable
 from .review import Outcome, Reviewed
 from .settings import claim_lease_seconds, lease_budget_seconds
 
 log = logging.getLogger(__name__)
+
+RECORD_RETRY_SECONDS = 2.0
 
 
 @dataclass
@@ -47,8 +52,9 @@ class Report:
 
     outcomes: list[Outcome] = field(default_factory=list)  # recorded
     untouched: dict[int, str] = field(default_factory=dict)  # claimed, given back OPEN: why
-    busy: list[int] = field(default_factory=list)  # not OPEN any more, or held by someone else
+    busy: list[int] = field(default_factory=list)  # not OPEN any more, planned again, or held by someone else
     lost: list[int] = field(default_factory=list)  # claimed, but the lease ran out before the outcome was written
+    unrecorded: str | None = None  # why the outcomes could not be written: the rows return after their lease
 
 
 class Applier:
@@ -58,20 +64,47 @@ class Applier:
         self.budget = lease_budget_seconds(config.workers)
         self.retry = RetryPolicy.of(config.workers)
 
-    def apply(self, ids: list[int]) -> Report:
-        """Claim, plan again, apply and record one batch of row ids."""
-        deadline = time.monotonic() + self.budget  # read before the claim, so it errs early
-        claimed = review.claim(self.db, self.owner, ids, self.lease)
-        report = Report(busy=sorted(set(ids) - {r.row.id for r in claimed}))
+    def apply(self, reviewed: dict[int, int | None]) -> Report:
+        """Claim, plan again, apply and record one batch: {row id: the change set id reviewed, or None
+        for whichever is the row's latest}. A row planned again since is left alone (busy)."""
+        started = time.monotonic()
+        deadline = started + self.budget  # read before the claim, so it errs early
+        claimed = review.claim(self.db, self.owner, reviewed, self.lease)
+        report = Report(busy=sorted(set(reviewed) - {r.row.id for r in claimed}))
         for scope in sorted({r.branch_scope for r in claimed}):
             self._apply_in_branch([r for r in claimed if r.branch_scope == scope], deadline, report)
-        if report.untouched:
-            review.release(self.db, self.owner, sorted(report.untouched), self.operator, report.untouched)
-        if report.outcomes:
-            written = review.record(self.db, self.owner, report.outcomes, self.operator)
-            report.lost = sorted(o.reviewed.row.id for o in report.outcomes if o.reviewed.row.id not in written)
-            report.outcomes = [o for o in report.outcomes if o.reviewed.row.id in written]
+        if report.outcomes or report.untouched:
+            self._record(report, lease_ends=started + self.lease)
         return report
+
+    def _record(self, report: Report, lease_ends: float) -> None:
+        """Write the batch's outcomes. An outage is waited out while the lease lasts (NetBox's part is done
+        and must not be lost); content Postgres refuses costs the change sets, not the outcomes."""
+        stripped = False
+        while True:
+            try:
+                written, released = review.record(self.db, self.owner, report.outcomes, report.untouched,
+                                                  self.operator)
+                break
+            except ContentRejected as exc:
+                if stripped:
+                    report.unrecorded = str(exc)
+                    return
+                log.error("Postgres refused the outcome of a batch (%s); recording it without change sets", exc)
+                report.outcomes = [replace(o, decision=outcomes.unstorable(o.decision, str(exc)))
+                                   if o.decision.change_set is not None else o for o in report.outcomes]
+                stripped = True
+            except DatabaseError as exc:
+                if time.monotonic() + RECORD_RETRY_SECONDS >= lease_ends or \
+                        not self.plugin.pacer.pause(RECORD_RETRY_SECONDS):
+                    report.unrecorded = str(exc)
+                    return
+                log.warning("cannot record the outcome of %d rows, will retry: %s",
+                            len(report.outcomes) + len(report.untouched), exc)
+        report.lost = sorted({o.reviewed.row.id for o in report.outcomes} - written
+                             | set(report.untouched) - released)
+        report.outcomes = [o for o in report.outcomes if o.reviewed.row.id in written]
+        report.untouched = {row_id: why for row_id, why in report.untouched.items() if row_id in released}
 
     def _apply_in_branch(self, claimed: list[Reviewed], deadline: float, report: Report) -> None:
         entities, failed = outcomes.entities([r.row for r in claimed])

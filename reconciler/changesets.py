@@ -56,12 +56,20 @@ def same_changes(reviewed: list[dict], fresh: list[dict]) -> bool:
     Change ids and `new_object:` refs are new on every plan, and the plugin orders the creates of one
     dependency level differently from plan to plan: so changes compare as a set, and a ref as the
     object it creates (its type and primary value). Two creates of one type and value in a plan keep
-    their raw refs, which never compare equal: such a plan is judged stale rather than guessed at."""
+    their raw refs, which never compare equal: such a plan is judged stale rather than guessed at.
+    The reviewed plan is read back from Postgres: both sides are compared in the form it stores them
+    (a missing label is "", labels are cut to 255 characters, jsonb keeps 1.0 and 1 alike)."""
     return _comparable(reviewed) == _comparable(fresh)
 
 
+def stored_label(value: Any, limit: int = 255) -> str:
+    """A change's type or primary value as the `changes` table keeps it."""
+    return str(value or "")[:limit]
+
+
 def _comparable(changes: list[dict]) -> list[bytes]:
-    created = {change["ref_id"]: f"new {change.get('object_type')} {change.get('object_primary_value')}"
+    created = {change["ref_id"]: f"new {stored_label(change.get('object_type'))} "
+                                 f"{stored_label(change.get('object_primary_value'))}"
                for change in changes if change.get("change_type") == "create" and isinstance(change.get("ref_id"), str)}
     repeated = {label for label, n in Counter(created.values()).items() if n > 1}
     labels = {ref: label for ref, label in created.items() if label not in repeated}
@@ -69,6 +77,8 @@ def _comparable(changes: list[dict]) -> list[bytes]:
     def by_label(value: Any) -> Any:
         if isinstance(value, str):
             return labels.get(value, value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, list):
             return [by_label(item) for item in value]
         if isinstance(value, dict):
@@ -78,12 +88,13 @@ def _comparable(changes: list[dict]) -> list[bytes]:
     comparable = []
     for change in changes:
         kind = change.get("change_type")
-        target = [kind, change.get("object_type"), change.get("object_id"), by_label(change.get("ref_id"))]
+        target = [stored_label(kind, 50), stored_label(change.get("object_type")), change.get("object_id"),
+                  by_label(change.get("ref_id"))]
         if kind != "noop":
             data = change.get("data") or {}
             before = change.get("before") or {}
             target += [by_label(data), sorted(str(path) for path in change.get("new_refs") or []),
-                       {key: before.get(key) for key in data} if kind == "update" else None]
+                       by_label({key: before.get(key) for key in data}) if kind == "update" else None]
         comparable.append(orjson.dumps(target, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
     return sorted(comparable)
 

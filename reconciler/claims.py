@@ -26,6 +26,7 @@ from typing import NamedTuple
 import orjson
 
 from . import pgcopy, states
+from .changesets import stored_label
 from .db import Database, Tx
 from .text import json_text
 
@@ -218,7 +219,7 @@ class _ChangeEncoder:
         self._texts: dict[str, bytes] = {}
 
     def _short(self, value, limit: int) -> bytes:
-        key = str(value or "")[:limit]
+        key = stored_label(value, limit)
         encoded = self._texts.get(key)
         if encoded is None:
             encoded = self._texts[key] = pgcopy.text(key)
@@ -233,7 +234,7 @@ class _ChangeEncoder:
             change_set,
             self._short(change.get("change_type"), 50),
             self._short(change.get("object_type"), 255),
-            pgcopy.text(str(change.get("object_primary_value") or "")[:255]),
+            pgcopy.text(stored_label(change.get("object_primary_value"))),
             pgcopy.bigint(_fitting(object_id, 64)),
             pgcopy.NULL if ref_id is None else pgcopy.text(str(ref_id)),
             pgcopy.NULL if (fitted := _fitting(version, 32)) is None else pgcopy.integer(fitted),

@@ -95,10 +95,18 @@ class Listed:
     warned: bool  # the plugin left warnings on its latest change set
 
 
-def page(db: Database, filters: Filters, before: int | None = None, limit: int | None = None) -> list[Listed]:
-    """Matching rows, newest first: `limit` of them (None: all) with ids below `before`."""
-    rows = db.fetchall("deviations_page", {**filters.params(), "before": before, "limit": limit})
+def page(db: Database, filters: Filters, before: int | None = None, limit: int | None = None,
+         planned_before: datetime.datetime | None = None) -> list[Listed]:
+    """Matching rows, newest first: `limit` of them (None: all) with ids below `before`, and planned
+    before `planned_before` if given (an --all run does not chase what was planned after it began)."""
+    rows = db.fetchall("deviations_page", {**filters.params(), "before": before, "limit": limit,
+                                           "planned_before": planned_before})
     return [Listed(*row) for row in rows]
+
+
+def now(db: Database) -> datetime.datetime:
+    """Postgres's clock, which planned_at is on."""
+    return db.fetchall("database_now")[0][0]
 
 
 def tally(db: Database, filters: Filters) -> Counter:
@@ -113,6 +121,7 @@ class Target:
     state: int
     is_head: bool
     held: bool  # a worker or an apply holds it under a lease
+    change_set_id: int | None  # its latest
 
 
 def targets(db: Database, ids: list[int]) -> dict[int, Target]:
@@ -139,10 +148,13 @@ class Reviewed:
         return found.group(1) if found else None
 
 
-def claim(db: Database, owner: str, ids: list[int], lease_seconds: float) -> list[Reviewed]:
-    """Lease those of `ids` that are OPEN and nobody holds; committed before returning."""
+def claim(db: Database, owner: str, reviewed: dict[int, int | None], lease_seconds: float) -> list[Reviewed]:
+    """Lease the rows of `reviewed` ({row id: the change set reviewed, None: its latest}) that are OPEN,
+    nobody holds, and were not planned again since; committed before returning."""
+    ids = sorted(reviewed)
     with db.transaction() as tx:
-        rows = tx.fetchall("claim_for_apply", {"ids": ids, "owner": owner, "lease_seconds": lease_seconds})
+        rows = tx.fetchall("claim_for_apply", {"ids": ids, "expected": [reviewed[i] for i in ids], "owner": owner,
+                                               "lease_seconds": lease_seconds})
     claimed = []
     for row_id, object_type, entity, branch_scope, answer_lost_at, change_set, changes in sorted(rows):
         row = Claimed(row_id, object_type, bytes(entity), None, 0, answer_lost_at)
@@ -162,13 +174,6 @@ def as_sent(change: dict) -> dict:
             "data": change["after"] if change["after"] is not None else {}, "new_refs": change["new_refs"] or []}
 
 
-def release(db: Database, owner: str, ids: list[int], operator: str, why: dict[int, str]) -> None:
-    """Give back claimed rows the apply did not change: OPEN again, as they were; audited."""
-    with db.transaction() as tx:
-        tx.execute("release_apply_claims", {"ids": ids, "owner": owner})
-        _audit(tx, "apply", operator, None, [(row_id, None, NOT_APPLIED, {"why": why[row_id]}) for row_id in ids])
-
-
 @dataclass
 class Outcome:
     """What an apply did with one claimed row: the row's decision, and what the audit trail says."""
@@ -180,22 +185,33 @@ class Outcome:
     detail: dict = field(default_factory=dict)
 
 
-def record(db: Database, owner: str, outcomes: list[Outcome], operator: str) -> set[int]:
-    """Write the outcomes of rows this apply still holds, in one transaction; the ids written."""
+def record(db: Database, owner: str, outcomes: list[Outcome], untouched: dict[int, str],
+           operator: str) -> tuple[set[int], set[int]]:
+    """In one transaction: write the outcomes of the rows this apply still holds, give those it did not
+    change (`untouched`: why) back OPEN as they were, and audit it all. Returns (the ids written, the
+    ids given back); the others' leases ran out before (the lease sweep has them): their outcomes are
+    audited all the same, marked lease_lost, since what happened in NetBox happened."""
     with db.transaction() as tx:
+        # Every writer locks rows in id order; the writes below go branch by branch.
+        tx.execute("lock_rows", {"ids": sorted({o.reviewed.row.id for o in outcomes} | set(untouched))})
+        released = {row_id for row_id, in tx.fetchall("release_apply_claims", {"ids": sorted(untouched),
+                                                                             "owner": owner})}
         written: set[int] = set()
         for scope in sorted({o.reviewed.branch_scope for o in outcomes}):
             same = [o for o in outcomes if o.reviewed.branch_scope == scope]
             written |= claims.write(tx, owner, scope, [o.decision for o in same],
                                     planned_before={o.reviewed.row.id for o in same})
-        kept = [o for o in outcomes if o.reviewed.row.id in written]
-        warned = [o for o in kept if o.apply_warnings]
+        warned = [o for o in outcomes if o.apply_warnings]
         if warned:
             tx.execute("note_apply_warnings", {"ids": [o.reviewed.change_set_id for o in warned],
                                                "warnings": [json_text(o.apply_warnings) for o in warned]})
         _audit(tx, "apply", operator, None,
-               [(o.reviewed.row.id, o.reviewed.change_set_id, o.outcome, o.detail or None) for o in kept])
-    return written
+               [(row_id, None, NOT_APPLIED, {"why": why}) for row_id, why in sorted(untouched.items())
+                if row_id in released]
+               + [(o.reviewed.row.id, o.reviewed.change_set_id, o.outcome,
+                   (o.detail or {}) | ({} if o.reviewed.row.id in written else {"lease_lost": True}) or None)
+                  for o in outcomes])
+    return written, released
 
 
 # --- ignore, unignore ---

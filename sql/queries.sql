@@ -526,7 +526,8 @@ FROM change_log AS c;
 -- deviations_page --
 -- `reconciler deviations list` (and the rows `apply --all` and `ignore --all` act on): the rows
 -- review_selection_v1 (migration 0011) matches, newest first, %(limit)s of them (NULL: all) before
--- id %(before)s (NULL: from the newest), each with its latest change set: its name, branch,
+-- id %(before)s (NULL: from the newest) and planned before %(planned_before)s (NULL: whenever), each
+-- with its latest change set: its name, branch,
 -- warnings and changes counted by type (noops left out: they change nothing). "Planned" is when the
 -- claim that made its plan was taken (planned_at, 0010), or when the row arrived if never planned.
 SELECT l.id, l.state, l.object_type, cs.deviation_name, l.planned_branch, l.producer_app_name,
@@ -540,7 +541,8 @@ FROM review_selection_v1(%(states)s::smallint[], %(object_type)s, %(since)s::flo
                          %(name)s, %(ids)s::bigint[]) AS m
 JOIN ingestion_logs AS l ON l.id = m.id
 LEFT JOIN change_sets AS cs ON cs.id = m.change_set_id
-WHERE %(before)s::bigint IS NULL OR m.id < %(before)s::bigint
+WHERE (%(before)s::bigint IS NULL OR m.id < %(before)s::bigint)
+  AND (%(planned_before)s::timestamptz IS NULL OR coalesce(l.planned_at, l.created_at) < %(planned_before)s::timestamptz)
 ORDER BY m.id DESC
 LIMIT %(limit)s::bigint;
 
@@ -555,20 +557,29 @@ ORDER BY state, object_type;
 -- review_targets --
 -- The rows an operator named by id, as they are now: whether they exist, their state, whether
 -- they are the current row of their entity and whether a worker or an apply holds them.
-SELECT id, state, is_head, lease_owner IS NOT NULL FROM ingestion_logs WHERE id = ANY(%(ids)s::bigint[]);
+SELECT l.id, l.state, l.is_head, l.lease_owner IS NOT NULL,
+       (SELECT max(c.id) FROM change_sets AS c WHERE c.ingestion_log_id = l.id)
+FROM ingestion_logs AS l WHERE l.id = ANY(%(ids)s::bigint[]);
+
+-- database_now --
+SELECT now();
 
 -- claim_for_apply --
 -- OPEN rows for one `deviations apply` run, leased like a worker's claim (claim_batch) and committed
 -- before the plugin is asked, so no worker, no other apply and no ignore can act on them meanwhile;
--- a row someone else holds is skipped (SKIP LOCKED, and a lease). APPLYING while the apply may be
+-- a row someone else holds is skipped (SKIP LOCKED, and a lease), and so is a row planned again
+-- since the operator saw it (%(expected)s: the change set id reviewed, NULL: whichever is latest).
+-- APPLYING while the apply may be
 -- in flight: if the run dies holding them, the lease sweep sends them to QUEUED with answer_lost_at,
 -- to be planned afresh, never applied again. attempts start again at 0: what they counted (plan
 -- attempts) is done. The row's latest change set, the one reviewed, comes along.
 WITH picked AS (
-    SELECT id FROM ingestion_logs
-    WHERE id = ANY(%(ids)s::bigint[]) AND state = 2 /* OPEN */ AND lease_owner IS NULL
-    ORDER BY id
-    FOR UPDATE SKIP LOCKED
+    SELECT l.id FROM ingestion_logs AS l
+    JOIN unnest(%(ids)s::bigint[], %(expected)s::bigint[]) AS u (id, expected) ON u.id = l.id
+    WHERE l.state = 2 /* OPEN */ AND l.lease_owner IS NULL
+      AND (u.expected IS NULL OR u.expected = (SELECT max(c.id) FROM change_sets AS c WHERE c.ingestion_log_id = l.id))
+    ORDER BY l.id
+    FOR UPDATE OF l SKIP LOCKED
 )
 UPDATE ingestion_logs AS l
 SET state = 8 /* APPLYING */, lease_owner = %(owner)s,
@@ -583,12 +594,18 @@ RETURNING l.id, l.object_type, l.entity, coalesce(l.planned_branch, ''), l.answe
            FROM changes AS c
            WHERE c.change_set_id = (SELECT max(id) FROM change_sets WHERE ingestion_log_id = l.id));
 
+-- lock_rows --
+-- Rows about to be written by one transaction in several statements, locked first in id order, the
+-- order every writer uses (lock_heads, finish_rows), so that none of them deadlocks with it.
+SELECT id FROM ingestion_logs WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE;
+
 -- release_apply_claims --
 -- Claimed rows an apply did not change (the plugin could not be asked, or refused the apply in a
--- way that rolled it back) go back to OPEN as they were.
+-- way that rolled it back) go back to OPEN as they were, if the apply still holds them.
 UPDATE ingestion_logs
 SET state = 2 /* OPEN */, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s;
+WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s
+RETURNING id;
 
 -- note_apply_warnings --
 -- What an apply reported on the change set it applied (migration 0011).

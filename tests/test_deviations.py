@@ -5,6 +5,7 @@ The review loop against the real NetBox is in test_deviations_netbox.py; the pur
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -62,6 +63,13 @@ def test_an_update_is_stale_when_a_field_it_writes_changed_not_when_another_did(
     assert same_changes(reviewed, [update("dcim.device", 7, {"serial": "A", "description": "edited"}, {"serial": "B"})])
     assert not same_changes(reviewed, [update("dcim.device", 7, {"serial": "C", "description": "d"}, {"serial": "B"})])
     assert same_changes([noop("dcim.site", 1, name="a")], [noop("dcim.site", 1, name="renamed")])
+
+
+def test_a_reviewed_plan_read_back_from_postgres_is_the_same_as_the_plugins():
+    fresh = [create("dcim.site", None, "r1", u_height=1.0, site="new_object:dcim.site:r1")]
+    stored = [create("dcim.site", "", "r2", u_height=1, site="new_object:dcim.site:r2")]
+    stored[0]["data"]["name"] = fresh[0]["data"]["name"] = None
+    assert same_changes(stored, fresh)
 
 
 def test_two_creates_of_one_object_in_a_plan_are_judged_stale_rather_than_guessed_at():
@@ -229,21 +237,45 @@ def test_a_plugin_older_than_1_12_is_asked_one_change_set_at_a_time(review_env, 
     (["{open}", "--all", "--yes"], "not both"),
     (["{open}", "--type", "dcim.site"], "with ids they would be ignored"),
     ([], "name the rows by id"),
-], ids=["unknown", "not_open", "no_match", "all_without_yes", "ids_and_all", "ids_and_filters", "nothing"])
+    (["{open}@{other_plan}"], "was planned again since change set"),
+], ids=["unknown", "not_open", "no_match", "all_without_yes", "ids_and_all", "ids_and_filters", "nothing",
+        "not_the_plan_reviewed"])
 def test_bad_input_gets_a_clear_error_and_changes_nothing(review_env, dsn, plugin, args, message):
     open_id, other_id, applied_id = planned(dsn, site("o1"), site("o2"), site("done"))
     query(dsn, "UPDATE ingestion_logs SET state = 3 WHERE id = %s", (applied_id,))
+    other_plan = scalar(dsn, "SELECT id FROM change_sets WHERE ingestion_log_id = %s", (other_id,))
     before = query(dsn, "SELECT * FROM ingestion_logs ORDER BY id")
     for command in ("apply", "ignore"):
+        if command == "ignore" and "@" in "".join(args):
+            continue  # only apply names the plan reviewed
         extra = ["--reason", "r"] if command == "ignore" else []
-        done = cli(review_env, "deviations", command,
-                   *[a.format(open=open_id, applied=applied_id) for a in args], *extra)
+        done = cli(review_env, "deviations", command, "--json",
+                   *[a.format(open=open_id, applied=applied_id, other_plan=other_plan) for a in args], *extra)
         assert done.returncode == 1, done.stdout
         expected = message.replace("not OPEN", "not OPEN or FAILED") if command == "ignore" else message
-        assert expected in done.stderr
+        assert expected in done.stderr and expected in json.loads(done.stdout)["error"]
     assert query(dsn, "SELECT * FROM ingestion_logs ORDER BY id") == before
     assert [c.path for c in plugin.seen if c.path != "default-branch/"] == []
     assert reviews(dsn) == []
+
+
+@pytest.mark.subprocess
+def test_apply_of_a_named_plan_applies_it_and_show_says_how_to_name_it(review_env, dsn, plugin):
+    [row_id] = planned(dsn, site("exact"))
+    change_set = scalar(dsn, "SELECT id FROM change_sets")
+    assert f"reconciler deviations apply {row_id}@{change_set}" in cli(review_env, "deviations", "show",
+                                                                       str(row_id)).stdout
+    assert cli_json(review_env, "deviations", "apply", f"{row_id}@{change_set}")["outcomes"] == {review.APPLIED: 1}
+
+
+@pytest.mark.subprocess
+def test_unignore_refuses_a_row_a_newer_one_replaced_and_changes_nothing(review_env, dsn):
+    current, replaced = planned(dsn, site("current"), site("replaced"))
+    query(dsn, "UPDATE ingestion_logs SET state = 6")
+    query(dsn, "UPDATE ingestion_logs SET is_head = false WHERE id = %s", (replaced,))
+    done = cli(review_env, "deviations", "unignore", str(current), str(replaced))
+    assert done.returncode == 1 and f"row {replaced} is not the current row of its entity" in done.stderr
+    assert row_states(dsn) == {current: "IGNORED", replaced: "IGNORED"}
 
 
 @pytest.mark.subprocess

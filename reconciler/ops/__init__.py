@@ -24,6 +24,17 @@ def add_commands(commands, parent: argparse.ArgumentParser) -> None:
     _add_deviations(commands, parent)
 
 
+def count(raw: str) -> int:
+    """A number of rows, 0 or more (an argparse type)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of rows, 0 or more; got {raw!r}")
+    return value
+
+
 def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object, for scripts")
 
@@ -112,7 +123,7 @@ def _add_deviations(commands, parent) -> None:
                                  description="Matching rows, newest first, with the counts by state and type of "
                                              "all of them at the bottom.")
     _deviation_filters(listing, states=True)
-    listing.add_argument("--limit", type=int, default=deviations.LIST_LIMIT,
+    listing.add_argument("--limit", type=count, default=deviations.LIST_LIMIT,
                          help=f"show at most this many (default {deviations.LIST_LIMIT}; 0: all)")
     listing.add_argument("--before", type=int, metavar="ID", help="the next page: rows with ids below ID")
     _json_flag(listing)
@@ -133,7 +144,7 @@ def _add_deviations(commands, parent) -> None:
                     "the row stays OPEN with the fresh plan (stale). An apply whose answer is lost is never sent "
                     "again: the row is planned afresh. Exit 0 when every row was applied (or found already in "
                     "NetBox), 1 otherwise.")
-    _row_selection(apply, states=False)
+    _row_selection(apply, states=False, reviewed=True)
     apply.set_defaults(handler=deviations.cmd_apply)
 
     ignore = actions.add_parser("ignore", parents=[parent], help="OPEN or FAILED rows to IGNORED",
@@ -161,8 +172,13 @@ def _deviation_filters(parser: argparse.ArgumentParser, states: bool) -> None:
                                                           "discovered') contains PATTERN; * and ? are wildcards")
 
 
-def _row_selection(parser: argparse.ArgumentParser, states: bool) -> None:
-    parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="rows by id")
+def _row_selection(parser: argparse.ArgumentParser, states: bool, reviewed: bool = False) -> None:
+    if reviewed:
+        parser.add_argument("ids", nargs="*", type=deviations.row_ref, metavar="ID[@CHANGE_SET]",
+                            help="rows by id; ID@CHANGE_SET applies the row only if that change set (the one "
+                                 "reviewed, as list and show print it) is still its plan")
+    else:
+        parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="rows by id")
     parser.add_argument("--all", action="store_true", help="every row the filters match (needs --yes)")
     parser.add_argument("--yes", action="store_true", help="confirm --all")
     _deviation_filters(parser, states)

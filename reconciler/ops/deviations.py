@@ -13,6 +13,7 @@ and --all together, and --all without --yes are refused before any row is touche
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
 import os
 import signal
@@ -21,11 +22,13 @@ import sys
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from .. import errors, review, states
 from ..applier import Applier, Report
 from ..db import Database
+from ..errors import DatabaseError
 from ..plugin import PluginClient
 from ..ratelimit import SharedRateLimiter
 from ..review import Filters
@@ -69,17 +72,39 @@ class Refused(Exception):
     """Bad input: the command changes nothing and says why."""
 
 
-def selected_ids(db: Database, args: argparse.Namespace, allowed: tuple[int, ...],
-                 filters: Filters) -> tuple[list[int] | None, int]:
-    """The rows an apply, ignore or unignore acts on: (ids named, or None for --all, and how many).
-    Refused when the input is bad, before anything changes."""
+def row_ref(text: str) -> tuple[int, int | None]:
+    """`ID` or `ID@CHANGE_SET` (an argparse type): a row, and the change set reviewed if named."""
+    row, _, change_set = text.partition("@")
+    try:
+        return int(row), int(change_set) if change_set else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a row id, or ID@CHANGE_SET as `deviations list` and "
+                                         f"`show` print them; got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows an apply, ignore or unignore acts on: named (with the change set each was reviewed in,
+    None when not said), or every row the filters match (`named` None) planned before `started`."""
+
+    named: dict[int, int | None] | None
+    filters: Filters
+    total: int
+    started: datetime.datetime
+
+
+def select(db: Database, args: argparse.Namespace, allowed: tuple[int, ...], filters: Filters) -> Selection:
+    """What the command acts on; Refused when the input is bad, before anything changes."""
     if args.ids and args.all:
         raise Refused("name rows by id or select them with --all and filters, not both")
+    started = review.now(db)
     if args.ids:
         if filters.narrowed or args.state:
             raise Refused("filters (--state, --type, --since, --branch, --producer, --name) select rows for --all; "
                           "with ids they would be ignored")
-        return _checked_ids(db, sorted(set(args.ids)), allowed), len(set(args.ids))
+        named: dict[int, int | None] = dict(ref if isinstance(ref, tuple) else (ref, None) for ref in args.ids)
+        _check(db, named, allowed)
+        return Selection(named, filters, len(named), started)
     if not args.all:
         raise Refused("name the rows by id, or select them with --all and filters (see --help)")
     total = sum(review.tally(db, filters).values())
@@ -89,10 +114,11 @@ def selected_ids(db: Database, args: argparse.Namespace, allowed: tuple[int, ...
         what = "every row in that state" if not filters.narrowed else "them"
         raise Refused(f"--all matches {total} rows ({describe(filters)}); nothing changed: add --yes to act on "
                       f"{what}, or --dry-run to see them first")
-    return None, total
+    return Selection(None, filters, total, started)
 
 
-def _checked_ids(db: Database, ids: list[int], allowed: tuple[int, ...]) -> list[int]:
+def _check(db: Database, named: dict[int, int | None], allowed: tuple[int, ...]) -> None:
+    ids = sorted(named)
     found = review.targets(db, ids)
     problems = [f"no row {row_id}" for row_id in ids if row_id not in found]
     for row_id in ids:
@@ -104,25 +130,39 @@ def _checked_ids(db: Database, ids: list[int], allowed: tuple[int, ...]) -> list
             problems.append(f"row {row_id} is {states.NAMES.get(target.state, target.state)}, not {wanted}")
         elif target.held:
             problems.append(f"row {row_id} is being worked on (a worker or another apply holds it)")
+        elif allowed == (states.IGNORED,) and not target.is_head:
+            problems.append(f"row {row_id} is not the current row of its entity (a newer row exists)")
+        elif named[row_id] is not None and named[row_id] != target.change_set_id:
+            problems.append(f"row {row_id} was planned again since change set {named[row_id]} (its plan is now "
+                            f"{target.change_set_id}): review it again")
     if problems:
         raise Refused("; ".join(problems) + "; nothing changed")
-    return ids
 
 
-def batches(db: Database, ids: list[int] | None, filters: Filters, size: int) -> Any:
-    """The ids to act on, `size` at a time: the named ones, or the newest matching rows first, each
-    visited once (a row an earlier batch left matching is behind the cursor)."""
-    if ids is not None:
+def batches(db: Database, selection: Selection, size: int) -> Iterator[dict[int, int | None]]:
+    """The rows to act on, `size` at a time, {id: the change set to expect}: the named ones, or the
+    newest matching rows first, each visited once (a row an earlier batch left matching is behind the
+    cursor), only those planned before the command began, each with the change set listed for it."""
+    if selection.named is not None:
+        ids = sorted(selection.named)
         for start in range(0, len(ids), size):
-            yield ids[start:start + size]
+            yield {row_id: selection.named[row_id] for row_id in ids[start:start + size]}
         return
     before = None
     while True:
-        rows = review.page(db, filters, before=before, limit=size)
+        rows = review.page(db, selection.filters, before=before, limit=size, planned_before=selection.started)
         if not rows:
             return
-        yield [row.id for row in rows]
+        yield {row.id: row.change_set_id for row in rows}
         before = rows[-1].id
+
+
+def refuse(message: str, as_json: bool) -> int:
+    """Bad input: said on stderr, and for scripts as {"error": ...} on stdout too."""
+    console.fail(message)
+    if as_json:
+        console.print_json({"error": message})
+    return console.RET_FAILED
 
 
 # --- list ---
@@ -211,6 +251,8 @@ def _show_text(view: dict, latest: dict | None, planned: list[dict], sets: int, 
                    + (f"; {sets - 1} older kept" if sets > 1 else ""))
         out.append(diff.render(planned, colour) or "  (no changes)")
         out += _warning_lines(latest)
+        if view["state"] == states.OPEN:
+            out.append(f"\nto apply this plan and no other: reconciler deviations apply {view['id']}@{latest['id']}")
     out.append("\nentity as sent:")
     out.append(console.indented_json(view["entity"], "  "))
     out.append("\nreviews:" if reviews else "\nreviews: none")
@@ -246,31 +288,28 @@ def _mark(db: Database, args: argparse.Namespace, ignoring: bool) -> int:
     allowed = review.IGNORABLE if ignoring else (states.IGNORED,)
     chosen = None if ignoring else (states.IGNORED,)
     if ignoring and args.state and not set(filters_from(args).states) <= set(allowed):
-        console.fail("ignore acts on OPEN and FAILED rows: --state open or --state failed")
-        return console.RET_FAILED
-    filters = filters_from(args, chosen)
+        return refuse("ignore acts on OPEN and FAILED rows: --state open or --state failed", args.json)
     try:
-        ids, total = selected_ids(db, args, allowed, filters)
+        selection = select(db, args, allowed, filters_from(args, chosen))
     except Refused as exc:
-        console.fail(str(exc))
-        return console.RET_FAILED
+        return refuse(str(exc), args.json)
     verb = "ignore" if ignoring else "unignore"
     if args.dry_run:
-        return _dry_run(db, ids, filters, verb, args.json)
+        return _dry_run(db, selection, verb, args.json)
     operator = operator_name()
     done: list[int] = []
-    progress = console.Counter("ignored" if ignoring else "requeued", total)
+    progress = console.Counter("ignored" if ignoring else "requeued", selection.total)
     try:
-        for batch in batches(db, ids, filters, MARK_BATCH_ROWS):
+        for batch in batches(db, selection, MARK_BATCH_ROWS):
             if ignoring:
-                marked = sorted(review.ignore(db, batch, operator, args.reason))
+                marked = sorted(review.ignore(db, sorted(batch), operator, args.reason))
             else:
-                marked = sorted(review.unignore(db, batch, operator, args.reason))
+                marked = sorted(review.unignore(db, sorted(batch), operator, args.reason))
             done += marked
             progress.add(len(marked))
     finally:
         progress.finish()
-    skipped = sorted(set(ids) - set(done)) if ids is not None else []
+    skipped = sorted(set(selection.named) - set(done)) if selection.named is not None else []
     new_state = "IGNORED" if ignoring else "QUEUED"
     if args.json:
         console.print_json({"action": verb, "state": new_state, "ids": done, "skipped": skipped, "operator": operator})
@@ -286,9 +325,10 @@ def _ids(ids: list[int], shown: int = 20) -> str:
     return ", ".join(map(str, ids[:shown])) + (f" (+{len(ids) - shown} more)" if len(ids) > shown else "")
 
 
-def _dry_run(db: Database, ids: list[int] | None, filters: Filters, verb: str, as_json: bool) -> int:
-    if ids is not None:
-        filters = Filters(tuple(states.NAMES), ids=tuple(ids))
+def _dry_run(db: Database, selection: Selection, verb: str, as_json: bool) -> int:
+    filters = selection.filters
+    if selection.named is not None:
+        filters = Filters(tuple(states.NAMES), ids=tuple(sorted(selection.named)))
     rows = review.page(db, filters, limit=None)
     if as_json:
         console.print_json({"dry_run": True, "action": verb, "rows": [_listed_json(row) for row in rows]})
@@ -340,29 +380,29 @@ def cmd_apply(config: Config, args: argparse.Namespace) -> int:
 
 
 def _apply(config: Config, db: Database, args: argparse.Namespace) -> int:
-    filters = filters_from(args, (states.OPEN,))
     if args.state and set(filters_from(args).states) != {states.OPEN}:
-        console.fail("apply acts on OPEN rows only")
-        return console.RET_FAILED
+        return refuse("apply acts on OPEN rows only", args.json)
     try:
-        ids, total = selected_ids(db, args, (states.OPEN,), filters)
+        selection = select(db, args, (states.OPEN,), filters_from(args, (states.OPEN,)))
     except Refused as exc:
-        console.fail(str(exc))
-        return console.RET_FAILED
+        return refuse(str(exc), args.json)
     if args.dry_run:
-        return _dry_run(db, ids, filters, "apply", args.json)
+        return _dry_run(db, selection, "apply", args.json)
     pacer = Interruptible()
     pacer.handle_signals()
     plugin = PluginClient(config.netbox, SharedRateLimiter(config.netbox.rate_limit_per_second,
                                                            config.netbox.rate_limit_burst), pacer=pacer)
     applier = Applier(config, db, plugin, apply_owner(), operator_name())
-    reports = _run_batches(lambda batch: applier.apply(batch), batches(db, ids, filters, config.workers.batch_size),
-                           total, pacer)
-    return _report_apply(reports, named=ids is not None, interrupted=pacer.stopping, as_json=args.json,
-                         operator=applier.operator)
+    reports, failure = _run_batches(applier.apply, batches(db, selection, config.workers.batch_size),
+                                    selection.total, pacer)
+    return _report_apply(reports, named=selection.named is not None, interrupted=pacer.stopping,
+                         failure=failure, as_json=args.json, operator=applier.operator)
 
 
-def _run_batches(apply_batch: Callable[[list[int]], Report], work, total: int, pacer: Interruptible) -> list[Report]:
+def _run_batches(apply_batch: Callable[[dict[int, int | None]], Report], work: Iterator[dict[int, int | None]],
+                 total: int, pacer: Interruptible) -> tuple[list[Report], str | None]:
+    """The batches' reports, and why the run stopped early if Postgres failed it (what was done is
+    reported all the same)."""
     progress = console.Counter("applying: rows done", total)
     reports = []
     try:
@@ -372,16 +412,23 @@ def _run_batches(apply_batch: Callable[[list[int]], Report], work, total: int, p
             report = apply_batch(batch)
             reports.append(report)
             progress.add(len(batch))
+            if report.unrecorded:
+                return reports, f"could not record the outcome of a batch: {report.unrecorded}"
+    except DatabaseError as exc:
+        return reports, str(exc)
     finally:
         progress.finish()
-    return reports
+    return reports, None
 
 
-def _report_apply(reports: list[Report], named: bool, interrupted: bool, as_json: bool, operator: str) -> int:
-    outcomes = [o for report in reports for o in report.outcomes]
-    untouched = {row_id: why for report in reports for row_id, why in report.untouched.items()}
+def _report_apply(reports: list[Report], named: bool, interrupted: bool, failure: str | None, as_json: bool,
+                  operator: str) -> int:
     busy = sorted(row_id for report in reports for row_id in report.busy)
     lost = sorted(row_id for report in reports for row_id in report.lost)
+    unrecorded = sorted(o.reviewed.row.id for report in reports if report.unrecorded for o in report.outcomes) + \
+        sorted(row_id for report in reports if report.unrecorded for row_id in report.untouched)
+    outcomes = [o for report in reports if not report.unrecorded for o in report.outcomes]
+    untouched = {row_id: why for report in reports if not report.unrecorded for row_id, why in report.untouched.items()}
     counts = Counter(o.outcome for o in outcomes)
     if untouched:
         counts[review.NOT_APPLIED] += len(untouched)
@@ -393,10 +440,15 @@ def _report_apply(reports: list[Report], named: bool, interrupted: bool, as_json
                       "change_set_id": o.reviewed.change_set_id, **o.detail} for o in outcomes]
             + [{"id": row_id, "outcome": review.NOT_APPLIED, "state": "OPEN", "why": why}
                for row_id, why in sorted(untouched.items())],
-            "busy": busy, "lease_lost": lost})
+            "busy": busy, "lease_lost": lost, "unrecorded": unrecorded, "error": failure})
     else:
         _print_apply(outcomes, counts, untouched, busy, lost, named, interrupted, operator)
-    failed = attention or untouched or lost or (named and busy) or interrupted
+        if unrecorded:
+            print(f"{len(unrecorded)} rows were claimed but their outcome could not be written: they return to "
+                  f"QUEUED after their lease and are planned afresh, never applied again: {_ids(unrecorded)}")
+    if failure:
+        console.fail(f"deviations apply stopped: {failure}")
+    failed = attention or untouched or lost or unrecorded or (named and busy) or interrupted or failure
     return console.RET_FAILED if failed else errors.RET_OK
 
 
@@ -424,7 +476,8 @@ def _print_apply(outcomes, counts: Counter, untouched: dict[int, str], busy: lis
     for row_id, why in sorted(untouched.items()):
         print(f"row {row_id}: not applied, still OPEN: {why}")
     if busy:
-        who = "changed meanwhile or held by a worker or another apply" if named else "taken by another apply or worker"
+        who = "planned again, changed or held by a worker or another apply meanwhile" if named else \
+            "taken by another apply or worker, or planned again meanwhile"
         print(f"{len(busy)} rows left alone, {who}: {_ids(busy)}")
     if lost:
         print(f"{len(lost)} rows outlived this run's lease before their outcome was written; the lease sweep "
