@@ -21,8 +21,9 @@ so staleness is ours to detect. For each batch of rows:
 Rows the plugin could not be asked about, or whose apply it rolled back (a deadlock), go back to
 OPEN unchanged. The outcomes are written in one transaction, retried through a Postgres outage
 while the lease lasts (what NetBox did must not be lost); if they cannot be, the rows return to
-QUEUED after their lease, with answer_lost_at, and are planned afresh, never applied again. The decisions (`judge_fresh_plan`, `judge_apply`, `judge_what_is_left`) are pure
-functions.
+QUEUED after their lease, with answer_lost_at, and are planned afresh, never applied again.
+
+The decisions (`judge_fresh_plan`, `judge_apply`, `judge_what_is_left`) are pure functions.
 """
 
 from __future__ import annotations
