@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 from . import outcomes, review, states
 from .changesets import dropped_fields, same_changes
-from .claims import Decision
+from .claims import Claimed, Decision
 from .db import Database
 from .errors import ContentRejected, DatabaseError
 from .outcomes import RetryPolicy
@@ -118,8 +118,7 @@ class Applier:
             return
         branch_id = planned[0].branch_id
         try:
-            fresh = self.plugin.plan([Item(r.row.id, r.row.object_type, entities[r.row.id]) for r in planned],
-                                     branch_id, deadline)
+            fresh = self._plan_again([r.row for r in planned], entities, branch_id, deadline)
         except Unavailable as exc:
             report.untouched.update((r.row.id, f"could not plan it again to check it: {exc}") for r in planned)
             return
@@ -164,14 +163,18 @@ class Applier:
         if partly:
             report.outcomes += self._plan_what_is_left(partly, branch_id, deadline)
 
+    def _plan_again(self, rows: list[Claimed], entities: dict[int, dict], branch_id: str | None,
+                    deadline: float) -> dict[int, Result]:
+        """A fresh plan of each row (bulk-plan/: it reads, never writes)."""
+        return self.plugin.plan([Item(row.id, row.object_type, entities[row.id]) for row in rows], branch_id, deadline)
+
     def _plan_what_is_left(self, partly: list[Outcome], branch_id: str | None, deadline: float) -> list[Outcome]:
         """Rows applied with fields NetBox did not store, planned again while still claimed. If the plugin
         cannot be asked now, they stay QUEUED, for a worker to plan."""
         rows = [o.reviewed.row for o in partly]
         entities, _ = outcomes.entities(rows)
         try:
-            fresh = self.plugin.plan([Item(row.id, row.object_type, entities[row.id]) for row in rows], branch_id,
-                                     deadline)
+            fresh = self._plan_again(rows, entities, branch_id, deadline)
         except Unavailable as exc:
             log.warning("could not plan %d partly applied rows again (%s); a worker will", len(rows), exc)
             return partly

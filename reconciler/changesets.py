@@ -75,15 +75,7 @@ def _comparable(changes: list[dict]) -> list[bytes]:
     labels = {ref: label for ref, label in created.items() if label not in repeated}
 
     def by_label(value: Any) -> Any:
-        if isinstance(value, str):
-            return labels.get(value, value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, list):
-            return [by_label(item) for item in value]
-        if isinstance(value, dict):
-            return {key: by_label(item) for key, item in value.items()}
-        return value
+        return with_refs(value, labels, stored_numbers=True)
 
     comparable = []
     for change in changes:
@@ -97,6 +89,20 @@ def _comparable(changes: list[dict]) -> list[bytes]:
                        by_label({key: before.get(key) for key in data}) if kind == "update" else None]
         comparable.append(orjson.dumps(target, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS))
     return sorted(comparable)
+
+
+def with_refs(value: Any, refs: dict[str, Any], stored_numbers: bool = False) -> Any:
+    """A change's value (data, before), every string that is one of `refs` replaced by what it maps to;
+    with `stored_numbers`, a whole float as the int jsonb gives back for it."""
+    if isinstance(value, str):
+        return refs.get(value, value)
+    if stored_numbers and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [with_refs(item, refs, stored_numbers) for item in value]
+    if isinstance(value, dict):
+        return {key: with_refs(item, refs, stored_numbers) for key, item in value.items()}
+    return value
 
 
 def dropped_fields(apply_warnings: list | None) -> list[dict]:

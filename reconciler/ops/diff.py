@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from ..changesets import with_refs
+
 MARKS = {"create": "+", "update": "~", "noop": "="}
 _RED, _GREEN, _YELLOW, _DIM, _BOLD, _RESET = "\033[31m", "\033[32m", "\033[33m", "\033[2m", "\033[1m", "\033[0m"
 _HEADER_COLOURS = {"create": _GREEN, "update": _YELLOW, "noop": _DIM}
@@ -42,7 +44,7 @@ def field_changes(change: dict, refs: dict[str, str]) -> tuple[list[FieldChange]
     for name in sorted(data):
         if name == "id":
             continue  # an update's own pk, which never changes
-        after = _with_refs(data[name], refs)
+        after = with_refs(data[name], refs)
         if kind == "update" and name in before and before[name] == data[name]:
             unchanged.append(name)
         else:
@@ -107,16 +109,6 @@ def _object_id(change: dict) -> str:
 
 def _quoted(value: Any) -> str:
     return "" if value in (None, "") else f'"{value}"'
-
-
-def _with_refs(value: Any, refs: dict[str, str]) -> Any:
-    if isinstance(value, str):
-        return refs.get(value, value)
-    if isinstance(value, list):
-        return [_with_refs(item, refs) for item in value]
-    if isinstance(value, dict):
-        return {key: _with_refs(item, refs) for key, item in value.items()}
-    return value
 
 
 def _value(value: Any) -> str:
