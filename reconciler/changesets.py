@@ -108,4 +108,4 @@ def with_refs(value: Any, refs: dict[str, Any], stored_numbers: bool = False) ->
 def dropped_fields(apply_warnings: list | None) -> list[dict]:
     """The warnings of an apply that say a create bound to an existing object without storing its
     fields: what was reviewed did not all land, and only a new plan can say what is left."""
-    return [warning for warning in apply_warnings or [] if isinstance(warning, dict) and warning.get("fields")]
+    return [warning for warning in apply_warnings or [] if warning.get("fields")]

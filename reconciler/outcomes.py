@@ -136,7 +136,7 @@ def stored_change_set(object_type: str, change_set: dict, apply_warnings: list |
     plan_warnings = change_set.get("warnings")
     return ChangeSet(str(change_set.get("id") or uuid.uuid4()), branch_id, deviation_name(object_type, changes),
                      changes, plan_warnings=plan_warnings if isinstance(plan_warnings, dict) else None,
-                     apply_warnings=[w for w in apply_warnings or [] if isinstance(w, dict)] or None)
+                     apply_warnings=apply_warnings or None)
 
 
 def entities(rows: list[Claimed]) -> tuple[dict[int, dict], list[Decision]]:

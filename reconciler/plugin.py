@@ -522,7 +522,7 @@ def _parse_result(raw: Any, apply: bool) -> Result | None:
     row_id = _row_id(raw.get("id")) if isinstance(raw, dict) else None
     if row_id is None:
         return None
-    result = Result(row_id, change_set=raw.get("change_set"), warnings=raw.get("warnings") or [])
+    result = Result(row_id, change_set=raw.get("change_set"), warnings=_warning_list(raw.get("warnings")))
     errors = raw.get("errors")
     if apply and isinstance(errors, dict) and set(errors) <= {"plan", "apply"}:
         result.plan_errors, result.apply_errors = errors.get("plan"), errors.get("apply")
@@ -533,6 +533,8 @@ def _parse_result(raw: Any, apply: bool) -> Result | None:
 
 
 def _warning_list(warnings: Any) -> list:
+    """An answer's apply warnings: its list of objects, anything else left out (every endpoint's results go
+    through here, so Result.warnings holds dicts only)."""
     return [w for w in warnings if isinstance(w, dict)] if isinstance(warnings, list) else []
 
 
