@@ -137,9 +137,10 @@ class Applier:
             else:
                 report.outcomes.append(judged)
         if current:
-            self._send(current, branch_id, deadline, report)
+            self._send(current, entities, branch_id, deadline, report)
 
-    def _send(self, current: list[Reviewed], branch_id: str | None, deadline: float, report: Report) -> None:
+    def _send(self, current: list[Reviewed], entities: dict[int, dict], branch_id: str | None, deadline: float,
+              report: Report) -> None:
         try:
             results = self.plugin.apply({r.row.id: r.change_set for r in current}, branch_id, deadline)
         except InDoubt as exc:
@@ -161,18 +162,18 @@ class Applier:
             else:
                 report.outcomes.append(judged)
         if partly:
-            report.outcomes += self._plan_what_is_left(partly, branch_id, deadline)
+            report.outcomes += self._plan_what_is_left(partly, entities, branch_id, deadline)
 
     def _plan_again(self, rows: list[Claimed], entities: dict[int, dict], branch_id: str | None,
                     deadline: float) -> dict[int, Result]:
         """A fresh plan of each row (bulk-plan/: it reads, never writes)."""
         return self.plugin.plan([Item(row.id, row.object_type, entities[row.id]) for row in rows], branch_id, deadline)
 
-    def _plan_what_is_left(self, partly: list[Outcome], branch_id: str | None, deadline: float) -> list[Outcome]:
+    def _plan_what_is_left(self, partly: list[Outcome], entities: dict[int, dict], branch_id: str | None,
+                           deadline: float) -> list[Outcome]:
         """Rows applied with fields NetBox did not store, planned again while still claimed. If the plugin
         cannot be asked now, they stay QUEUED, for a worker to plan."""
         rows = [o.reviewed.row for o in partly]
-        entities, _ = outcomes.entities(rows)
         try:
             fresh = self._plan_again(rows, entities, branch_id, deadline)
         except Unavailable as exc:
