@@ -94,6 +94,10 @@ class _Metrics:
         self.change_log_changes = C("reconciler_change_log_changes", "Changes made by others than the plugin, read "
                                     "from NetBox's change log (each once).",
                                     registry=None)
+        # retention
+        self.pruned = C("reconciler_pruned", "What retention deleted, by kind: rows (finished, no longer their "
+                        "entity's current row), change_sets (superseded plans), dead_letters.", ["kind"],
+                        registry=None)
         # supervisor
         self.restarts = C("reconciler_child_restarts", "Child processes restarted by the supervisor, by role and "
                           "reason (boot_failure, killed: by a signal, crashed: a non-zero exit).",
@@ -265,3 +269,10 @@ def change_log_read(changes: int, high_water: float) -> None:
     m = _objects()
     m.change_log_changes.inc(changes)
     m.change_log_high_water.set(high_water)
+
+
+# --- retention ---
+
+
+def pruned(kind: str, n: int) -> None:
+    _objects().pruned.labels(kind).inc(n)

@@ -309,6 +309,23 @@ SETTINGS: tuple[Setting, ...] = (
             "(as mode always) until they agree."),
     Setting("drift", "plugin_user", "diode", non_empty,
             "The NetBox user the diode plugin writes as: its changes are the reconciler's own, not drift."),
+    # [retention]
+    Setting("retention", "superseded_rows_days", 30.0, float_at_least(0.0),
+            "Days a finished row (APPLIED, FAILED, NO_CHANGES, IGNORED, ERRORED) is kept once it is no longer its "
+            "entity's current row (a drift re-plan or a new default branch replaced it), counted from its last "
+            "change; then it goes with its change sets. The current row says what NetBox was last told; a "
+            "superseded one only explains the past, and a month covers noticing and looking into an incident. "
+            "Current, QUEUED, OPEN and in-flight rows are never deleted. 0: kept for ever."),
+    Setting("retention", "superseded_change_sets_days", 30.0, float_at_least(0.0),
+            "Days a change set is kept once a newer plan of its row exists (each row keeps at most 5); a row's "
+            "latest change set stays as long as the row. 0: kept for ever."),
+    Setting("retention", "dead_letters_days", 90.0, float_at_least(0.0),
+            "Days a dead letter is kept, replayed or not: data that never arrived, so longer than rows (a quarter) "
+            "to be noticed, fixed at the source and replayed (`reconciler dead-letters`). 0: kept for ever."),
+    Setting("retention", "interval_seconds", 600.0, seconds_above_zero,
+            "How often the retention process looks for what may go. It deletes in small transactions of at most "
+            "1,000, in id order, skipping rows anyone holds, and rests as long as each took, so the consumer and "
+            "the workers keep most of Postgres."),
     # [supervisor]
     Setting("supervisor", "drain_seconds", 75.0, seconds_above_zero,
             "On stop, how long children may finish their batch before they are killed. Above one plugin "

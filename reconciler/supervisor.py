@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from . import backoff, errors, health, metrics
+from . import backoff, errors, health, metrics, retention
 from .consumer import Consumer
 from .driftchecks import DriftChecks, holds_reobservations
 from .refresher import Refresher
+from .retention import Pruner
 from .roles import STOP_SIGNALS, Link, Role, serve
 from .settings import Config
 from .sharedcache import MP, Shared
@@ -76,10 +77,13 @@ class Child:
 
 def service_roles(config: Config, shared: Shared) -> list[RoleSpec]:
     """The processes `reconciler run` keeps running: the consumer, the drift checks when it parks
-    re-observations in CHECKING for them, and with workers the refresher."""
+    re-observations in CHECKING for them, retention unless everything is kept for ever, and with
+    workers the refresher."""
     specs = [RoleSpec("consumer", partial(Consumer, cache=shared.cache))]
     if holds_reobservations(config):
         specs.append(RoleSpec("drift-checks", DriftChecks))
+    if retention.enabled(config):
+        specs.append(RoleSpec("retention", Pruner))
     if config.workers.count > 0:
         specs.append(RoleSpec("refresher", partial(Refresher, cache=shared.cache, limiter=shared.limiter)))
         specs += [RoleSpec(f"worker {n}", partial(Worker, index=n, cache=shared.cache, limiter=shared.limiter),

@@ -658,3 +658,72 @@ RETURNING l.id, (SELECT max(id) FROM change_sets WHERE ingestion_log_id = l.id);
 -- A row's audit trail, oldest first.
 SELECT action, outcome, operator, reason, at, change_set_id, detail FROM reviews
 WHERE ingestion_log_id = %(id)s ORDER BY id;
+
+-- prune_superseded_rows --
+-- One step of retention's walk over the rows that are no longer their entity's current row, in id
+-- order from %(after)s: of the next %(limit)s, those finished (APPLIED, FAILED, NO_CHANGES,
+-- IGNORED, ERRORED), unclaimed and unchanged for %(keep_days)s days go, with their change sets and
+-- changes (0003's triggers). Rows someone holds are skipped, never waited for (SKIP LOCKED; the
+-- conditions are checked again on the locked row). %(dry_run)s: count them, delete nothing.
+-- Returns the last id looked at (NULL: the walk is over), whether the walk reached rows too
+-- recent to go (never, here: superseded rows are not in time order), and how many went.
+WITH batch AS (SELECT id FROM ingestion_logs WHERE NOT is_head AND id > %(after)s ORDER BY id LIMIT %(limit)s),
+     doomed AS (SELECT l.id FROM ingestion_logs AS l
+                WHERE l.id IN (SELECT id FROM batch) AND NOT l.is_head
+                  AND l.state IN (3 /* APPLIED */, 4 /* FAILED */, 5 /* NO_CHANGES */, 6 /* IGNORED */, 7 /* ERRORED */)
+                  AND l.lease_owner IS NULL AND l.updated_at < now() - %(keep_days)s * interval '1 day'
+                FOR UPDATE SKIP LOCKED),
+     gone AS (DELETE FROM ingestion_logs WHERE id IN (SELECT id FROM doomed) AND NOT %(dry_run)s RETURNING id)
+SELECT (SELECT max(id) FROM batch), false, (SELECT count(*) FROM doomed);
+
+-- prune_superseded_change_sets --
+-- One step of retention's walk over change sets in id order (their creation order: ids are taken
+-- as batches are recorded): of the next %(limit)s after %(after)s, those older than %(keep_days)s days
+-- that are not their row's latest go, with their changes. A row's latest change set is never
+-- deleted (the review compares against it). The walk ends at the first change set younger than
+-- that.
+WITH batch AS (SELECT id, ingestion_log_id, created_at FROM change_sets WHERE id > %(after)s ORDER BY id
+               LIMIT %(limit)s),
+     doomed AS (SELECT c.id FROM change_sets AS c JOIN batch AS b ON b.id = c.id
+                WHERE b.created_at < now() - %(keep_days)s * interval '1 day'
+                  AND EXISTS (SELECT 1 FROM change_sets AS newer
+                              WHERE newer.ingestion_log_id = b.ingestion_log_id AND newer.id > b.id)
+                FOR UPDATE OF c SKIP LOCKED),
+     gone AS (DELETE FROM change_sets WHERE id IN (SELECT id FROM doomed) AND NOT %(dry_run)s RETURNING id)
+SELECT (SELECT max(id) FROM batch), coalesce((SELECT max(created_at) >= now() - %(keep_days)s * interval '1 day' FROM batch), false),
+       (SELECT count(*) FROM doomed);
+
+-- prune_dead_letters --
+-- One step of retention's walk over dead letters in id order (their arrival order): of the next
+-- %(limit)s after %(after)s, those older than %(keep_days)s days go, replayed or not. The walk ends at the
+-- first one younger than that.
+WITH batch AS (SELECT id, created_at FROM dead_letters WHERE id > %(after)s ORDER BY id LIMIT %(limit)s),
+     doomed AS (SELECT d.id FROM dead_letters AS d JOIN batch AS b ON b.id = d.id
+                WHERE b.created_at < now() - %(keep_days)s * interval '1 day'
+                FOR UPDATE OF d SKIP LOCKED),
+     gone AS (DELETE FROM dead_letters WHERE id IN (SELECT id FROM doomed) AND NOT %(dry_run)s RETURNING id)
+SELECT (SELECT max(id) FROM batch), coalesce((SELECT max(created_at) >= now() - %(keep_days)s * interval '1 day' FROM batch), false),
+       (SELECT count(*) FROM doomed);
+
+-- tally_pruned --
+INSERT INTO pruned (kind, deleted) VALUES (%(kind)s, %(deleted)s)
+ON CONFLICT (kind) DO UPDATE SET deleted = pruned.deleted + excluded.deleted, last_at = now();
+
+-- pruner_lock --
+-- One pruner at a time across replicas (session level: held for a whole walk, released if the
+-- process dies). True when taken.
+SELECT pg_try_advisory_lock(hashtext(%(key)s));
+
+-- pruner_unlock --
+SELECT pg_advisory_unlock(hashtext(%(key)s));
+
+-- status_retention --
+-- What retention deleted so far, per kind, and when it last deleted something.
+SELECT kind, deleted, last_at FROM pruned ORDER BY kind;
+
+-- status_storage --
+-- The oldest row (the lowest id: ids follow arrival) and each growing table's size with its
+-- indexes and TOAST, and its indexes alone, in bytes.
+SELECT (SELECT created_at FROM ingestion_logs ORDER BY id LIMIT 1),
+       t.name, pg_total_relation_size(t.name::regclass), pg_indexes_size(t.name::regclass)
+FROM unnest(ARRAY['ingestion_logs', 'change_sets', 'changes', 'dead_letters']) AS t (name);

@@ -184,6 +184,10 @@ def redis_client(redis_url):
     client.close()
 
 
+RETENTION_OFF = {f"RECONCILER_RETENTION_{kind}_DAYS": "0"
+                 for kind in ("SUPERSEDED_ROWS", "SUPERSEDED_CHANGE_SETS", "DEAD_LETTERS")}
+
+
 @pytest.fixture
 def env(dsn, redis_url):
     """Environment for a `bin/reconciler` subprocess pointed at this test's database and Redis."""
@@ -195,6 +199,7 @@ def env(dsn, redis_url):
         "RECONCILER_SUPERVISOR_DRAIN_SECONDS": "10",
         "RECONCILER_WORKERS_COUNT": "0",
         "RECONCILER_METRICS_LISTEN": "127.0.0.1:0",  # a free port: runs in parallel must not share 9464
+        **RETENTION_OFF,  # its own process; test_retention.py runs it
     }
 
 

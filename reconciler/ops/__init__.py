@@ -1,17 +1,17 @@
 """The operator commands' place on the command line: `status`, `retry`, `dead-letters`, `show`,
-`deviations`.
+`deviations`, `prune`.
 
 Each command lives in a module of its own (status.py, retry.py, deadletters.py, show.py,
-deviations.py); this
-one only declares their arguments, so cli.py gains one line. Every command takes the same settings
-(-c/--config, environment) as `reconciler run`, since it must look at the same database and stream.
+deviations.py, prune.py); this one only declares their arguments, so cli.py gains one line. Every
+command takes the same settings (-c/--config, environment) as `reconciler run`, since it must look at
+the same database and stream.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from . import deadletters, deviations, retry, show, status
+from . import deadletters, deviations, prune, retry, show, status
 from .console import duration
 
 
@@ -22,6 +22,7 @@ def add_commands(commands, parent: argparse.ArgumentParser) -> None:
     _add_dead_letters(commands, parent)
     _add_show(commands, parent)
     _add_deviations(commands, parent)
+    _add_prune(commands, parent)
 
 
 def count(raw: str) -> int:
@@ -186,3 +187,15 @@ def _row_selection(parser: argparse.ArgumentParser, states: bool, reviewed: bool
         parser.set_defaults(state=None)
     _dry_run_flag(parser)
     _json_flag(parser)
+
+
+def _add_prune(commands, parent) -> None:
+    parser = commands.add_parser(
+        "prune", parents=[parent], help="delete now what [retention] lets go: superseded rows and plans, dead letters",
+        description="One retention walk now, as the service's retention process does every [retention] "
+                    "interval_seconds: finished rows that are no longer their entity's current row, change sets a "
+                    "newer plan superseded, and dead letters, each once older than its [retention] setting. Current, "
+                    "QUEUED, OPEN and in-flight rows are never deleted.")
+    _dry_run_flag(parser)
+    _json_flag(parser)
+    parser.set_defaults(handler=prune.cmd_prune)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import redis
 
-from .. import errors, processes, states
+from .. import errors, processes, retention, states
 from ..db import Database, latest_version
 from ..errors import DatabaseError
 from ..plugin import PluginClient, Unavailable
@@ -28,7 +28,7 @@ from . import console
 SOON_SECONDS = 60  # "PENDING_RETRY due soon": what the workers will pick up within a minute
 PLUGIN_TIMEOUT_SECONDS = 5.0  # the branch is one small GET; a NetBox that is slower counts as down
 REDIS_TIMEOUT_SECONDS = 5.0
-POSTGRES_SECTIONS = ("schema", "inbox", "dead_letters", "drift", "processes")
+POSTGRES_SECTIONS = ("schema", "inbox", "dead_letters", "drift", "retention", "processes")
 LABEL_WIDTH = 22
 
 
@@ -77,6 +77,7 @@ def _postgres_sections(db: Database, config: Config, report: dict[str, Any]) -> 
     report["inbox"] = _section(lambda: _inbox(db), DatabaseError)
     report["dead_letters"] = _section(lambda: _dead_letters(db), DatabaseError)
     report["drift"] = _section(lambda: _drift(db, config), DatabaseError)
+    report["retention"] = _section(lambda: _retention(db, config), DatabaseError)
     report["processes"] = _section(lambda: _processes(db, config), DatabaseError)
     return True
 
@@ -116,6 +117,15 @@ def _drift(db: Database, config: Config) -> dict:
             "high_water_age_seconds": age.total_seconds() if age is not None else None,
             "trusted_since": trusted_since, "last_read_at": read_at, "checking": checking,
             "last_hour": {"skipped": skipped, "planned": planned}}
+
+
+def _retention(db: Database, config: Config) -> dict:
+    pruned = {kind: (deleted, at) for kind, deleted, at in db.fetchall("status_retention")}
+    storage = db.fetchall("status_storage")
+    kinds = {kind.name: {"keep_days": retention.keep_days(config, kind), "deleted": pruned.get(kind.name, (0, None))[0],
+                         "last_deleted_at": pruned.get(kind.name, (0, None))[1]} for kind in retention.KINDS}
+    return {"kinds": kinds, "oldest_row": storage[0][0],
+            "tables": {name: {"bytes": total, "index_bytes": indexes} for _, name, total, indexes in storage}}
 
 
 def _processes(db: Database, config: Config) -> dict:
@@ -174,7 +184,7 @@ def render(report: dict[str, Any]) -> str:
         inbox = "\n".join(["Postgres inbox", _failed(report["postgres"])])
         processes = "\n".join(["Live processes", _line("unavailable:", "Postgres cannot be reached")])
     parts = [f"reconciler status at {stamp}", inbox, _render_drift(report["drift"], report["default_branch"]),
-             _render_stream(report["stream"]),
+             _render_retention(report["retention"], report["generated_at"]), _render_stream(report["stream"]),
              _render_branch(report["default_branch"]), processes]
     return "\n\n".join(parts)
 
@@ -240,6 +250,34 @@ def _render_drift(section: dict, branch: dict) -> str:
                                     f"planned again"))
     lines.append(_line("CHECKING", f"{section['checking']} waiting for the next read"))
     return "\n".join(lines)
+
+
+def _render_retention(section: dict, now: datetime.datetime) -> str:
+    if "error" in section:
+        return "\n".join(["Retention", _failed(section)])
+    lines = ["Retention (`reconciler prune --dry-run` shows what would go now)"]
+    for kind in retention.KINDS:
+        entry = section["kinds"][kind.name]
+        kept = f"kept {entry['keep_days']:g} days" if entry["keep_days"] > 0 else "kept for ever"
+        last = entry["last_deleted_at"]
+        deleted = f"{entry['deleted']:,} deleted" + (
+            f", last {console.human_seconds((now - last).total_seconds())} ago" if last else "")
+        lines.append(_line(kind.what, f"{kept}; {deleted}"))
+    oldest = section["oldest_row"]
+    lines.append(_line("oldest row", f"{oldest:%Y-%m-%d %H:%M} UTC" if oldest else "-"))
+    sizes = ", ".join(f"{name} {_size(table['bytes'])} ({_size(table['index_bytes'])} of it indexes)"
+                      for name, table in section["tables"].items())
+    lines.append(_line("on disk", sizes))
+    return "\n".join(lines)
+
+
+def _size(size: float) -> str:
+    """`12.3 MB`: a table's size at a glance."""
+    units = ("bytes", "kB", "MB", "GB", "TB")
+    step = 0
+    while size >= 1024 and step < len(units) - 1:
+        size, step = size / 1024, step + 1
+    return f"{size:.0f} bytes" if step == 0 else f"{size:.1f} {units[step]}"
 
 
 def _render_stream(section: dict) -> str:
