@@ -8,6 +8,8 @@
 - Values for jsonb parameters (errors, warnings, audit details) go as JSON text through `json_text`.
 - Error messages (libpq's span several lines, indented with tabs) go into one-line log fields,
   table cells and status reports through `one_line`.
+- Durations and ages (how long an outage lasted, how old a row is) read at a glance through
+  `human_seconds`.
 """
 
 from __future__ import annotations
@@ -52,3 +54,20 @@ def one_line(message: str, width: int | None = None, max_lines: int | None = Non
 def json_text(value: Any) -> str | None:
     """A value as JSON text for a jsonb parameter; None stays NULL."""
     return None if value is None else orjson.dumps(value).decode()
+
+
+def human_seconds(seconds: float | None) -> str:
+    """`42s`, `5m12s`, `3h04m`, `2d05h`: ages read at a glance."""
+    if seconds is None:
+        return "-"
+    whole = max(0, int(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterable, Iterator, TextIO
 
 import orjson
 
@@ -15,6 +15,7 @@ from ..db import Database
 from ..errors import DatabaseError
 from ..progress import Progress
 from ..settings import Config
+from ..text import human_seconds  # noqa: F401 (the commands' name for it)
 
 # An operator command that could not do what it was asked (nothing matched, a row does not exist,
 # a statement failed). Postgres or Redis unreachable is errors.RET_CONNECT, a bad configuration
@@ -24,6 +25,8 @@ RET_FAILED = 1
 # A statement of an operator command waiting this long (for a lock a stuck transaction holds) is
 # cancelled instead of hanging the operator's shell.
 STATEMENT_TIMEOUT_MS = 30_000
+
+JSON_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -38,45 +41,51 @@ def duration(raw: str) -> float:
     return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
-def human_seconds(seconds: float | None) -> str:
-    """`42s`, `5m12s`, `3h04m`, `2d05h`: ages read at a glance."""
-    if seconds is None:
-        return "-"
-    whole = max(0, int(seconds))
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
 def table(headers: list[str], rows: list[list[Any]], indent: str = "  ") -> str:
     """Text columns: numbers right-aligned, everything else left-aligned."""
-    cells = [["" if value is None else str(value) for value in row] for row in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    numeric = [bool(rows) and all(isinstance(row[i], int) for row in rows) for i in range(len(headers))]
+    return "\n".join(table_pages(headers, [rows], indent))
 
-    def line(values: list[str]) -> str:
-        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
-        return (indent + "  ".join(padded)).rstrip()
 
-    return "\n".join([line(headers)] + [line(row) for row in cells])
+def table_pages(headers: list[str], pages: Iterable[list[list[Any]]], indent: str = "  ") -> Iterator[str]:
+    """The lines of a table read page by page, so a long one is never held whole: the first page sets
+    the columns' widths and alignment (a later, wider cell pushes its line out rather than the page
+    waiting for the last row)."""
+    widths: list[int] | None = None
+    numeric: list[bool] = []
+    for rows in pages:
+        cells = [["" if value is None else str(value) for value in row] for row in rows]
+        if widths is None:
+            widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+            numeric = [bool(rows) and all(isinstance(row[i], int) for row in rows) for i in range(len(headers))]
+            yield _table_line(headers, widths, numeric, indent)
+        yield from (_table_line(row, widths, numeric, indent) for row in cells)
+
+
+def _table_line(values: list[str], widths: list[int], numeric: list[bool], indent: str) -> str:
+    padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+    return (indent + "  ".join(padded)).rstrip()
 
 
 def print_json(value: Any, out: TextIO | None = None) -> None:
     """One JSON document (datetimes as RFC 3339), for scripts."""
     out = out or sys.stdout
-    out.write(orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+    out.write(orjson.dumps(value, option=JSON_OPTIONS).decode() + "\n")
+
+
+def print_json_array(items: Iterable[Any], out: TextIO | None = None) -> None:
+    """A JSON array written item by item, laid out as print_json would: a long one is never held whole."""
+    out = out or sys.stdout
+    empty = True
+    for item in items:
+        text = orjson.dumps(item, option=JSON_OPTIONS).decode().replace("\n", "\n  ")
+        out.write(("[\n  " if empty else ",\n  ") + text)
+        empty = False
+    out.write("[]\n" if empty else "\n]\n")
 
 
 def indented_json(value: Any, indent: str) -> str:
     """A JSON document for a person to read, every line indented."""
-    text = orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+    text = orjson.dumps(value, option=JSON_OPTIONS).decode()
     return "\n".join(indent + line for line in text.splitlines())
 
 

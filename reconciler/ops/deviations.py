@@ -174,25 +174,53 @@ def cmd_list(config: Config, args: argparse.Namespace) -> int:
 
 def _list(db: Database, args: argparse.Namespace) -> int:
     filters = filters_from(args)
-    rows = review.page(db, filters, before=args.before, limit=args.limit or None)
+    shown: list[review.Listed] = []  # the last page, for the paging hint
+
+    def pages() -> Iterator[list[review.Listed]]:
+        for rows in _pages(db, filters, args.before, args.limit or None):
+            shown[:] = rows
+            yield rows
     if args.json:
-        console.print_json([_listed_json(row) for row in rows])
+        console.print_json_array(_listed_json(row) for rows in pages() for row in rows)
         return errors.RET_OK
-    if not rows:
+    listed = 0
+    for line in console.table_pages(["id", "type", "what", "changes", "age", "branch", "state"], (
+            [[row.id, row.object_type, (row.name or "-") + (" (warnings)" if row.warned else ""),
+              _change_counts(row.changes), console.human_seconds(row.age_seconds), _branch(row.branch),
+              states.NAMES.get(row.state, str(row.state))] for row in rows] for rows in pages())):
+        print(line)
+        listed += 1
+    if not listed:
         print(f"no rows match ({describe(filters)})" + (f" below id {args.before}" if args.before else ""))
         return errors.RET_OK
-    print(console.table(["id", "type", "what", "changes", "age", "branch", "state"], [
-        [row.id, row.object_type, (row.name or "-") + (" (warnings)" if row.warned else ""),
-         _change_counts(row.changes), console.human_seconds(row.age_seconds), _branch(row.branch),
-         states.NAMES.get(row.state, str(row.state))] for row in rows]))
     counts = review.tally(db, filters)
     total = sum(counts.values())
     print(f"\n{total} matching rows ({describe(filters)}):")
     print(console.table(["state", "type", "rows"], [[states.NAMES.get(state, str(state)), object_type, n]
                                                     for (state, object_type), n in sorted(counts.items())]))
-    if args.limit and len(rows) == args.limit and rows[-1].id > 1:
-        print(f"\nshowing {len(rows)}; the next page: add --before {rows[-1].id}")
+    shown_rows = listed - 1  # less the header line
+    if args.limit and shown_rows == args.limit and shown[-1].id > 1:
+        print(f"\nshowing {shown_rows}; the next page: add --before {shown[-1].id}")
     return errors.RET_OK
+
+
+LIST_PAGE = 1000  # rows read at a time: a list of every OPEN row is written as it is read, never held whole
+
+
+def _pages(db: Database, filters: review.Filters, before: int | None,
+           limit: int | None) -> Iterator[list[review.Listed]]:
+    """The matching rows, newest first, LIST_PAGE at a time: `limit` of them (None: all) below `before`."""
+    left = limit
+    while left is None or left > 0:
+        size = LIST_PAGE if left is None else min(LIST_PAGE, left)
+        rows = review.page(db, filters, before=before, limit=size)
+        if rows:
+            yield rows
+        if len(rows) < size:
+            return
+        before = rows[-1].id
+        if left is not None:
+            left -= len(rows)
 
 
 def _listed_json(row: review.Listed) -> dict[str, Any]:
