@@ -1,5 +1,6 @@
-"""Command line: `reconciler run | migrate | check-config | print-config`, and the operator commands
-(`status | retry | dead-letters | show`, reconciler/ops)."""
+"""Command line: `reconciler run | migrate | check-config [--online] | print-config`, and the operator
+commands (`status | retry | dead-letters | show`, reconciler/ops). check-config --online's checks are
+preflight.py's."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import sys
 from functools import partial
 from typing import Callable
 
-from . import errors, log as logsetup, ops, settings
+from . import errors, log as logsetup, ops, preflight, settings
 from .db import Database
 from .errors import ConfigError, DatabaseError, SchemaError
+from .ops import console
 from .roles import set_title
 from .settings import SETTINGS, Config
 from .supervisor import Supervisor
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(handler=cmd_migrate)
     check = commands.add_parser("check-config", parents=[parent],
                                 help="validate the configuration; exit 0 if valid, 1 otherwise")
+    check.add_argument("--online", action="store_true",
+                       help="then try Postgres, the schema, Redis, the consumer group, the token endpoint and the "
+                            "plugin, one verdict line each, saying what to change; exit 0 only if all pass")
+    check.add_argument("--json", action="store_true", help="print the verdicts as a JSON array")
     check.set_defaults(handler=cmd_check_config)
     show = commands.add_parser("print-config", parents=[parent],
                                help="print the effective configuration as INI (secrets masked)")
@@ -120,14 +126,32 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     try:
         settings.check_runnable(config)
     except ConfigError as exc:
-        print(f"reconciler: configuration error: {exc}", file=sys.stderr)
-        return 1
+        return _config_refused(args, exc)
     for note in settings.advisories(config):
         print(f"reconciler: warning: {note}", file=sys.stderr)
     where = config.path or "no file (defaults and environment)"
     changed = sum(1 for source in config.sources.values() if source != "default")
-    print(f"configuration OK: {where}; {changed} of {len(SETTINGS)} settings differ from their defaults")
-    return errors.RET_OK
+    verdicts = [preflight.Verdict("configuration", True, preflight.OK, f"configuration OK: {where}; {changed} of "
+                                  f"{len(SETTINGS)} settings differ from their defaults")]
+    if args.online:
+        verdicts += preflight.run(config)
+    if args.json:
+        console.print_json([verdict.as_json() for verdict in verdicts])
+    elif args.online:
+        print("\n".join(preflight.render(verdict) for verdict in verdicts))
+    else:
+        print(verdicts[0].detail)
+    return errors.RET_OK if all(verdict.ok for verdict in verdicts) else 1
+
+
+def _config_refused(args: argparse.Namespace, exc: ConfigError) -> int:
+    """check-config's answer to a configuration that does not validate: exit 1, and with --json the
+    verdict too, so a script reads one format whatever failed."""
+    print(f"reconciler: configuration error: {exc}", file=sys.stderr)
+    if getattr(args, "json", False):
+        console.print_json([preflight.Verdict("configuration", False, preflight.CONFIG, str(exc),
+                                              "correct the setting named").as_json()])
+    return 1
 
 
 def cmd_print_config(config: Config, args: argparse.Namespace) -> int:
@@ -146,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
     except ConfigError as exc:
-        print(f"reconciler: configuration error: {exc}", file=sys.stderr)
         # check-config promises 0/1 to scripts; everything else uses the systemd exit code contract.
-        return 1 if handler is cmd_check_config else errors.RET_CONFIG
+        if handler is cmd_check_config:
+            return _config_refused(args, exc)
+        print(f"reconciler: configuration error: {exc}", file=sys.stderr)
+        return errors.RET_CONFIG
     return handler(config, args)

@@ -189,13 +189,10 @@ class TokenSource:
         self._token = ""
 
     def _fetch(self) -> None:
-        fields = {"grant_type": "client_credentials", "client_id": self.client_id,
-                  "client_secret": self.client_secret, "scope": SCOPES}
         self.pacer.beat()
         started = time.perf_counter()
         try:
-            response = self.pool.request("POST", self.token_url, fields=fields, encode_multipart=False,
-                                         timeout=self.timeout, retries=False)
+            response = request_token(self.pool, self.token_url, self.client_id, self.client_secret, self.timeout)
         except urllib3.exceptions.HTTPError as exc:
             metrics.plugin_request("token", None, time.perf_counter() - started)
             raise Unavailable(f"token endpoint {self.token_url} unreachable: {exc}") from None
@@ -203,14 +200,32 @@ class TokenSource:
         if response.status != 200:
             raise Unavailable(f"token endpoint {self.token_url} answered HTTP {response.status}")
         try:
-            answer = orjson.loads(response.data)
-            token, lifetime = answer["access_token"], float(answer.get("expires_in", 300))
-        except (ValueError, KeyError, TypeError):
+            token, lifetime = read_token(response.data)
+        except ValueError:
             raise Unavailable(f"token endpoint {self.token_url} answered without an access_token") from None
         self._token = token
         # Renew with a tenth of the lifetime (at most a minute) to spare, never in a tight loop.
         self._renew_at = time.monotonic() + max(1.0, lifetime - min(60.0, lifetime / 10))
         log.info("obtained a plugin access token valid for %.0f s", lifetime)
+
+
+def request_token(pool: urllib3.PoolManager, token_url: str, client_id: str, client_secret: str,
+                  timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:
+    """The OAuth2 client-credentials grant, sent once (TokenSource, `check-config --online`); urllib3's
+    HTTPError when no answer came."""
+    fields = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": client_secret,
+              "scope": SCOPES}
+    return pool.request("POST", token_url, fields=fields, encode_multipart=False, timeout=timeout, retries=False)
+
+
+def read_token(body: bytes) -> tuple[str, float]:
+    """The access token and its lifetime in seconds from the token endpoint's answer; ValueError
+    when it holds none."""
+    try:
+        answer = orjson.loads(body)
+        return answer["access_token"], float(answer.get("expires_in", 300))
+    except (ValueError, KeyError, TypeError):
+        raise ValueError("the answer holds no access_token") from None
 
 
 def retry_after(header: str | None) -> float | None:
@@ -247,7 +262,7 @@ class PluginClient:
         self.limiter = limiter
         self.pacer = pacer or Unpaced()
         self.pool = http_pool(netbox, size=2)
-        self.tokens = TokenSource(self.pool, netbox.token_url, netbox.client_id, _client_secret(netbox),
+        self.tokens = TokenSource(self.pool, netbox.token_url, netbox.client_id, client_secret(netbox),
                                   netbox.token, self.timeout, self.pacer)
         self._bulk = {"auto": None, "bulk": True, "single": False}[netbox.api]
 
@@ -566,7 +581,8 @@ def transient_apply_errors(errors: Any) -> bool:
     return bool(leaves) and all(path == "__all__" and message in TRANSIENT_APPLY_ERRORS for path, message in leaves)
 
 
-def _client_secret(netbox) -> str:
+def client_secret(netbox) -> str:
+    """The OAuth2 client secret: the content of [netbox] client_secret_file, or [netbox] client_secret."""
     if netbox.client_secret_file:
         with open(netbox.client_secret_file, encoding="utf-8") as handle:
             return handle.read().strip()
