@@ -225,3 +225,26 @@ def test_the_service_prunes_a_year_of_history_while_it_consumes_and_applies(env,
     assert_only_what_should_go_is_gone(dsn, ids)
     text = cli(env, "status").stdout
     assert "superseded rows" in text and f"{expected_gone(ids)['rows']:,} deleted" in text
+
+
+@pytest.mark.subprocess
+def test_one_pruner_walks_at_a_time_across_replicas(env, dsn):
+    """Another replica's retention process (here: this test) holds the walk: `prune` says so and deletes
+    nothing; a dry run only counts, so it does not wait for the lock."""
+    ids = write_history(dsn)
+    env = {**env, **KEEP}
+    other = Database(dsn, "reconciler")
+    try:
+        with retention.exclusive(other, "reconciler") as mine:
+            assert mine
+            refused = cli(env, "prune")
+            assert refused.returncode == 1 and "another pruner is walking" in refused.stderr
+            dry = cli_json(env, "prune", "--dry-run")
+            assert {kind: entry["count"] for kind, entry in dry["kinds"].items()} == expected_gone(ids)
+        assert scalar(dsn, "SELECT count(*) FROM ingestion_logs") == sum(len(rows) for rows in ids.values())
+        done = cli(env, "prune")
+        assert done.returncode == 0, done.stderr
+        assert f"superseded rows: deleted {expected_gone(ids)['rows']:,}" in done.stdout
+    finally:
+        other.close()
+    assert_only_what_should_go_is_gone(dsn, ids)
