@@ -4,8 +4,9 @@ Per iteration: read up to `read_count` entries (XREADGROUP, short BLOCK so a sto
 take over entries a dead consumer left pending (XAUTOCLAIM), decode them, write them in one
 transaction (inbox.write), and only then XACK + XDEL them. While Postgres or Redis is down the
 entries stay in hand and are retried with backoff (those another consumer took over meanwhile are
-left to it); they are never acknowledged before commit, so a crash at any point leaves them pending
-for redelivery, and receipts make redelivery a no-op.
+left to it), and the outage is made loud (dependencies.py: the consumer owns both). They are never
+acknowledged before commit, so a crash at any point leaves them pending for redelivery, and
+receipts make redelivery a no-op.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Callable, TypeVar
 
 import redis
 
-from . import driftchecks, inbox, metrics, sharedcache, streamentry
+from . import diagnosis, driftchecks, inbox, metrics, sharedcache, streamentry
 from .backoff import Backoff
 from .db import Database
+from .dependencies import POSTGRES, REDIS, Watch
 from .errors import BootError, ConflictError, DatabaseError, ReconcilerError
 from .queuevacuum import QueueVacuum
 from .roles import SUMMARY_INTERVAL, Role
@@ -66,6 +68,8 @@ class Consumer(Role):
         self._totals = inbox.Written()
         self.vacuum = QueueVacuum(config.postgres.dsn, config.postgres.schema)
         self.check_reobservations = driftchecks.holds_reobservations(config)
+        self.watches = {dependency: Watch(dependency, config.log.outage_reminder_seconds, db=lambda: self.db)
+                        for dependency in (POSTGRES, REDIS)}
 
     # --- lifecycle ---
 
@@ -84,6 +88,8 @@ class Consumer(Role):
             raise BootError(f"cannot use Redis at {settings.url.split('@')[-1]}: {exc}") from exc
         if not self.check_reobservations:
             self._plan_every_reobservation()
+        for watch in self.watches.values():
+            watch.ok()  # both answered just now
         log.info("consuming %s as %s of group %s", self.stream, self.consumer, self.group)
 
     def _plan_every_reobservation(self) -> None:
@@ -172,6 +178,7 @@ class Consumer(Role):
         """Run action until it succeeds, backing off while a dependency is down; None when stopping.
         The action is told whether this is a retry."""
         backoff, down_since = Backoff(OUTAGE_FIRST_DELAY, OUTAGE_MAX_DELAY), None
+        failed: set[Watch] = set()
         while True:
             try:
                 result = action(down_since is not None)
@@ -179,12 +186,22 @@ class Consumer(Role):
                 if down_since is None:
                     down_since = time.monotonic()
                     log.warning("cannot %s, will retry: %s", what, exc)
+                watch = self.watches[POSTGRES if isinstance(exc, DatabaseError) else REDIS]
+                watch.failed(f"cannot {what}: {exc}", self._kind(exc))
+                failed.add(watch)
                 if not self.pause(backoff.next_delay()):
                     return None
                 continue
             if down_since is not None:
                 log.info("could %s again after %.1f s", what, time.monotonic() - down_since)
+            for watch in failed:
+                watch.ok()
             return result
+
+    def _kind(self, exc: Exception) -> str:
+        if isinstance(exc, DatabaseError):
+            return diagnosis.of_postgres_error(str(exc)).kind
+        return diagnosis.of_redis_error(self.config.redis.url, exc).kind
 
     # --- reporting and housekeeping ---
 

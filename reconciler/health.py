@@ -6,9 +6,11 @@ supervisor runs, whatever its children do:
 - /metrics: every process's metrics, added up from the multiprocess directory (metrics.py).
 - /healthz: 200 while the supervisor runs.
 - /readyz: 200 only if Postgres answers SELECT 1, Redis answers PING, and, when poll workers run,
-  the plugin answers over HTTP and the refresher knows the default branch; else 503. The body is
-  JSON naming every check and what failed. The checks run on each request, in parallel, with short
-  timeouts, on connections opened for the request (never one inherited across a fork).
+  the refresher last found the plugin (and its token endpoint) answering and knows the default
+  branch; else 503. The body is JSON naming every check and what failed. Postgres and Redis are
+  tried on each request, in parallel, with short timeouts, on connections opened for the request
+  (never one inherited across a fork); the plugin's health is the refresher's (dependencies.py),
+  which asks it every few seconds.
 
 prometheus_client is imported only in start_server, after metrics.prepare_directory.
 """
@@ -27,10 +29,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 import redis
-import urllib3
 
 from . import sharedcache
 from .db import Database
+from .dependencies import PLUGIN, TOKEN_ENDPOINT, WHAT, clock
 from .errors import DatabaseError
 from .roles import STOP_SIGNALS
 from .settings import Config
@@ -74,42 +76,35 @@ def check_redis(config: Config) -> str | None:
         client.close()
 
 
-def check_plugin(config: Config) -> str | None:
-    """The plugin answers HTTP below 500 at default-branch/ (404: a plugin without the endpoint).
-
-    With a static token a 401/403 fails too (the workers would be refused); with OAuth2 no token is
-    fetched for a probe, so any answer counts as reachable. A new connection each time: a kept-alive
-    one could outlive the plugin's listener.
-    """
-    netbox = config.netbox
-    url = netbox.url.rstrip("/") + "/default-branch/"
-    headers = {"Accept": "application/json"}
-    static = bool(netbox.token) and not netbox.token_url
-    if static:
-        headers["Authorization"] = f"Bearer {netbox.token}"
-    pool = urllib3.PoolManager(num_pools=1, maxsize=1, cert_reqs="CERT_REQUIRED" if netbox.verify_tls else "CERT_NONE")
-    try:
-        response = pool.request("GET", url, headers=headers, retries=False,
-                                timeout=urllib3.Timeout(connect=CHECK_TIMEOUT, read=CHECK_TIMEOUT))
-    except urllib3.exceptions.HTTPError as exc:
-        return f"{url} unreachable: {type(exc).__name__}: {exc}"
-    finally:
-        pool.clear()
-    if response.status >= 500 or (static and response.status in (401, 403)):
-        return f"{url} answered HTTP {response.status}"
-    return None
+def check_dependency(cache, dependency: str) -> str | None:
+    """The refresher's verdict on the plugin or its token endpoint (dependencies.py): what is wrong
+    since when, or None while it answers."""
+    view, problem = _view(cache)
+    if view is None:
+        return problem
+    outage = view.outages.get(dependency)
+    if outage is None:
+        return None
+    return f"{WHAT[dependency]} unreachable since {clock(outage['since'])}: {outage['problem']}"
 
 
 def check_branch(cache) -> str | None:
-    if cache is None:
-        return "the shared cache is being restarted"
-    try:
-        view = sharedcache.read(cache)
-    except sharedcache.PROXY_ERRORS as exc:
-        return f"the shared cache is unreachable: {exc!r}"
+    view, problem = _view(cache)
+    if view is None:
+        return problem
     if view.branch_known:
         return None
     return "the default branch is not known yet (the refresher has not reached the plugin)"
+
+
+def _view(cache) -> tuple[sharedcache.View | None, str | None]:
+    """The shared cache, or None and why it cannot be read."""
+    if cache is None:
+        return None, "the shared cache is being restarted"
+    try:
+        return sharedcache.read(cache), None
+    except sharedcache.PROXY_ERRORS as exc:
+        return None, f"the shared cache is unreachable: {exc!r}"
 
 
 # Held by a readiness probe while its threads are inside libpq, OpenSSL and urllib3, and by the
@@ -128,7 +123,9 @@ def _run_checks(config: Config, cache) -> dict[str, str | None]:
     checks: dict[str, Callable[[], str | None]] = {
         "postgres": lambda: check_postgres(config), "redis": lambda: check_redis(config)}
     if config.workers.count > 0:  # the consumer alone needs neither the plugin nor the branch
-        checks["plugin"] = lambda: check_plugin(config)
+        checks["plugin"] = lambda: check_dependency(cache, PLUGIN)
+        if config.netbox.token_url:
+            checks["token_endpoint"] = lambda: check_dependency(cache, TOKEN_ENDPOINT)
         checks["branch"] = lambda: check_branch(cache)
     with ThreadPoolExecutor(max_workers=len(checks), thread_name_prefix="readiness") as pool:
         futures = {name: pool.submit(_guarded, check) for name, check in checks.items()}

@@ -94,6 +94,10 @@ class _Metrics:
         self.change_log_changes = C("reconciler_change_log_changes", "Changes made by others than the plugin, read "
                                     "from NetBox's change log (each once).",
                                     registry=None)
+        # dependencies (dependencies.py): each set by the process that owns it
+        self.dependency_up = G("reconciler_dependency_up", "1 while a dependency answers, 0 while it is down: postgres "
+                               "and redis as the consumer sees them, plugin and token_endpoint as the refresher does.",
+                               ["dependency"], multiprocess_mode="livemostrecent", registry=None)
         # retention
         self.pruned = C("reconciler_pruned", "What retention deleted, by kind: rows (finished, no longer their "
                         "entity's current row), change_sets (superseded plans), dead_letters.", ["kind"],
@@ -269,6 +273,13 @@ def change_log_read(changes: int, high_water: float) -> None:
     m = _objects()
     m.change_log_changes.inc(changes)
     m.change_log_high_water.set(high_water)
+
+
+# --- dependencies ---
+
+
+def dependency_up(dependency: str, up: bool) -> None:
+    _objects().dependency_up.labels(dependency).set(1 if up else 0)
 
 
 # --- retention ---

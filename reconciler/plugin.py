@@ -34,8 +34,9 @@ from typing import Any, Callable, Protocol
 import orjson
 import urllib3
 
-from . import backoff, metrics
+from . import backoff, diagnosis, metrics
 from .changesets import error_leaves, malformed_change_set
+from .dependencies import PLUGIN, TOKEN_ENDPOINT
 from .errors import ReconcilerError
 from .ratelimit import SharedRateLimiter
 from .settings import plugin_connect_seconds, plugin_request_seconds
@@ -83,11 +84,31 @@ class Unpaced:
 
 
 class Unavailable(ReconcilerError):
-    """The plugin could not be asked (or would not answer); the entities were not judged."""
+    """The plugin could not be asked (or would not answer); the entities were not judged. `kind` says
+    why when it is known, as diagnosis.py names it."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class NotSent(Unavailable):
     """The caller is stopping and no request was sent: the rows used no attempt."""
+
+
+class Unreachable(Unavailable):
+    """No request reached the plugin: nothing listens, the name does not resolve, the connection
+    could not be made within the timeout, or (TokenUnavailable) no token could be had. What it was
+    to carry is untouched and spends no attempt: the worker gives its rows back and waits for the
+    plugin (dependencies.py). `kind` says why, as diagnosis.py names it."""
+
+    dependency = PLUGIN
+
+
+class TokenUnavailable(Unreachable):
+    """The token endpoint gave no token (unreachable, or it refused the client's credentials)."""
+
+    dependency = TOKEN_ENDPOINT
 
 
 class AnswerLost(Unavailable):
@@ -195,14 +216,17 @@ class TokenSource:
             response = request_token(self.pool, self.token_url, self.client_id, self.client_secret, self.timeout)
         except urllib3.exceptions.HTTPError as exc:
             metrics.plugin_request("token", None, time.perf_counter() - started)
-            raise Unavailable(f"token endpoint {self.token_url} unreachable: {exc}") from None
+            raise TokenUnavailable(f"token endpoint {self.token_url} unreachable: {exc}",
+                                   diagnosis.of_exception(self.token_url, exc).kind) from None
         metrics.plugin_request("token", response.status, time.perf_counter() - started)
         if response.status != 200:
-            raise Unavailable(f"token endpoint {self.token_url} answered HTTP {response.status}")
+            raise TokenUnavailable(f"token endpoint {self.token_url} answered HTTP {response.status}",
+                                   diagnosis.SERVER_ERROR if response.status >= 500 else diagnosis.TOKEN_REFUSED)
         try:
             token, lifetime = read_token(response.data)
         except ValueError:
-            raise Unavailable(f"token endpoint {self.token_url} answered without an access_token") from None
+            raise TokenUnavailable(f"token endpoint {self.token_url} answered without an access_token",
+                                   diagnosis.UNEXPECTED) from None
         self._token = token
         # Renew with a tenth of the lifetime (at most a minute) to spare, never in a tight loop.
         self._renew_at = time.monotonic() + max(1.0, lifetime - min(60.0, lifetime / 10))
@@ -247,6 +271,20 @@ def http_pool(netbox, size: int) -> urllib3.PoolManager:
     decides what may be repeated), TLS verified unless verify_tls is off."""
     return urllib3.PoolManager(num_pools=2, maxsize=size, retries=False,
                                cert_reqs="CERT_REQUIRED" if netbox.verify_tls else "CERT_NONE")
+
+
+QUICK_PROBE_SECONDS = 5.0  # an operator's `status` waits no longer than this for the plugin
+
+
+def probe_client(config, limiter: SharedRateLimiter | None = None, pacer: Pacer | None = None,
+                 timeout: float | None = None) -> PluginClient:
+    """A client that asks once: for health probes (the refresher, `status`), where the next probe is the
+    retry. Its read timeout is `timeout`, or the workers' own: a NetBox busy with their bulk requests
+    may answer a small GET slowly, and only one that does not answer at all is down (the connection
+    itself is given PLUGIN_CONNECT_SECONDS either way)."""
+    read = min(timeout, config.netbox.timeout_seconds) if timeout else config.netbox.timeout_seconds
+    once = config.replace(**{"netbox.timeout_seconds": read, "netbox.max_attempts": 1})
+    return PluginClient(once.netbox, limiter or SharedRateLimiter(0, 1), pacer)
 
 
 class PluginClient:
@@ -409,7 +447,9 @@ class PluginClient:
             if body is not None:
                 return body
         lost = 200 <= response.status < 300
-        raise (AnswerLost if lost else Unavailable)(f"{what} answered HTTP {response.status}: {response.body[:300]!r}")
+        finding = diagnosis.of_response(self.base, response.status, response.headers, response.body)
+        raise (AnswerLost if lost else Unavailable)(f"{what} answered HTTP {response.status}: {response.body[:300]!r}",
+                                                    finding.kind if finding else None)
 
     # --- one call, with rate limit, auth, retries ---
 
@@ -418,7 +458,7 @@ class PluginClient:
         """Send with retries on connection errors, 429 and 5xx; other answers are returned. A request
         that went unanswered is never sent again (InDoubt). Without `replay_safe`, only a request that
         surely did not reach the plugin is sent again."""
-        failures, refreshed = 0, False
+        failures, refreshed, reached = 0, False, False
         while True:
             try:
                 attempt = self._attempt(method, path, body, branch, deadline)
@@ -430,7 +470,9 @@ class PluginClient:
                 if self._refresh_after_403(attempt.response, refreshed):
                     refreshed = True
                     continue
-                raise Unavailable(f"{path} refused our token (HTTP 403: {attempt.response.detail()})")
+                refused = diagnosis.of_response(self.base + path, 403, attempt.response.headers, attempt.response.body)
+                raise Unavailable(f"{path} refused our token (HTTP 403: {attempt.response.detail()})",
+                                  refused.kind if refused else None)
             if not attempt.retry:
                 assert attempt.response is not None  # a final answer (retry=False) always has one
                 return attempt.response
@@ -439,8 +481,11 @@ class PluginClient:
                               attempt.running_until)
             if attempt.sent and not replay_safe:  # before the attempts: what it did is unknown either way
                 raise AnswerLost(f"{path}: {attempt.problem}; not sent again, the plugin may have acted on it")
-            failures += 1
+            # Unreachable only if no attempt got through: an answer (a 429 included) came from the plugin.
+            failures, reached = failures + 1, reached or attempt.sent or attempt.response is not None
             if failures >= self.max_attempts:
+                if not reached:
+                    raise Unreachable(f"{path} failed after {failures} attempts: {attempt.problem}", attempt.kind)
                 raise Unavailable(f"{path} failed after {failures} attempts: {attempt.problem}")
             delay = attempt.wait if attempt.wait is not None else backoff.delay(failures, *RETRY_DELAYS)
             if not self._time_left(deadline, delay + self.attempt_seconds):
@@ -471,7 +516,8 @@ class PluginClient:
             metrics.plugin_request(path, None, time.perf_counter() - started)
             if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):  # refused or unreachable: never sent
                 self.pacer.in_flight(0.0)
-                return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}", sent=False)
+                return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}", sent=False,
+                                kind=diagnosis.of_exception(self.base + path, exc).kind)
             return _Attempt(None, retry=True, problem=f"{type(exc).__name__}: {exc}", running_until=self._gave_up())
         metrics.plugin_request(path, raw.status, time.perf_counter() - started)
         response = Response(raw.status, raw.data, raw.headers)
@@ -522,6 +568,7 @@ class _Attempt:
     wait: float | None = None  # from Retry-After
     sent: bool = True  # False: surely not acted on (no connection, or 429), safe to send again
     running_until: float | None = None  # no answer: NetBox may be working on it until then (time.time())
+    kind: str | None = None  # why no connection could be made (diagnosis.py)
 
 
 def _is_json(response: Response) -> bool:

@@ -1,10 +1,14 @@
 """The refresher role: keeps the shared cache current for the workers (and the consumer).
 
-- The plugin's default branch, fetched at start and every `[netbox] branch_refresh_seconds`.
-  A 404 (plugin older than 1.5) means "no branch". An error keeps the last value; while no first
-  answer has arrived the fetch is retried with backoff (1 s doubling to 30 s), since workers claim
-  nothing until the branch is known: a cold cache is indistinguishable from "no branch" and would
-  plan against main.
+- The plugin's health (dependencies.py): it asks the plugin's `default-branch/` once (no retries:
+  the next probe is the retry), every PROBE_SECONDS while it answers and every PROBE_DOWN_SECONDS while it does not (or
+  at once when a worker found it unreachable). While the plugin or its token endpoint is down, the
+  cache says so: workers claim nothing, /readyz fails, and the ERROR lines, the gauge and `status`
+  say since when and why.
+- The plugin's default branch, taken from those answers at start and every `[netbox]
+  branch_refresh_seconds`. A 404 (plugin older than 1.5) means "no branch". While no first answer
+  has arrived, workers claim nothing: a cold cache is indistinguishable from "no branch" and would
+  plan against main. A failed answer keeps the last value.
 - Backpressure, every second: the consumer group's lag plus pending entries against
   `[workers] backpressure_threshold`. One process decides, so pausing and resuming are logged once.
   Lag and pending are measured even when the threshold is off, for the stream gauges (metrics.py).
@@ -19,9 +23,10 @@ import time
 
 import redis
 
-from . import backoff, metrics
+from . import metrics
+from .dependencies import PLUGIN, TOKEN_ENDPOINT, Watch
 from .errors import BootError
-from .plugin import PluginClient, Unavailable
+from .plugin import PluginClient, TokenUnavailable, Unavailable, probe_client
 from .roles import Role
 from .sharedcache import PROXY_ERRORS
 from .streamgroup import group_info, redis_client
@@ -29,6 +34,9 @@ from .streamgroup import group_info, redis_client
 log = logging.getLogger(__name__)
 
 BACKPRESSURE_INTERVAL = 1.0
+PROBE_SECONDS = 10.0
+PROBE_DOWN_SECONDS = 2.0
+PROBE_REQUESTED = "probe"  # the cache key a worker sets when the plugin failed it
 
 
 class Refresher(Role):
@@ -39,17 +47,21 @@ class Refresher(Role):
         self.cache, self.limiter = cache, limiter
         self.plugin: PluginClient  # boot() opens both
         self.redis: redis.Redis
+        self.watches: dict[str, Watch] = {}
+        self._next_probe = 0.0
         self._next_branch = 0.0
-        self._branch_failures = 0
         self._next_backpressure = 0.0
         self._behind = False
 
     def boot(self) -> None:
-        self.plugin = PluginClient(self.config.netbox, self.limiter, pacer=self)
+        self.plugin = probe_client(self.config, self.limiter, pacer=self)
         self.redis = self.closes(redis_client(self.config.redis.url, "refresher"))
-        # Only for its heartbeat row (roles.py); opened lazily, so Postgres being down does not stop
-        # the refresher from serving the branch.
+        # For its heartbeat row (roles.py) and the dependency_health rows; opened lazily, so Postgres
+        # being down does not stop the refresher from serving the branch.
         self.open_database()
+        owned = [PLUGIN, TOKEN_ENDPOINT] if self.config.netbox.token_url else [PLUGIN]
+        self.watches = {dependency: Watch(dependency, self.config.log.outage_reminder_seconds, db=lambda: self.db,
+                                          publish=self._publish) for dependency in owned}
         try:
             self.cache.get("branch_known")
         except PROXY_ERRORS as exc:
@@ -57,38 +69,53 @@ class Refresher(Role):
 
     def run_once(self) -> None:
         now = time.monotonic()
-        if now >= self._next_branch:
-            self._refresh_branch()
+        if now >= self._next_probe or self._probe_requested():
+            self._probe()
         if now >= self._next_backpressure:
             self._next_backpressure = now + BACKPRESSURE_INTERVAL
             self._check_backpressure()
         self.pause(0.2)
 
-    # --- default branch ---
+    # --- the plugin's health and default branch ---
 
-    def _refresh_branch(self) -> None:
+    def _probe_requested(self) -> bool:
+        if not self.cache.get(PROBE_REQUESTED):
+            return False
+        self.cache[PROBE_REQUESTED] = False
+        self.plugin.tokens.invalidate()  # a worker may have failed to get a token: try the endpoint too
+        return True
+
+    def _probe(self) -> None:
         try:
             branch = self.plugin.default_branch()
+        except TokenUnavailable as exc:
+            self.watches[TOKEN_ENDPOINT].failed(str(exc), exc.kind)
         except Unavailable as exc:
-            self._branch_failed(exc)
-            return
+            self.watches[PLUGIN].failed(str(exc), exc.kind)
+        else:
+            for watch in self.watches.values():
+                watch.ok()
+            self._take_branch(branch)
+        healthy = all(watch.up for watch in self.watches.values())
+        self._next_probe = time.monotonic() + (PROBE_SECONDS if healthy else PROBE_DOWN_SECONDS)
+
+    def _take_branch(self, branch: dict | None) -> None:
         known = self.cache.get("branch_known")
+        if known and time.monotonic() < self._next_branch:
+            return
         if not known or self.cache.get("branch") != branch:
             log.info("default branch: %s", f"{branch['name']} ({branch['id']})" if branch else "none (main)")
         self.cache.update(branch=branch, branch_known=True)
-        self._branch_failures = 0
         self._next_branch = time.monotonic() + self.config.netbox.branch_refresh_seconds
 
-    def _branch_failed(self, exc: Unavailable) -> None:
-        self._branch_failures += 1
-        if self.cache.get("branch_known"):
-            if self._branch_failures == 1:
-                log.warning("default branch refresh failed; serving the last known value: %s", exc)
-            self._next_branch = time.monotonic() + self.config.netbox.branch_refresh_seconds
-            return
-        if self._branch_failures == 1:
-            log.warning("default branch not known yet (workers wait for it); retrying: %s", exc)
-        self._next_branch = time.monotonic() + backoff.delay(self._branch_failures, 1.0, 30.0, jitter=False)
+    def _publish(self, dependency: str, outage: dict | None) -> None:
+        """Tell the workers (and /readyz) that a dependency is down (`outage`) or up again (None)."""
+        outages = dict(self.cache.get("outages") or {})
+        if outage is None:
+            outages.pop(dependency, None)
+        else:
+            outages[dependency] = outage
+        self.cache["outages"] = outages
 
     # --- backpressure ---
 

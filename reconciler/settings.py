@@ -343,6 +343,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log", "level", "info", one_of("debug", "info", "warning", "error"),
             "Log level.", flags=("--log-level",)),
     Setting("log", "format", "text", one_of("text", "json"), "Log lines as text or one JSON object per line."),
+    Setting("log", "outage_reminder_seconds", 300.0, seconds_above_zero,
+            "While Postgres, Redis, the plugin or its token endpoint stays down, the ERROR line saying so is "
+            "repeated this often (it is also logged when the outage begins and when it ends)."),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

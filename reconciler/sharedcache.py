@@ -1,7 +1,8 @@
 """State the supervisor creates before forking and its children share.
 
-- the refresher's cache, a multiprocessing.Manager dict: the plugin's default branch and whether
-  the consumer is behind (backpressure). Workers read it once per batch (one IPC round trip).
+- the refresher's cache, a multiprocessing.Manager dict: the plugin's default branch, whether
+  the consumer is behind (backpressure), and the outages of the plugin and its token endpoint
+  (dependencies.py). Workers read it once per batch (one IPC round trip).
 - the plugin request-rate limiter (shared memory, see ratelimit.py).
 
 The Manager runs as the supervisor's child, ignores SIGINT/SIGTERM (a stop signalled to the whole
@@ -17,7 +18,7 @@ import os
 import signal
 import uuid
 from dataclasses import dataclass
-from multiprocessing.managers import SyncManager
+from multiprocessing.managers import DictProxy, SyncManager
 
 from . import scratch
 from .ratelimit import SharedRateLimiter
@@ -59,6 +60,7 @@ class View:
     branch_known: bool  # False until the refresher got a first answer: until then, nothing is claimed
     branch: dict | None  # {"id": schema id, "name": ...} or None (no default branch)
     behind: bool  # the consumer is behind: workers pause
+    outages: dict  # dependency -> {"since", "problem", "kind"} while the plugin or its token endpoint is down
 
     @property
     def branch_id(self) -> str | None:
@@ -78,7 +80,7 @@ class Shared:
         left in the temp folder when the supervisor is killed); None for multiprocessing's own."""
         self.manager = SyncManager(address=address, ctx=MP)
         self.manager.start(_manager_init, (os.getpid(),))
-        self.cache = self.manager.dict(branch_known=False, branch=None, behind=False)
+        self.cache: DictProxy = self.manager.dict(branch_known=False, branch=None, behind=False, outages={})
         self.limiter = SharedRateLimiter(rate, burst, MP)
 
     @classmethod
@@ -103,4 +105,4 @@ class Shared:
 def read(cache) -> View:
     """The cache as one View (raises one of PROXY_ERRORS when the Manager is gone)."""
     state = cache.copy()
-    return View(state["branch_known"], state["branch"], state["behind"])
+    return View(state["branch_known"], state["branch"], state["behind"], state["outages"])

@@ -3,10 +3,12 @@
 Per iteration: read the shared cache (branch, backpressure); claim up to `batch_size` rows under
 a lease and commit; call the plugin with no transaction open (bulk-plan-apply/ when auto_apply,
 bulk-plan/ otherwise, never both); decide every row's outcome (outcomes.py); write them in one
-transaction (claims.py). Every `LEASE_SWEEP_INTERVAL` it also returns rows whose lease expired
-(a dead worker's, here or on another replica) to QUEUED. When a worker process dies, its supervisor
-ends its leases at once (release_after_exit), or once NetBox can no longer be working on a request
-it sent.
+transaction (claims.py). Nothing is claimed while the refresher finds the plugin or its token
+endpoint down (dependencies.py), and a batch none of whose attempts reached the plugin is given back
+uncounted: an outage costs the rows no attempt. Every `LEASE_SWEEP_INTERVAL` it also returns rows
+whose lease expired (a dead worker's, here or on another replica) to QUEUED. When a worker process
+dies, its supervisor ends its leases at once (release_after_exit), or once NetBox can no longer be
+working on a request it sent.
 
 No entity is sent while an earlier request carrying it may still be running: the claim is durable
 before the plugin is asked, a request that went unanswered is never repeated (its rows wait in
@@ -25,7 +27,8 @@ from .claims import Claimed, Decision
 from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
 from .outcomes import RetryPolicy
-from .plugin import AnswerLost, InDoubt, Item, PluginClient, Unavailable
+from .plugin import AnswerLost, InDoubt, Item, PluginClient, Unavailable, Unreachable
+from .refresher import PROBE_DOWN_SECONDS, PROBE_REQUESTED
 from .roles import SUMMARY_INTERVAL, Link, Role
 from .settings import check_runnable, claim_lease_seconds, lease_budget_seconds
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 LEASE_SWEEP_INTERVAL = 10.0
 IDLE_PAUSE = 1.0  # empty queue, cold branch cache, backpressure
 PARTIAL_BATCH_PAUSE = 0.1  # a batch smaller than batch_size: the queue is nearly empty
+PROBE_WAIT = PROBE_DOWN_SECONDS + 1.0  # after the plugin failed us: time for the refresher to ask it
 
 
 class ProxyGone(ReconcilerError):
@@ -53,6 +57,7 @@ class Worker(Role):
         self.owner = ""
         self._next_sweep = 0.0
         self._waiting_for_branch = False
+        self._waiting_for_plugin = False
         self._counts: dict[int, int] = {}
         self._unrecorded_until = 0.0  # see in_flight
 
@@ -71,7 +76,7 @@ class Worker(Role):
 
     def run_once(self) -> None:
         view = self._view()
-        if view.behind or not self._branch_known(view):
+        if view.behind or not self._plugin_usable(view) or not self._branch_known(view):
             self.pause(IDLE_PAUSE)
             return
         try:
@@ -97,6 +102,20 @@ class Worker(Role):
             return sharedcache.read(self.cache)
         except sharedcache.PROXY_ERRORS as exc:
             raise ProxyGone(f"the shared cache's Manager is gone ({exc!r}); exiting to be restarted") from exc
+
+    def _plugin_usable(self, view: sharedcache.View) -> bool:
+        """Whether the plugin and its token endpoint answer, as the refresher last found: while either is
+        down, nothing is claimed, so rows wait QUEUED without spending attempts (the refresher logs the
+        outage; this worker says once that it waits)."""
+        if view.outages:
+            if not self._waiting_for_plugin:
+                log.info("claiming nothing while %s", " and ".join(sorted(view.outages)) + " cannot be used")
+            self._waiting_for_plugin = True
+            return False
+        if self._waiting_for_plugin:
+            log.info("the plugin answers again; claiming")
+        self._waiting_for_plugin = False
+        return True
 
     def _branch_known(self, view: sharedcache.View) -> bool:
         if not view.branch_known:
@@ -168,6 +187,10 @@ class Worker(Role):
         try:
             call = self.plugin.plan_apply if self.apply else self.plugin.plan
             results = call(items, view.branch_id, deadline)
+        except Unreachable as exc:  # it never reached the plugin: the rows spend no attempt
+            self._give_back(asked, str(exc))
+            self._suspect_plugin()
+            return []
         except InDoubt as exc:
             log.warning("no answer for a batch of %d: %s", len(asked), exc)
             running_for = exc.until - time.time()
@@ -186,6 +209,15 @@ class Worker(Role):
         now = time.time()
         return [outcomes.decide(row, results.get(row.id), self.apply, entities[row.id], view.branch_id,
                                 self.retry, now) for row in asked if row.id not in unsent]
+
+    def _suspect_plugin(self) -> None:
+        """Have the refresher ask the plugin now, and wait for its verdict: until it says the plugin is
+        down, another claim would only fail the same way."""
+        try:
+            self.cache[PROBE_REQUESTED] = True
+        except sharedcache.PROXY_ERRORS as exc:
+            raise ProxyGone(f"the shared cache's Manager is gone ({exc!r}); exiting to be restarted") from exc
+        self.pause(PROBE_WAIT)
 
     def _give_back(self, rows: list[Claimed], reason: str | None) -> None:
         """Release claimed rows that were never sent, uncounted, for the next claim. (Rows the plugin got

@@ -727,3 +727,16 @@ SELECT kind, deleted, last_at FROM pruned ORDER BY kind;
 SELECT (SELECT created_at FROM ingestion_logs ORDER BY id LIMIT 1),
        t.name, pg_total_relation_size(t.name::regclass), pg_indexes_size(t.name::regclass)
 FROM unnest(ARRAY['ingestion_logs', 'change_sets', 'changes', 'dead_letters']) AS t (name);
+
+-- report_dependency --
+-- One process's view of one dependency (migration 0012), written by its owner (dependencies.py).
+INSERT INTO dependency_health (host, dependency, up, since, problem, kind, checked_at)
+VALUES (%(host)s, %(dependency)s, %(up)s, %(since)s, %(problem)s, %(kind)s, now())
+ON CONFLICT (host, dependency) DO UPDATE
+SET up = excluded.up, since = excluded.since, problem = excluded.problem, kind = excluded.kind,
+    checked_at = excluded.checked_at;
+
+-- dependency_health --
+-- Every replica's view of its dependencies, with how long ago each was last confirmed.
+SELECT host, dependency, up, since, problem, kind, extract(epoch FROM now() - checked_at)::float8
+FROM dependency_health ORDER BY host, dependency;

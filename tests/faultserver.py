@@ -10,6 +10,7 @@ demand: 5xx, timeouts, 429, 404 on the bulk endpoints, malformed bodies.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import defaultdict, deque
@@ -56,6 +57,7 @@ class FaultServer:
         self.defaults: dict[str, Step] = {}
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,6 +66,16 @@ class FaultServer:
 
             def log_message(self, *args) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with server._lock:
+                    server._connections.discard(self.connection)
+                super().finish()
 
             def do_GET(self) -> None:
                 server._handle(self, None)
@@ -77,12 +89,31 @@ class FaultServer:
                     body = raw
                 server._handle(self, body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._handler = Handler
+        self._listen(0)
+        self.url = f"http://127.0.0.1:{self.port}/api/plugins/diode"
+
+    def _listen(self, port: int) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/plugins/diode"
+        self.port = self.httpd.server_address[1]
         # A short poll: close() (shutdown) waits for the loop to see it, 0.5 s per server by default.
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
+
+    def go_down(self) -> None:
+        """The plugin's host goes away: nothing listens on its port, and open connections are cut."""
+        self.close()
+        with self._lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def come_back(self) -> None:
+        """Listen again on the same port, with the same scripts."""
+        self._listen(self.port)
 
     def script(self, path: str, *steps: Step) -> None:
         self.scripts[path].extend(steps)

@@ -142,6 +142,7 @@ def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_cl
         assert status == 200, body
         assert json.loads(body) == {"status": "ready", "failed": [], "checks": {
             "postgres": "ok", "redis": "ok", "plugin": "ok", "branch": "ok"}}
+        assert by_label(samples, "reconciler_dependency_up", "dependency") == {"postgres": 1, "redis": 1, "plugin": 1}
         assert get(base + "/nothing")[0] == 404
 
         # A killed child is restarted and counted; the counts of the dead process stay in the sums,
@@ -159,20 +160,24 @@ def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_cl
             "consumer": 1, "refresher": 1}
         assert value(samples, "reconciler_entities_consumed_total") == entity_count
 
-        # The plugin hangs: requests that get no answer count as "error", and it is not ready.
-        plugin.default("default-branch/", Step(200, {"branch": None}, delay=3))
+        # The plugin hangs past the refresher's probe timeout: requests that get no answer count as
+        # "error", and it is not ready.
+        plugin.default("default-branch/", Step(200, {"branch": None}, delay=7))
         wait_until(lambda: value(scrape(base), "reconciler_plugin_responses_total", endpoint="default-branch",
                                  code="error") >= 1, timeout=30, what="a timed-out default-branch request")
-        status, body = get(base + "/readyz")
-        assert status == 503 and json.loads(body)["failed"] == ["plugin"], body
-        # The plugin goes away: not ready, naming it; the supervisor itself is still healthy.
+        status, body = wait_until(lambda: (answer := get(base + "/readyz"))[0] == 503 and answer, timeout=10,
+                                  what="not ready")
+        assert json.loads(body)["failed"] == ["plugin"], body
+        assert value(scrape(base), "reconciler_dependency_up", dependency="plugin") == 0
+        # The plugin goes away: not ready, naming it and why; the supervisor itself is still healthy.
         plugin.close()
+        refused = lambda: "Connection refused" in json.loads(get(base + "/readyz")[1])["checks"]["plugin"]  # noqa: E731
+        wait_until(refused, timeout=20, what="the refresher to find the plugin refusing connections")
         status, body = get(base + "/readyz")
         assert status == 503, body
         answer = json.loads(body)
         assert answer["status"] == "not ready" and answer["failed"] == ["plugin"]
-        # Refused on a new connection: not a read that timed out on one kept alive from before.
-        assert "unreachable" in answer["checks"]["plugin"] and "Connection refused" in answer["checks"]["plugin"]
+        assert "unreachable since" in answer["checks"]["plugin"]
         assert answer["checks"]["postgres"] == "ok"
         assert answer["checks"]["branch"] == "ok"  # known before; kept
         assert get(base + "/healthz")[0] == 200

@@ -45,21 +45,29 @@ def test_branch_is_published_and_404_means_no_branch(refresher, plugin, shared):
     view = read(shared.cache)
     assert (view.branch_known, view.branch_id, view.branch_scope) == (True, "td5smq0f", "staging (td5smq0f)")
     plugin.script("default-branch/", Step(404, b"<html>Not Found</html>"))
-    refresher._next_branch = 0
+    refresher._next_branch = refresher._next_probe = 0
     refresher.run_once()
     assert read(shared.cache).branch is None and read(shared.cache).branch_known
 
 
 @pytest.mark.pg
-def test_errors_keep_the_last_known_branch(refresher, plugin, shared, caplog):
+def test_an_outage_keeps_the_last_known_branch_and_is_told_to_the_workers_once(refresher, plugin, shared, caplog):
     plugin.script("default-branch/", Step(200, {"branch": {"id": "b1", "name": "one"}}))
     plugin.default("default-branch/", Step(500, b"boom"))
     refresher.run_once()
     for _ in range(3):
-        refresher._next_branch = 0
+        refresher._next_branch = refresher._next_probe = 0
         refresher.run_once()
-    assert read(shared.cache).branch_id == "b1"
-    assert caplog.text.count("serving the last known value") == 1
+    view = read(shared.cache)
+    assert view.branch_id == "b1" and list(view.outages) == ["plugin"]
+    assert "HTTP 500" in view.outages["plugin"]["problem"]
+    down = [r for r in caplog.records if getattr(r, "event", None) == "dependency_down"]
+    assert len(down) == 1 and down[0].levelname == "ERROR" and down[0].dependency == "plugin"
+    plugin.default("default-branch/", Step(200, {"branch": {"id": "b1", "name": "one"}}))
+    refresher._next_probe = 0
+    refresher.run_once()
+    assert read(shared.cache).outages == {}
+    assert [r.levelname for r in caplog.records if getattr(r, "event", None) == "dependency_up"] == ["ERROR"]
 
 
 @pytest.mark.pg

@@ -15,20 +15,18 @@ from typing import Any, Callable
 
 import redis
 
-from .. import errors, processes, retention, states
+from .. import dependencies, errors, processes, retention, states
 from ..db import Database, latest_version
 from ..errors import DatabaseError
-from ..plugin import PluginClient, Unavailable
-from ..ratelimit import SharedRateLimiter
+from ..plugin import QUICK_PROBE_SECONDS, Unavailable, probe_client
 from ..settings import Config
 from ..streamgroup import group_info, redis_client
 from ..text import as_text, one_line
 from . import console
 
 SOON_SECONDS = 60  # "PENDING_RETRY due soon": what the workers will pick up within a minute
-PLUGIN_TIMEOUT_SECONDS = 5.0  # the branch is one small GET; a NetBox that is slower counts as down
 REDIS_TIMEOUT_SECONDS = 5.0
-POSTGRES_SECTIONS = ("schema", "inbox", "dead_letters", "drift", "retention", "processes")
+POSTGRES_SECTIONS = ("schema", "inbox", "dead_letters", "drift", "retention", "dependencies", "processes")
 LABEL_WIDTH = 22
 
 
@@ -78,6 +76,7 @@ def _postgres_sections(db: Database, config: Config, report: dict[str, Any]) -> 
     report["dead_letters"] = _section(lambda: _dead_letters(db), DatabaseError)
     report["drift"] = _section(lambda: _drift(db, config), DatabaseError)
     report["retention"] = _section(lambda: _retention(db, config), DatabaseError)
+    report["dependencies"] = _section(lambda: _dependencies(db), DatabaseError)
     report["processes"] = _section(lambda: _processes(db, config), DatabaseError)
     return True
 
@@ -128,6 +127,14 @@ def _retention(db: Database, config: Config) -> dict:
             "tables": {name: {"bytes": total, "index_bytes": indexes} for _, name, total, indexes in storage}}
 
 
+def _dependencies(db: Database) -> dict:
+    """Each replica's view of Postgres, Redis, the plugin and its token endpoint (dependencies.py)."""
+    seen = [{"host": host, "dependency": dependency, "up": up, "since": since, "problem": problem, "kind": kind,
+             "checked_seconds_ago": ago, "stale": ago > dependencies.STALE_SECONDS}
+            for host, dependency, up, since, problem, kind, ago in db.fetchall("dependency_health")]
+    return {"stale_after_seconds": dependencies.STALE_SECONDS, "seen": seen}
+
+
 def _processes(db: Database, config: Config) -> dict:
     # A process that has not beaten for the supervisor's hang timeout is dead or about to be
     # killed as hung: beyond it a row says nothing about the present.
@@ -162,9 +169,8 @@ def _default_branch(config: Config) -> dict:
     netbox = config.netbox
     if not (netbox.token or netbox.token_url):
         return {"error": "no [netbox] token or token_url is configured"}
-    quick = config.replace(**{"netbox.timeout_seconds": PLUGIN_TIMEOUT_SECONDS, "netbox.max_attempts": 1})
     try:
-        client = PluginClient(quick.netbox, SharedRateLimiter(0, 1))
+        client = probe_client(config, timeout=QUICK_PROBE_SECONDS)
         try:
             return {"branch": client.default_branch()}
         finally:
@@ -185,7 +191,7 @@ def render(report: dict[str, Any]) -> str:
         processes = "\n".join(["Live processes", _line("unavailable:", "Postgres cannot be reached")])
     parts = [f"reconciler status at {stamp}", inbox, _render_drift(report["drift"], report["default_branch"]),
              _render_retention(report["retention"], report["generated_at"]), _render_stream(report["stream"]),
-             _render_branch(report["default_branch"]), processes]
+             _render_branch(report["default_branch"]), _render_dependencies(report["dependencies"]), processes]
     return "\n\n".join(parts)
 
 
@@ -301,6 +307,28 @@ def _render_branch(section: dict) -> str:
     else:
         value = f"{section['branch']['name']} ({section['branch']['id']})"
     return "\n".join(["NetBox plugin", _line("default branch", value)])
+
+
+def _render_dependencies(section: dict) -> str:
+    heading = "Dependencies, as the service last saw them"
+    if "error" in section:
+        return "\n".join([heading, _failed(section)])
+    if not section["seen"]:
+        return "\n".join([heading, "  none reported (the service has not run with this schema yet)"])
+    hosts = {entry["host"] for entry in section["seen"]}
+    lines = [heading]
+    for entry in section["seen"]:
+        label = f"{entry['host']} {entry['dependency']}" if len(hosts) > 1 else entry["dependency"]
+        since = dependencies.clock(entry["since"].timestamp())
+        if entry["up"]:
+            value = f"up since {since}"
+        else:
+            value = f"unreachable since {since}: {entry['problem']}"
+        if entry["stale"]:
+            value += (f" (last confirmed {console.human_seconds(entry['checked_seconds_ago'])} ago: is the service "
+                      f"running?)")
+        lines.append(_line(label, value))
+    return "\n".join(lines)
 
 
 def _render_processes(section: dict) -> str:
