@@ -49,6 +49,7 @@ CONFLICT_FIRST_DELAY, CONFLICT_MAX_DELAY = 0.01, 1.0
 # Pause between attempts while Redis or Postgres is down.
 OUTAGE_FIRST_DELAY, OUTAGE_MAX_DELAY = 0.5, 30.0
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+HEALTH_CHECK_SECONDS = 10.0
 
 
 class Consumer(Role):
@@ -68,8 +69,9 @@ class Consumer(Role):
         self._totals = inbox.Written()
         self.vacuum = QueueVacuum(config.postgres.dsn, config.postgres.schema)
         self.check_reobservations = driftchecks.holds_reobservations(config)
-        self.watches = {dependency: Watch(dependency, config.log.outage_reminder_seconds, db=lambda: self.db)
+        self.watches = {dependency: Watch(dependency, config.log.outage_reminder_seconds, db=self._health_db)
                         for dependency in (POSTGRES, REDIS)}
+        self._next_health_check = 0.0
 
     # --- lifecycle ---
 
@@ -198,7 +200,7 @@ class Consumer(Role):
                 watch.ok()
             return result
 
-    def _kind(self, exc: Exception) -> str:
+    def _kind(self, exc: BaseException) -> str:
         if isinstance(exc, DatabaseError):
             return diagnosis.of_postgres_error(str(exc)).kind
         return diagnosis.of_redis_error(self.config.redis.url, exc).kind
@@ -214,8 +216,28 @@ class Consumer(Role):
             log.info("%d redelivered entries were already committed; acknowledged them", outcome.redelivered)
         self._totals.add(outcome)
 
+    def _health_db(self) -> Database | None:
+        """Where the dependency_health rows go: our connection, unless Postgres is what is down (then
+        they are written once it is back)."""
+        return None if self.watches[POSTGRES].up is False else self.db
+
+    def _check_dependencies(self) -> None:
+        """Postgres and Redis, asked every HEALTH_CHECK_SECONDS: an idle stream uses neither, and an
+        outage must be told all the same (while the stream flows, _retry tells it at once)."""
+        checks: dict[str, Callable[[], object]] = {POSTGRES: lambda: self.db.fetchall("ping"), REDIS: self.redis.ping}
+        for dependency, check in checks.items():
+            try:
+                check()
+            except (DatabaseError, redis.RedisError, OSError) as exc:
+                self.watches[dependency].failed(f"cannot reach it: {exc}", self._kind(exc))
+            else:
+                self.watches[dependency].ok()
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if now >= self._next_health_check:
+            self._next_health_check = now + HEALTH_CHECK_SECONDS
+            self._check_dependencies()
         if now >= self._next_prune:
             self._next_prune = now + RECEIPT_PRUNE_INTERVAL
             self._prune_receipts()

@@ -115,6 +115,8 @@ class Watch:
         db = self._db()
         if db is None or time.monotonic() < self._next_write or self.up is None:
             return
+        # Set first: a Postgres that does not answer is tried once per WRITE_SECONDS, not on every call.
+        self._next_write = time.monotonic() + WRITE_SECONDS
         try:
             with db.transaction() as tx:
                 tx.execute("report_dependency", {"host": socket.gethostname(), "dependency": self.dependency,
@@ -122,6 +124,4 @@ class Watch:
                                                  "kind": self.kind})
         except DatabaseError as exc:
             log.debug("cannot record the health of %s yet: %s", self.dependency, exc)
-            return
-        self._next_write = time.monotonic() + WRITE_SECONDS
 

@@ -219,9 +219,10 @@ class TokenSource:
             raise TokenUnavailable(f"token endpoint {self.token_url} unreachable: {exc}",
                                    diagnosis.of_exception(self.token_url, exc).kind) from None
         metrics.plugin_request("token", response.status, time.perf_counter() - started)
+        refused = diagnosis.of_token_response(self.token_url, response.status, response.headers, response.data)
         if response.status != 200:
             raise TokenUnavailable(f"token endpoint {self.token_url} answered HTTP {response.status}",
-                                   diagnosis.SERVER_ERROR if response.status >= 500 else diagnosis.TOKEN_REFUSED)
+                                   refused.kind if refused else diagnosis.UNEXPECTED)
         try:
             token, lifetime = read_token(response.data)
         except ValueError:
@@ -279,9 +280,8 @@ QUICK_PROBE_SECONDS = 5.0  # an operator's `status` waits no longer than this fo
 def probe_client(config, limiter: SharedRateLimiter | None = None, pacer: Pacer | None = None,
                  timeout: float | None = None) -> PluginClient:
     """A client that asks once: for health probes (the refresher, `status`), where the next probe is the
-    retry. Its read timeout is `timeout`, or the workers' own: a NetBox busy with their bulk requests
-    may answer a small GET slowly, and only one that does not answer at all is down (the connection
-    itself is given PLUGIN_CONNECT_SECONDS either way)."""
+    retry. Its read timeout is `timeout`, at most the workers' own (the connection itself is given
+    PLUGIN_CONNECT_SECONDS either way)."""
     read = min(timeout, config.netbox.timeout_seconds) if timeout else config.netbox.timeout_seconds
     once = config.replace(**{"netbox.timeout_seconds": read, "netbox.max_attempts": 1})
     return PluginClient(once.netbox, limiter or SharedRateLimiter(0, 1), pacer)
@@ -387,7 +387,7 @@ class PluginClient:
             except Unavailable as exc:
                 if not results and not isinstance(exc, AnswerLost):
                     raise
-                first_unsent = position if isinstance(exc, NotSent) else position + 1
+                first_unsent = position if isinstance(exc, (NotSent, Unreachable)) else position + 1
                 if first_unsent > position:  # this row's request may have reached the plugin
                     results[row_id] = Result(row_id, unavailable=str(exc), answer_lost=isinstance(exc, AnswerLost),
                                              running_until=getattr(exc, "until", None))
@@ -466,6 +466,10 @@ class PluginClient:
                 if failures:  # the failed attempts count, even if this one was never sent
                     raise Unavailable(f"{exc}, after {failures} failed attempts") from None
                 raise
+            except TokenUnavailable as exc:
+                if reached:  # an earlier attempt got to the plugin: this request did, whatever the token does now
+                    raise Unavailable(f"{path}: {exc}, after {failures} failed attempts", exc.kind) from None
+                raise
             if attempt.response is not None and attempt.response.status == 403:
                 if self._refresh_after_403(attempt.response, refreshed):
                     refreshed = True
@@ -486,7 +490,7 @@ class PluginClient:
             if failures >= self.max_attempts:
                 if not reached:
                     raise Unreachable(f"{path} failed after {failures} attempts: {attempt.problem}", attempt.kind)
-                raise Unavailable(f"{path} failed after {failures} attempts: {attempt.problem}")
+                raise Unavailable(f"{path} failed after {failures} attempts: {attempt.problem}", self._kind(attempt))
             delay = attempt.wait if attempt.wait is not None else backoff.delay(failures, *RETRY_DELAYS)
             if not self._time_left(deadline, delay + self.attempt_seconds):
                 raise Unavailable(f"{path}: {attempt.problem}; no time left to retry within the claim's lease")
@@ -529,6 +533,14 @@ class PluginClient:
             return _Attempt(response, retry=True, problem=f"HTTP {raw.status}", sent=raw.status != 429,
                             wait=retry_after(raw.headers.get("Retry-After")))
         return _Attempt(response, retry=False)
+
+    def _kind(self, attempt: _Attempt) -> str | None:
+        """What a failed attempt says is wrong (diagnosis.py): from the answer, or why none came."""
+        response = attempt.response
+        if response is None:
+            return attempt.kind
+        finding = diagnosis.of_response(self.base, response.status, response.headers, response.body)
+        return finding.kind if finding else None
 
     def _gave_up(self) -> float:
         """Until when a request we stopped waiting for may run: NetBox may have started it only now (it

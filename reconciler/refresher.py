@@ -23,12 +23,12 @@ import time
 
 import redis
 
-from . import metrics
+from . import diagnosis, metrics
 from .dependencies import PLUGIN, TOKEN_ENDPOINT, Watch
 from .errors import BootError
-from .plugin import PluginClient, TokenUnavailable, Unavailable, probe_client
+from .plugin import NotSent, PluginClient, TokenUnavailable, Unavailable, Unreachable, probe_client
 from .roles import Role
-from .sharedcache import PROXY_ERRORS
+from .sharedcache import PROBE_REQUESTED, PROXY_ERRORS
 from .streamgroup import group_info, redis_client
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 BACKPRESSURE_INTERVAL = 1.0
 PROBE_SECONDS = 10.0
 PROBE_DOWN_SECONDS = 2.0
-PROBE_REQUESTED = "probe"  # the cache key a worker sets when the plugin failed it
+# A small GET that a NetBox busy with the workers' bulk requests may still answer slowly; not longer,
+# since backpressure is decided between probes.
+PROBE_READ_SECONDS = 15.0
 
 
 class Refresher(Role):
@@ -49,12 +51,13 @@ class Refresher(Role):
         self.redis: redis.Redis
         self.watches: dict[str, Watch] = {}
         self._next_probe = 0.0
+        self._answered_failures = 0  # failed answers in a row (see _plugin_failed)
         self._next_branch = 0.0
         self._next_backpressure = 0.0
         self._behind = False
 
     def boot(self) -> None:
-        self.plugin = probe_client(self.config, self.limiter, pacer=self)
+        self.plugin = probe_client(self.config, self.limiter, pacer=self, timeout=PROBE_READ_SECONDS)
         self.redis = self.closes(redis_client(self.config.redis.url, "refresher"))
         # For its heartbeat row (roles.py) and the dependency_health rows; opened lazily, so Postgres
         # being down does not stop the refresher from serving the branch.
@@ -88,16 +91,33 @@ class Refresher(Role):
     def _probe(self) -> None:
         try:
             branch = self.plugin.default_branch()
+        except NotSent:
+            return  # stopping: no verdict
         except TokenUnavailable as exc:
             self.watches[TOKEN_ENDPOINT].failed(str(exc), exc.kind)
         except Unavailable as exc:
-            self.watches[PLUGIN].failed(str(exc), exc.kind)
+            self._plugin_failed(exc)
         else:
+            self._answered_failures = 0
             for watch in self.watches.values():
                 watch.ok()
             self._take_branch(branch)
-        healthy = all(watch.up for watch in self.watches.values())
+        healthy = all(watch.up for watch in self.watches.values()) and not self._answered_failures
         self._next_probe = time.monotonic() + (PROBE_SECONDS if healthy else PROBE_DOWN_SECONDS)
+
+    def _plugin_failed(self, exc: Unavailable) -> None:
+        """The plugin could not be used. Nothing listening is down at once; an answer that is not one
+        (5xx, a refused token, a page that is not the API, no answer in time) is down when the next
+        probe, seconds later, gets no better: a busy NetBox's one slow or failed answer must not stop
+        every worker. A 429 is an answer: the plugin is up, and the workers' own limiter copes."""
+        if TOKEN_ENDPOINT in self.watches:
+            self.watches[TOKEN_ENDPOINT].ok()  # the request got its token
+        if exc.kind == diagnosis.RATE_LIMITED:
+            self.watches[PLUGIN].ok()
+            return
+        self._answered_failures = 0 if isinstance(exc, Unreachable) else self._answered_failures + 1
+        if self._answered_failures != 1:
+            self.watches[PLUGIN].failed(str(exc), exc.kind)
 
     def _take_branch(self, branch: dict | None) -> None:
         known = self.cache.get("branch_known")

@@ -2,13 +2,16 @@
 
 Three kinds of things go once they are older than their `[retention]` setting (0 keeps them):
 - `rows`: finished rows that are no longer their entity's current row (`is_head` false: a drift
-  re-plan or a new default branch replaced them), with their change sets and changes;
-- `change_sets`: a row's older plans, once a newer one exists (the latest always stays);
+  re-plan or a new default branch replaced them), unchanged that long, with their change sets and
+  changes;
+- `change_sets`: a row's older plans, once a newer one has superseded them that long (the latest
+  always stays);
 - `dead_letters`, replayed or not.
 Current rows, QUEUED, OPEN, PENDING_RETRY, CHECKING and in-flight rows are never deleted.
 
 Each kind is a walk in id order, one short transaction per step of BATCH (sql/queries.sql
-prune_*): a step locks only what it deletes, and skips what anyone else holds (SKIP LOCKED), so
+prune_*; the walk over change sets resumes where the last one ended, so each change set is walked
+once): a step locks only what it deletes, and skips what anyone else holds (SKIP LOCKED), so
 no claim and no consumer write ever waits for it. After each step the walk rests as long as the
 step took: retention takes at most half of one connection. One walk at a time across replicas
 (an advisory lock); a dry run (`reconciler prune --dry-run`) takes the same steps and deletes
@@ -27,6 +30,7 @@ from typing import Callable, Iterator
 from . import metrics
 from .db import Database
 from .errors import DatabaseError
+from .processes import report_alive
 from .roles import Role
 
 log = logging.getLogger(__name__)
@@ -42,11 +46,13 @@ class Kind:
     statement: str  # one step of its walk (sql/queries.sql)
     setting: str  # its key in [retention]
     what: str  # how a report names them
+    resumes: bool = False  # a walk starts where the last one ended (pruned.walked_to), not at the start
 
 
 KINDS = (
     Kind("rows", "prune_superseded_rows", "superseded_rows_days", "superseded rows"),
-    Kind("change_sets", "prune_superseded_change_sets", "superseded_change_sets_days", "superseded change sets"),
+    Kind("change_sets", "prune_superseded_change_sets", "superseded_change_sets_days", "superseded change sets",
+         resumes=True),
     Kind("dead_letters", "prune_dead_letters", "dead_letters_days", "dead letters"),
 )
 
@@ -75,14 +81,16 @@ def prune(db: Database, config, dry_run: bool = False, rest: Rest = _sleep) -> d
 
 
 def walk(db: Database, kind: Kind, days: float, dry_run: bool, rest: Rest) -> int:
-    after, total = 0, 0
+    after = db.fetchall("pruned_walked_to", {"kind": kind.name})[0][0] if kind.resumes else 0
+    total = 0
     while True:
         started = time.monotonic()
         with db.transaction() as tx:
             [(last, reached_recent, doomed)] = tx.fetchall(kind.statement, {
                 "after": after, "limit": BATCH, "keep_days": days, "dry_run": dry_run})
-            if doomed and not dry_run:
-                tx.execute("tally_pruned", {"kind": kind.name, "deleted": doomed})
+            if not dry_run and (doomed or (kind.resumes and last is not None)):
+                tx.execute("tally_pruned", {"kind": kind.name, "deleted": doomed,
+                                            "walked_to": last if kind.resumes else None})
         if doomed and not dry_run:
             metrics.pruned(kind.name, doomed)
         total += doomed
@@ -143,13 +151,19 @@ class Pruner(Role):
             return
         self._next_pass = time.monotonic() + self.config.retention.interval_seconds
 
+    def _rest(self, seconds: float) -> bool:
+        """Between two steps of a walk: the process's heartbeat row (a long walk must not look dead in
+        `status`), then a pause as long as the step took."""
+        report_alive(self.db, self.name)
+        return self.pause(seconds)
+
     def _pass(self) -> None:
         started = time.monotonic()
         with exclusive(self.db, self.config.postgres.schema) as mine:
             if not mine:
                 log.debug("another pruner is walking; skipping this pass")
                 return
-            counts = prune(self.db, self.config, rest=self.pause)
+            counts = prune(self.db, self.config, rest=self._rest)
         if any(counts.values()):
             log.info("deleted %s in %.1f s", described(counts), time.monotonic() - started,
                      extra={"event": "pruned"})

@@ -317,8 +317,8 @@ SETTINGS: tuple[Setting, ...] = (
             "superseded one only explains the past, and a month covers noticing and looking into an incident. "
             "Current, QUEUED, OPEN and in-flight rows are never deleted. 0: kept for ever."),
     Setting("retention", "superseded_change_sets_days", 30.0, float_at_least(0.0),
-            "Days a change set is kept once a newer plan of its row exists (each row keeps at most 5); a row's "
-            "latest change set stays as long as the row. 0: kept for ever."),
+            "Days a change set is kept after a newer plan of its row superseded it (each row keeps at most 5); a "
+            "row's latest change set stays as long as the row. 0: kept for ever."),
     Setting("retention", "dead_letters_days", 90.0, float_at_least(0.0),
             "Days a dead letter is kept, replayed or not: data that never arrived, so longer than rows (a quarter) "
             "to be noticed, fixed at the source and replayed (`reconciler dead-letters`). 0: kept for ever."),

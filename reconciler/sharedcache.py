@@ -1,8 +1,9 @@
 """State the supervisor creates before forking and its children share.
 
 - the refresher's cache, a multiprocessing.Manager dict: the plugin's default branch, whether
-  the consumer is behind (backpressure), and the outages of the plugin and its token endpoint
-  (dependencies.py). Workers read it once per batch (one IPC round trip).
+  the consumer is behind (backpressure), the outages of the plugin and its token endpoint
+  (dependencies.py), and PROBE_REQUESTED, set by a worker the plugin failed so that the refresher
+  asks it at once. Workers read it once per batch (one IPC round trip).
 - the plugin request-rate limiter (shared memory, see ratelimit.py).
 
 The Manager runs as the supervisor's child, ignores SIGINT/SIGTERM (a stop signalled to the whole
@@ -30,6 +31,8 @@ from .roles import set_title
 MP = multiprocessing.get_context("fork")
 
 MANAGER_TITLE = "shared cache"  # the Manager's process title: `reconciler: shared cache`
+
+PROBE_REQUESTED = "probe"
 
 # Errors a proxy raises when the Manager process is gone.
 PROXY_ERRORS = (BrokenPipeError, EOFError, ConnectionError, FileNotFoundError)

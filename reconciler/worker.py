@@ -28,7 +28,7 @@ from .db import Database
 from .errors import BootError, ContentRejected, DatabaseError, ReconcilerError
 from .outcomes import RetryPolicy
 from .plugin import AnswerLost, InDoubt, Item, PluginClient, Unavailable, Unreachable
-from .refresher import PROBE_DOWN_SECONDS, PROBE_REQUESTED
+from .refresher import PROBE_DOWN_SECONDS
 from .roles import SUMMARY_INTERVAL, Link, Role
 from .settings import check_runnable, claim_lease_seconds, lease_budget_seconds
 
@@ -214,7 +214,7 @@ class Worker(Role):
         """Have the refresher ask the plugin now, and wait for its verdict: until it says the plugin is
         down, another claim would only fail the same way."""
         try:
-            self.cache[PROBE_REQUESTED] = True
+            self.cache[sharedcache.PROBE_REQUESTED] = True
         except sharedcache.PROXY_ERRORS as exc:
             raise ProxyGone(f"the shared cache's Manager is gone ({exc!r}); exiting to be restarted") from exc
         self.pause(PROBE_WAIT)

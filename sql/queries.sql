@@ -677,21 +677,28 @@ WITH batch AS (SELECT id FROM ingestion_logs WHERE NOT is_head AND id > %(after)
 SELECT (SELECT max(id) FROM batch), false, (SELECT count(*) FROM doomed);
 
 -- prune_superseded_change_sets --
--- One step of retention's walk over change sets in id order (their creation order: ids are taken
--- as batches are recorded): of the next %(limit)s after %(after)s, those older than %(keep_days)s days
--- that are not their row's latest go, with their changes. A row's latest change set is never
--- deleted (the review compares against it). The walk ends at the first change set younger than
--- that.
+-- One step of retention's walk over change sets in id order (their creation order: ids are taken as
+-- batches are recorded), resumed where the last walk ended (pruned.walked_to): each change set made
+-- more than %(keep_days)s days ago has superseded its row's previous one that long, and that one goes,
+-- with its changes (each change set is superseded by the next of its row: the one before that went
+-- when its own successor was walked). The step ends before the first change set younger than that, where the next walk
+-- resumes, so each change set is walked once however large the table grows. A row's latest change
+-- set is never deleted (the review compares against it). Returns the last change set walked (NULL:
+-- none), whether the walk reached one too young, and how many went.
 WITH batch AS (SELECT id, ingestion_log_id, created_at FROM change_sets WHERE id > %(after)s ORDER BY id
                LIMIT %(limit)s),
-     doomed AS (SELECT c.id FROM change_sets AS c JOIN batch AS b ON b.id = c.id
-                WHERE b.created_at < now() - %(keep_days)s * interval '1 day'
-                  AND EXISTS (SELECT 1 FROM change_sets AS newer
-                              WHERE newer.ingestion_log_id = b.ingestion_log_id AND newer.id > b.id)
-                FOR UPDATE OF c SKIP LOCKED),
+     young AS (SELECT min(id) AS id FROM batch WHERE created_at >= now() - %(keep_days)s * interval '1 day'),
+     crossed AS (SELECT id, ingestion_log_id FROM batch
+                 WHERE id < coalesce((SELECT id FROM young), 9223372036854775807)),
+     doomed AS (SELECT c.id FROM change_sets AS c
+                WHERE c.id IN (SELECT (SELECT older.id FROM change_sets AS older
+                                       WHERE older.ingestion_log_id = crossed.ingestion_log_id
+                                         AND older.id < crossed.id
+                                       ORDER BY older.id DESC LIMIT 1)
+                               FROM crossed)
+                FOR UPDATE SKIP LOCKED),
      gone AS (DELETE FROM change_sets WHERE id IN (SELECT id FROM doomed) AND NOT %(dry_run)s RETURNING id)
-SELECT (SELECT max(id) FROM batch), coalesce((SELECT max(created_at) >= now() - %(keep_days)s * interval '1 day' FROM batch), false),
-       (SELECT count(*) FROM doomed);
+SELECT (SELECT max(id) FROM crossed), (SELECT id FROM young) IS NOT NULL, (SELECT count(*) FROM doomed);
 
 -- prune_dead_letters --
 -- One step of retention's walk over dead letters in id order (their arrival order): of the next
@@ -706,8 +713,17 @@ SELECT (SELECT max(id) FROM batch), coalesce((SELECT max(created_at) >= now() - 
        (SELECT count(*) FROM doomed);
 
 -- tally_pruned --
-INSERT INTO pruned (kind, deleted) VALUES (%(kind)s, %(deleted)s)
-ON CONFLICT (kind) DO UPDATE SET deleted = pruned.deleted + excluded.deleted, last_at = now();
+-- What one step deleted, and for a walk that resumes, how far it got (%(walked_to)s; NULL: no change).
+INSERT INTO pruned (kind, deleted, last_at, walked_to)
+VALUES (%(kind)s, %(deleted)s, CASE WHEN %(deleted)s > 0 THEN now() END, coalesce(%(walked_to)s, 0))
+ON CONFLICT (kind) DO UPDATE
+SET deleted = pruned.deleted + excluded.deleted,
+    last_at = CASE WHEN excluded.deleted > 0 THEN now() ELSE pruned.last_at END,
+    walked_to = coalesce(%(walked_to)s, pruned.walked_to);
+
+-- pruned_walked_to --
+-- Where the last walk of a kind that resumes ended (0: it never walked).
+SELECT coalesce((SELECT walked_to FROM pruned WHERE kind = %(kind)s), 0);
 
 -- pruner_lock --
 -- One pruner at a time across replicas (session level: held for a whole walk, released if the
@@ -729,7 +745,9 @@ SELECT (SELECT created_at FROM ingestion_logs ORDER BY id LIMIT 1),
 FROM unnest(ARRAY['ingestion_logs', 'change_sets', 'changes', 'dead_letters']) AS t (name);
 
 -- report_dependency --
--- One process's view of one dependency (migration 0012), written by its owner (dependencies.py).
+-- One process's view of one dependency (migration 0012), written by its owner (dependencies.py). Views
+-- nobody confirmed for a day go: a host renamed or gone (a new container) leaves its rows behind.
+WITH forgotten AS (DELETE FROM dependency_health WHERE checked_at < now() - interval '1 day')
 INSERT INTO dependency_health (host, dependency, up, since, problem, kind, checked_at)
 VALUES (%(host)s, %(dependency)s, %(up)s, %(since)s, %(problem)s, %(kind)s, now())
 ON CONFLICT (host, dependency) DO UPDATE

@@ -165,8 +165,8 @@ def test_metrics_and_health_after_a_known_ingest(env, plugin, tmp_path, redis_cl
         plugin.default("default-branch/", Step(200, {"branch": None}, delay=7))
         wait_until(lambda: value(scrape(base), "reconciler_plugin_responses_total", endpoint="default-branch",
                                  code="error") >= 1, timeout=30, what="a timed-out default-branch request")
-        status, body = wait_until(lambda: (answer := get(base + "/readyz"))[0] == 503 and answer, timeout=10,
-                                  what="not ready")
+        status, body = wait_until(lambda: (answer := get(base + "/readyz"))[0] == 503 and answer, timeout=40,
+                                  what="not ready (two probes in a row without an answer)")
         assert json.loads(body)["failed"] == ["plugin"], body
         assert value(scrape(base), "reconciler_dependency_up", dependency="plugin") == 0
         # The plugin goes away: not ready, naming it and why; the supervisor itself is still healthy.

@@ -45,9 +45,14 @@ HISTORY = (
     Group("current OPEN, a year old", 300, True, states.OPEN, (31, 365)),
     Group("current failed, a year old", 100, True, states.FAILED, (31, 365)),
 )
-# A row planned five times: change sets of these ages (days), newest last; old ones go unless newest.
+# Rows planned several times: change sets of these ages (days), newest last. A plan goes once the one
+# after it is older than the retention: it has been superseded that long.
 PLANS = {"five old plans": (300, 200, 100, 60, 40), "old and recent plans": (100, 50, 10),
          "recent plans": (20, 10, 1)}
+
+
+def kept_plans(ages: tuple[int, ...], days: float = 30) -> list[int]:
+    return [age for age, newer in zip(ages, ages[1:]) if newer <= days] + [ages[-1]]
 DEAD_LETTERS = {"old": (91, 365, 400), "recent": (0, 89, 150)}  # (days from, to, how many)
 KEEP = {"RECONCILER_RETENTION_SUPERSEDED_ROWS_DAYS": "30", "RECONCILER_RETENTION_SUPERSEDED_CHANGE_SETS_DAYS": "30",
         "RECONCILER_RETENTION_DEAD_LETTERS_DAYS": "90"}
@@ -106,7 +111,7 @@ def write_history(dsn: str) -> dict[str, list[int]]:
 
 def expected_gone(ids: dict[str, list[int]]) -> dict[str, int]:
     """What retention should delete: rows, change sets (beyond those of the deleted rows) and dead letters."""
-    superseded_plans = sum((sum(days > 30 for days in ages[:-1])) * 50 for ages in PLANS.values())
+    superseded_plans = sum((len(ages) - len(kept_plans(ages))) * 50 for ages in PLANS.values())
     return {"rows": sum(len(ids[g.name]) for g in HISTORY if g.goes), "change_sets": superseded_plans,
             "dead_letters": DEAD_LETTERS["old"][2]}
 
@@ -119,8 +124,7 @@ def assert_only_what_should_go_is_gone(dsn: str, ids: dict[str, list[int]]) -> N
     for name, ages in PLANS.items():
         plans = query(dsn, "SELECT external_id, count(*) FROM change_sets WHERE ingestion_log_id = ANY(%s) "
                            "GROUP BY external_id", (ids[name],))
-        kept = [days for days in ages[:-1] if days <= 30] + [ages[-1]]
-        assert dict(plans) == {str(days): len(ids[name]) for days in kept}, name
+        assert dict(plans) == {str(days): len(ids[name]) for days in kept_plans(ages)}, name
     assert scalar(dsn, "SELECT count(*) FROM change_sets WHERE ingestion_log_id NOT IN "
                        "(SELECT id FROM ingestion_logs)") == 0
     assert scalar(dsn, "SELECT count(*) FROM changes WHERE change_set_id NOT IN (SELECT id FROM change_sets)") == 0
@@ -149,6 +153,32 @@ def test_a_walk_deletes_what_is_past_retention_and_nothing_current_queued_or_in_
         db.close()
     assert_only_what_should_go_is_gone(dsn, ids)
     assert dict(query(dsn, "SELECT kind, deleted FROM pruned")) == expected_gone(ids)
+
+
+@pytest.mark.pg
+def test_the_walk_over_change_sets_resumes_where_the_last_one_ended(dsn, config):
+    """A later walk starts at the first change set the last one found too young, and still finds the
+    plans that a newer one has superseded long enough since (here: the retention shortened to 5 days
+    stands for 25 days passing)."""
+    ids = write_history(dsn)
+    db = Database(dsn, "reconciler")
+    keep = {"retention.superseded_rows_days": 0.0, "retention.dead_letters_days": 0.0}
+    try:
+        month = config.replace(**keep, **{"retention.superseded_change_sets_days": 30.0})
+        gone = retention.prune(db, month, rest=lambda seconds: True)
+        assert gone == {"change_sets": expected_gone(ids)["change_sets"]}
+        walked_to = scalar(dsn, "SELECT walked_to FROM pruned WHERE kind = 'change_sets'")
+        assert walked_to == scalar(dsn, "SELECT max(id) FROM change_sets "
+                                        "WHERE created_at < now() - interval '30 days'")
+        week = config.replace(**keep, **{"retention.superseded_change_sets_days": 5.0})
+        later = {name: len(kept_plans(ages)) - len(kept_plans(ages, days=5)) for name, ages in PLANS.items()}
+        assert retention.prune(db, week, rest=lambda seconds: True) == {"change_sets": 50 * sum(later.values())}
+    finally:
+        db.close()
+    for name, ages in PLANS.items():
+        plans = query(dsn, "SELECT external_id, count(*) FROM change_sets WHERE ingestion_log_id = ANY(%s) "
+                           "GROUP BY external_id", (ids[name],))
+        assert dict(plans) == {str(days): len(ids[name]) for days in kept_plans(ages, days=5)}, name
 
 
 @pytest.mark.pg

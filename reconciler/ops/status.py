@@ -270,7 +270,8 @@ def _render_retention(section: dict, now: datetime.datetime) -> str:
             f", last {console.human_seconds((now - last).total_seconds())} ago" if last else "")
         lines.append(_line(kind.what, f"{kept}; {deleted}"))
     oldest = section["oldest_row"]
-    lines.append(_line("oldest row", f"{oldest:%Y-%m-%d %H:%M} UTC" if oldest else "-"))
+    lines.append(_line("oldest row", f"{oldest.astimezone(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+                       if oldest else "-"))
     sizes = ", ".join(f"{name} {_size(table['bytes'])} ({_size(table['index_bytes'])} of it indexes)"
                       for name, table in section["tables"].items())
     lines.append(_line("on disk", sizes))

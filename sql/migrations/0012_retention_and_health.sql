@@ -9,7 +9,8 @@
 --    ones retention may delete, walked in id order without a scan of the table. Rows leave the head
 --    index rarely (a drift clone replaces them, or the default branch changed), so it stays small.
 --  * pruned: what retention deleted, per kind (rows, change_sets, dead_letters), in the same
---    transaction as the delete: `reconciler status` shows it, for every replica.
+--    transaction as the delete: `reconciler status` shows it, for every replica. walked_to: where
+--    the walk over change sets ended, so the next one resumes there instead of reading them all.
 --  * dependency_health: each replica's view of what it depends on (postgres, redis, plugin,
 --    token_endpoint): up or down since when, and while down, what failed (problem) and its kind
 --    (reconciler/diagnosis.py). Written on every change and refreshed while it lasts, so `status`
@@ -22,7 +23,8 @@ CREATE INDEX ingestion_logs_superseded ON ingestion_logs (id) WHERE NOT is_head;
 CREATE TABLE pruned (
     kind        text PRIMARY KEY,
     deleted     bigint NOT NULL DEFAULT 0,
-    last_at     timestamptz NOT NULL DEFAULT now()
+    last_at     timestamptz,
+    walked_to   bigint NOT NULL DEFAULT 0
 );
 
 CREATE TABLE dependency_health (
