@@ -131,17 +131,28 @@ def import_rss(modules: str, runs: int = 3) -> int:
     return int(statistics.median(values))
 
 
+# Runs the measured command as its own child and reports that child's peak RSS. The command cannot be
+# forked from this process directly: a child's ru_maxrss includes the high-water mark of the memory it
+# was forked with (recorded when it execs), and this process holds every entity it built.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\nmaxrss={usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_rss(argv: list[str], env: dict[str, str] | None = None, stdout=subprocess.DEVNULL) -> tuple[int, float]:
-    """Run a command to its end; its peak RSS (kB, ru_maxrss of wait4) and its wall time."""
+    """Run a command to its end from a small launcher; its peak RSS (kB, ru_maxrss) and its wall time."""
     started = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *argv], env=env, stdout=stdout, stderr=subprocess.PIPE)
     seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise SystemExit(f"{' '.join(argv)} exited with {process.returncode}: {process.stderr.read().decode()}")
-    process.stderr.close()
-    return usage.ru_maxrss, seconds
+    errors = done.stderr.decode()
+    if done.returncode:
+        raise SystemExit(f"{' '.join(argv)} exited with {done.returncode}: {errors}")
+    return int(errors.rsplit("maxrss=", 1)[1].split()[0]), seconds
 
 
 def free_port() -> int:

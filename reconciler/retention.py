@@ -12,8 +12,9 @@ Current rows, QUEUED, OPEN, PENDING_RETRY, CHECKING and in-flight rows are never
 Each kind is a walk in id order, one short transaction per step of BATCH (sql/queries.sql
 prune_*; the walk over change sets resumes where the last one ended, so each change set is walked
 once): a step locks only what it deletes, and skips what anyone else holds (SKIP LOCKED), so
-no claim and no consumer write ever waits for it. After each step the walk rests as long as the
-step took: retention takes at most half of one connection. One walk at a time across replicas
+no claim and no consumer write ever waits for it. Its commits do not wait for the WAL flush (a
+step lost in a crash is walked again), and after each step the walk rests REST_FACTOR times as long
+as the step took. One walk at a time across replicas
 (an advisory lock); a dry run (`reconciler prune --dry-run`) takes the same steps and deletes
 nothing. What went is tallied in `pruned` (for `status`) in the step's own transaction, and in
 the reconciler_pruned_total metric.
@@ -36,6 +37,9 @@ from .roles import Role
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+# After each step the walk rests this many times as long as the step took: retention takes at most a
+# quarter of one connection's time, and of the WAL the claims' commits must flush (docs/benchmarks.md).
+REST_FACTOR = 3.0
 FIRST_PASS_DELAY = 60.0  # seconds after boot, so a restart's own load is over first
 RETRY_SECONDS = 60.0  # after a pass Postgres broke off
 
@@ -86,6 +90,7 @@ def walk(db: Database, kind: Kind, days: float, dry_run: bool, rest: Rest) -> in
     while True:
         started = time.monotonic()
         with db.transaction() as tx:
+            tx.execute("commit_without_waiting")
             [(last, reached_recent, doomed)] = tx.fetchall(kind.statement, {
                 "after": after, "limit": BATCH, "keep_days": days, "dry_run": dry_run})
             if not dry_run and (doomed or (kind.resumes and last is not None)):
@@ -97,7 +102,7 @@ def walk(db: Database, kind: Kind, days: float, dry_run: bool, rest: Rest) -> in
         if last is None or reached_recent:
             return total
         after = last
-        if not rest(time.monotonic() - started):
+        if not rest(REST_FACTOR * (time.monotonic() - started)):
             return total
 
 

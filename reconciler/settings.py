@@ -324,8 +324,8 @@ SETTINGS: tuple[Setting, ...] = (
             "to be noticed, fixed at the source and replayed (`reconciler dead-letters`). 0: kept for ever."),
     Setting("retention", "interval_seconds", 600.0, seconds_above_zero,
             "How often the retention process looks for what may go. It deletes in small transactions of at most "
-            "1,000, in id order, skipping rows anyone holds, and rests as long as each took, so the consumer and "
-            "the workers keep most of Postgres."),
+            "1,000, in id order, skipping rows anyone holds, and rests three times as long as each took, so the "
+            "consumer and the workers keep most of Postgres."),
     # [supervisor]
     Setting("supervisor", "drain_seconds", 75.0, seconds_above_zero,
             "On stop, how long children may finish their batch before they are killed. Above one plugin "

@@ -712,6 +712,11 @@ WITH batch AS (SELECT id, created_at FROM dead_letters WHERE id > %(after)s ORDE
 SELECT (SELECT max(id) FROM batch), coalesce((SELECT max(created_at) >= now() - %(keep_days)s * interval '1 day' FROM batch), false),
        (SELECT count(*) FROM doomed);
 
+-- commit_without_waiting --
+-- For retention's steps: their commits need not wait for the WAL flush (a step lost in a crash is
+-- walked again), so they add no flush of their own to what the claims' commits wait for.
+SET LOCAL synchronous_commit = off;
+
 -- tally_pruned --
 -- What one step deleted, and for a walk that resumes, how far it got (%(walked_to)s; NULL: no change).
 INSERT INTO pruned (kind, deleted, last_at, walked_to)
