@@ -23,7 +23,7 @@ from .tcpproxy import TcpProxy
 # How long the plugin stays down under the steady stream. Every retry setting below is scaled so
 # that, before dependency health, this outage would have spent every row's attempts many times
 # over; set it to 600 to run the outage the issue names (10 minutes).
-OUTAGE_SECONDS = float(os.environ.get("RECONCILER_TEST_OUTAGE_SECONDS", "30"))
+OUTAGE_SECONDS = float(os.environ.get("TEST_PLUGIN_OUTAGE_SECONDS", "30"))  # not RECONCILER_*: conftest drops those
 
 
 def events(caplog, event: str) -> list:
