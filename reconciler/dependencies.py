@@ -53,6 +53,11 @@ def clock(epoch: float) -> str:
     return f"{moment:%H:%M} UTC" if moment.date() == today else f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
+def down_since(since: float, problem: str | None) -> str:
+    """`unreachable since 14:02 UTC: <problem>`: an outage as /readyz and `status` tell it."""
+    return f"unreachable since {clock(since)}: {problem}"
+
+
 class Watch:
     def __init__(self, dependency: str, remind_seconds: float, db: Callable[[], Database | None] = lambda: None,
                  publish: Publish | None = None) -> None:

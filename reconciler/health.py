@@ -32,7 +32,7 @@ import redis
 
 from . import sharedcache
 from .db import Database
-from .dependencies import PLUGIN, TOKEN_ENDPOINT, WHAT, clock
+from .dependencies import PLUGIN, TOKEN_ENDPOINT, WHAT, down_since
 from .errors import DatabaseError
 from .roles import STOP_SIGNALS
 from .settings import Config
@@ -85,7 +85,7 @@ def check_dependency(cache, dependency: str) -> str | None:
     outage = view.outages.get(dependency)
     if outage is None:
         return None
-    return f"{WHAT[dependency]} unreachable since {clock(outage['since'])}: {outage['problem']}"
+    return f"{WHAT[dependency]} {down_since(outage['since'], outage['problem'])}"
 
 
 def check_branch(cache) -> str | None:

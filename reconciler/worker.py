@@ -43,6 +43,10 @@ PROBE_WAIT = PROBE_DOWN_SECONDS + 1.0  # after the plugin failed us: time for th
 class ProxyGone(ReconcilerError):
     """The shared cache's Manager is gone: the worker exits to be restarted with a new one."""
 
+    @classmethod
+    def of(cls, exc: BaseException) -> ProxyGone:
+        return cls(f"the shared cache's Manager is gone ({exc!r}); exiting to be restarted")
+
 
 class Worker(Role):
     db: Database  # boot() opens it (Role.open_database)
@@ -101,7 +105,7 @@ class Worker(Role):
         try:
             return sharedcache.read(self.cache)
         except sharedcache.PROXY_ERRORS as exc:
-            raise ProxyGone(f"the shared cache's Manager is gone ({exc!r}); exiting to be restarted") from exc
+            raise ProxyGone.of(exc) from exc
 
     def _plugin_usable(self, view: sharedcache.View) -> bool:
         """Whether the plugin and its token endpoint answer, as the refresher last found: while either is
@@ -216,7 +220,7 @@ class Worker(Role):
         try:
             self.cache[sharedcache.PROBE_REQUESTED] = True
         except sharedcache.PROXY_ERRORS as exc:
-            raise ProxyGone(f"the shared cache's Manager is gone ({exc!r}); exiting to be restarted") from exc
+            raise ProxyGone.of(exc) from exc
         self.pause(PROBE_WAIT)
 
     def _give_back(self, rows: list[Claimed], reason: str | None) -> None:

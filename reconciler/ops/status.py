@@ -320,11 +320,11 @@ def _render_dependencies(section: dict) -> str:
     lines = [heading]
     for entry in section["seen"]:
         label = f"{entry['host']} {entry['dependency']}" if len(hosts) > 1 else entry["dependency"]
-        since = dependencies.clock(entry["since"].timestamp())
+        since = entry["since"].timestamp()
         if entry["up"]:
-            value = f"up since {since}"
+            value = f"up since {dependencies.clock(since)}"
         else:
-            value = f"unreachable since {since}: {entry['problem']}"
+            value = dependencies.down_since(since, entry["problem"])
         if entry["stale"]:
             value += (f" (last confirmed {console.human_seconds(entry['checked_seconds_ago'])} ago: is the service "
                       f"running?)")
