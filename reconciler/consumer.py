@@ -17,7 +17,7 @@ from typing import Callable, TypeVar
 
 import redis
 
-from . import diagnosis, driftchecks, inbox, metrics, sharedcache, streamentry
+from . import diagnosis, driftchecks, inbox, metrics, sharedcache, statecounts, streamentry
 from .backoff import Backoff
 from .db import Database
 from .dependencies import POSTGRES, REDIS, Watch
@@ -68,6 +68,7 @@ class Consumer(Role):
         self._next_prune = 0.0
         self._totals = inbox.Written()
         self.vacuum = QueueVacuum(config.postgres.dsn, config.postgres.schema)
+        self.counts = statecounts.Folder(config.postgres.schema)
         self.check_reobservations = driftchecks.holds_reobservations(config)
         self.watches = {dependency: Watch(dependency, config.log.outage_reminder_seconds, db=self._health_db)
                         for dependency in (POSTGRES, REDIS)}
@@ -245,6 +246,7 @@ class Consumer(Role):
             self.vacuum.tick(self.db)
         except DatabaseError as exc:
             log.debug("vacuum check skipped: %s", exc)
+        self.counts.tick(self.db)
         if self.summary_due():
             t = self._totals
             if t.messages:

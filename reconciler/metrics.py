@@ -31,6 +31,9 @@ ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Plugin calls last from milliseconds (default-branch/) to tens of seconds (a cold batch of 100).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
+# Read API calls take milliseconds; a count over a filter the counters do not keep may take seconds.
+API_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
 # How rows' outcomes are labelled (drift clones are counted by the state the clone got).
 OUTCOME_LABELS = {states.OPEN: "planned", states.APPLIED: "applied", states.FAILED: "failed",
                   states.NO_CHANGES: "no_changes", states.PENDING_RETRY: "pending_retry",
@@ -102,6 +105,13 @@ class _Metrics:
         self.pruned = C("reconciler_pruned", "What retention deleted, by kind: rows (finished, no longer their "
                         "entity's current row), change_sets (superseded plans), dead_letters.", ["kind"],
                         registry=None)
+        # read API
+        self.api_requests = C("reconciler_api_requests", "Read API calls (diode.v1.ReconcilerService) by method "
+                              "and gRPC status code.", ["method", "code"], registry=None)
+        self.api_latency = H("reconciler_api_request_duration_seconds", "Read API calls, from receipt to the answer "
+                             "built, by method.", ["method"], buckets=API_LATENCY_BUCKETS, registry=None)
+        self.api_serving = G("reconciler_api_serving", "1 while the read API serves (it answers calls and Postgres "
+                             "answers it), 0 while it does not.", multiprocess_mode="livemostrecent", registry=None)
         # supervisor
         self.restarts = C("reconciler_child_restarts", "Child processes restarted by the supervisor, by role and "
                           "reason (boot_failure, killed: by a signal, crashed: a non-zero exit).",
@@ -287,3 +297,16 @@ def dependency_up(dependency: str, up: bool) -> None:
 
 def pruned(kind: str, n: int) -> None:
     _objects().pruned.labels(kind).inc(n)
+
+
+# --- read API ---
+
+
+def api_call(method: str, code: str, seconds: float) -> None:
+    m = _objects()
+    m.api_requests.labels(method, code).inc()
+    m.api_latency.labels(method).observe(seconds)
+
+
+def api_serving(serving: bool) -> None:
+    _objects().api_serving.set(1 if serving else 0)

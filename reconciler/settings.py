@@ -12,6 +12,7 @@ $CREDENTIALS_DIRECTORY, which systemd's LoadCredential= fills (etc/systemd/recon
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 import re
 import socket
@@ -326,6 +327,28 @@ SETTINGS: tuple[Setting, ...] = (
             "How often the retention process looks for what may go. It deletes in small transactions of at most "
             "1,000, in id order, skipping rows anyone holds, and rests three times as long as each took, so the "
             "consumer and the workers keep most of Postgres."),
+    # [api]
+    Setting("api", "listen", "127.0.0.1:8081", listen_address,
+            "host:port of the read API, gRPC diode.v1.ReconcilerService (the Go reconciler's port), with server "
+            "reflection and grpc.health.v1; empty or off: not served.", flags=("--api-listen",)),
+    Setting("api", "auth", "gateway", one_of("gateway", "introspect", "token"),
+            "How the read API checks the bearer token of each call. gateway: the diode gateway in front has "
+            "verified it; the JWT's scope claim must hold [api] scope, its signature is not checked (the Go "
+            "reconciler's way). Anyone who can reach the port can forge such a token, so gateway mode is refused "
+            "unless listen is a loopback address. introspect: each token is checked with [api] introspect_url "
+            "(OAuth2 introspection, RFC 7662), the answer kept until the token expires; safe on any address. "
+            "token: the token must equal the one in [api] token_file."),
+    Setting("api", "scope", "diode:read", non_empty,
+            "The OAuth2 scope a token must carry (auth gateway and introspect)."),
+    Setting("api", "introspect_url", "", url_with_scheme("", "http", "https"),
+            "OAuth2 introspection endpoint (auth introspect), e.g. Diode auth's "
+            "https://diode.example.net/diode/auth/introspect. It is sent the caller's token as a bearer and as "
+            "the form field token."),
+    Setting("api", "token_file", "", any_text,
+            "File holding the one token the read API accepts (auth token), e.g. a systemd credential; never "
+            "logged. Re-read on SIGHUP."),
+    Setting("api", "threads", 4, int_between(1, 64),
+            "Calls the read API answers at once, each with its own Postgres connection; more wait their turn."),
     # [supervisor]
     Setting("supervisor", "drain_seconds", 75.0, seconds_above_zero,
             "On stop, how long children may finish their batch before they are killed. Above one plugin "
@@ -509,6 +532,35 @@ def check_consistency(config: Config) -> None:
         raise ConfigError(f"[netbox] client_secret_file: cannot read {secret_file}")
     if config.netbox.token_url and not config.netbox.client_id:
         raise ConfigError("[netbox] client_id: required when [netbox] token_url is set")
+    check_api(config.api)
+
+
+def check_api(api) -> None:
+    """The read API's auth needs what its mode names, and gateway mode only a loopback address."""
+    if not api.listen:
+        return
+    if api.auth == "gateway" and not is_loopback(api.listen):
+        raise ConfigError(f"[api] auth gateway trusts any token that names [api] scope, unverified; [api] listen "
+                          f"{api.listen} is not a loopback address, so anyone who reaches it could read the inbox: "
+                          f"use auth introspect (or token), or listen on 127.0.0.1")
+    if api.auth == "introspect" and not api.introspect_url:
+        raise ConfigError("[api] introspect_url: required with [api] auth introspect")
+    if api.auth == "token":
+        if not api.token_file:
+            raise ConfigError("[api] token_file: required with [api] auth token")
+        if not os.access(api.token_file, os.R_OK):
+            raise ConfigError(f"[api] token_file: cannot read {api.token_file}")
+
+
+def is_loopback(listen: str) -> bool:
+    """Whether a host:port listens on the loopback interface only (localhost counts)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_runnable(config: Config) -> None:

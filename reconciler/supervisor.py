@@ -77,19 +77,29 @@ class Child:
 
 def service_roles(config: Config, shared: Shared) -> list[RoleSpec]:
     """The processes `reconciler run` keeps running: the consumer, the drift checks when it parks
-    re-observations in CHECKING for them, retention unless everything is kept for ever, and with
-    workers the refresher."""
+    re-observations in CHECKING for them, retention unless everything is kept for ever, the read API
+    unless [api] listen is off, and with workers the refresher."""
     specs = [RoleSpec("consumer", partial(Consumer, cache=shared.cache))]
     if holds_reobservations(config):
         specs.append(RoleSpec("drift-checks", DriftChecks))
     if retention.enabled(config):
         specs.append(RoleSpec("retention", Pruner))
+    if config.api.listen:
+        specs.append(RoleSpec("api", api_server))
     if config.workers.count > 0:
         specs.append(RoleSpec("refresher", partial(Refresher, cache=shared.cache, limiter=shared.limiter)))
         specs += [RoleSpec(f"worker {n}", partial(Worker, index=n, cache=shared.cache, limiter=shared.limiter),
                            after_exit=partial(release_after_exit, config, n))
                   for n in range(1, config.workers.count + 1)]
     return specs
+
+
+def api_server(config: Config) -> Role:
+    """The read API's role, imported in the child: gRPC's threads and memory stay out of the supervisor
+    and the other roles, and nothing of gRPC exists yet at fork."""
+    from .api.server import ApiServer
+
+    return ApiServer(config)
 
 
 def describe_exit(code: int | None) -> str:

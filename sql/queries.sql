@@ -763,3 +763,114 @@ SET up = excluded.up, since = excluded.since, problem = excluded.problem, kind =
 -- Every replica's view of its dependencies, with how long ago each was last confirmed.
 SELECT host, dependency, up, since, problem, kind, extract(epoch FROM now() - checked_at)::float8
 FROM dependency_health ORDER BY host, dependency;
+
+-- fold_state_counts --
+-- Moves the counters' deltas into state_counts (migration 0013), from the consumer every few
+-- seconds. One folder at a time (replicas each run a consumer): the others find the lock taken and
+-- leave the deltas to it. Rows are locked in key order, so a reader never waits for a fold.
+WITH turn AS (SELECT pg_try_advisory_xact_lock(hashtext(%(key)s)) AS mine),
+     moved AS (DELETE FROM state_count_deltas WHERE (SELECT mine FROM turn) RETURNING state, object_type, n),
+     summed AS (SELECT state, object_type, sum(n) AS n FROM moved GROUP BY state, object_type)
+INSERT INTO state_counts AS s (state, object_type, n)
+SELECT state, object_type, n FROM summed ORDER BY state, object_type
+ON CONFLICT (state, object_type) DO UPDATE SET n = s.n + excluded.n;
+
+-- drop_empty_state_counts --
+DELETE FROM state_counts WHERE n = 0;
+
+-- state_counts --
+-- Rows per stored state, of the object types given (NULL: all), from the counters.
+SELECT state, sum(n)::bigint
+FROM (SELECT state, object_type, n FROM state_counts
+      UNION ALL
+      SELECT state, object_type, n FROM state_count_deltas) AS c
+WHERE %(object_types)s::text[] IS NULL OR object_type = ANY(%(object_types)s::text[])
+GROUP BY state;
+
+-- read_snapshot --
+-- The read API's statements of one call see one snapshot: a page's rows and their change sets agree.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- api_deviation_ids --
+-- RetrieveDeviations: a page of rows that have a plan, newest first, below the page token's id. Each
+-- filter is NULL (or 0 for a time) when not asked for; branches match the stored "<name> (<id>)", the
+-- name or the id, on the row's latest change set.
+SELECT l.id
+FROM ingestion_logs AS l
+WHERE l.id < %(below)s
+  AND EXISTS (SELECT 1 FROM change_sets AS c WHERE c.ingestion_log_id = l.id)
+  AND (%(states)s::smallint[] IS NULL OR l.state = ANY(%(states)s::smallint[]))
+  AND (%(object_types)s::text[] IS NULL OR l.object_type = ANY(%(object_types)s::text[]))
+  AND (%(since)s::bigint = 0 OR l.ingestion_ts >= %(since)s::bigint)
+  AND (%(until)s::bigint = 0 OR l.ingestion_ts <= %(until)s::bigint)
+  AND (%(branches)s::text[] IS NULL
+       OR EXISTS (SELECT 1
+                  FROM (SELECT c.branch_id FROM change_sets AS c WHERE c.ingestion_log_id = l.id
+                        ORDER BY c.id DESC LIMIT 1) AS latest
+                  WHERE latest.branch_id = ANY(%(branches)s::text[])
+                     OR substring(latest.branch_id FROM '^(.*) \([^()]*\)$') = ANY(%(branches)s::text[])
+                     OR substring(latest.branch_id FROM '\(([^()]*)\)$') = ANY(%(branches)s::text[])))
+ORDER BY l.id DESC
+LIMIT %(limit)s;
+
+-- api_ingestion_log_ids --
+-- RetrieveIngestionLogs: a page of rows, newest first, below the page token's id.
+SELECT l.id
+FROM ingestion_logs AS l
+WHERE l.id < %(below)s
+  AND (%(states)s::smallint[] IS NULL OR l.state = ANY(%(states)s::smallint[]))
+  AND (%(object_types)s::text[] IS NULL OR l.object_type = ANY(%(object_types)s::text[]))
+  AND (%(since)s::bigint = 0 OR l.ingestion_ts >= %(since)s::bigint)
+  AND (%(until)s::bigint = 0 OR l.ingestion_ts <= %(until)s::bigint)
+  AND (%(request_id)s::text IS NULL OR l.request_id = %(request_id)s::text)
+ORDER BY l.id DESC
+LIMIT %(limit)s;
+
+-- api_count_ingestion_logs --
+-- only_metrics with a filter the counters do not keep (a request id, a time range): counted.
+SELECT l.state, count(*)
+FROM ingestion_logs AS l
+WHERE (%(states)s::smallint[] IS NULL OR l.state = ANY(%(states)s::smallint[]))
+  AND (%(object_types)s::text[] IS NULL OR l.object_type = ANY(%(object_types)s::text[]))
+  AND (%(since)s::bigint = 0 OR l.ingestion_ts >= %(since)s::bigint)
+  AND (%(until)s::bigint = 0 OR l.ingestion_ts <= %(until)s::bigint)
+  AND (%(request_id)s::text IS NULL OR l.request_id = %(request_id)s::text)
+GROUP BY l.state;
+
+-- api_row_of_external_id --
+-- The row an API id names. QUEUED rows are not in ingestion_logs_external_id (migration 0013): they
+-- are looked for among the queued ones only when no other row has the id.
+SELECT id FROM (
+    SELECT id FROM ingestion_logs WHERE external_id = %(external_id)s::uuid AND state <> 1
+    UNION ALL
+    SELECT id FROM ingestion_logs WHERE external_id = %(external_id)s::uuid AND state = 1
+) AS found
+LIMIT 1;
+
+-- api_rows --
+-- The rows of a page, newest first, each with its latest change set (none: NULLs) and that change
+-- set's changes as a JSON array of [id, object type, primary value, change type, before, after],
+-- before and after as JSON text; and the whole change set as the plugin gave it, as JSON text.
+SELECT l.id, l.external_id::text, l.state, l.object_type, l.request_id, l.ingestion_ts, l.source_ts,
+       (extract(epoch FROM l.updated_at) * 1000000)::bigint * 1000,
+       l.producer_app_name, l.producer_app_version, l.sdk_name, l.sdk_version, l.entity,
+       l.error ->> 'message', l.error ->> 'code', (l.error -> 'details')::text,
+       cs.external_id, cs.branch_id, cs.deviation_name,
+       (SELECT json_agg(json_build_array(c.external_id, c.object_type, c.object_primary_value, c.change_type,
+                                         c.before::text, c.after::text) ORDER BY c.sequence_number)
+        FROM changes AS c WHERE c.change_set_id = cs.id)::text,
+       CASE WHEN %(with_change_set_data)s AND cs.id IS NOT NULL THEN json_build_object(
+           'id', cs.external_id,
+           'branch', CASE WHEN cs.branch_id IS NOT NULL THEN json_build_object(
+               'id', substring(cs.branch_id FROM '\(([^()]*)\)$'),
+               'name', substring(cs.branch_id FROM '^(.*) \([^()]*\)$')) END,
+           'changes', coalesce((SELECT json_agg(json_build_object(
+               'change_type', c.change_type, 'object_type', c.object_type,
+               'object_primary_value', c.object_primary_value, 'object_id', c.object_id, 'ref_id', c.ref_id,
+               'object_version', c.object_version, 'before', c.before, 'data', c.after, 'new_refs', c.new_refs)
+               ORDER BY c.sequence_number) FROM changes AS c WHERE c.change_set_id = cs.id), '[]'::json))::text END
+FROM ingestion_logs AS l
+LEFT JOIN LATERAL (SELECT c.id, c.external_id, c.branch_id, c.deviation_name FROM change_sets AS c
+                   WHERE c.ingestion_log_id = l.id ORDER BY c.id DESC LIMIT 1) AS cs ON true
+WHERE l.id = ANY(%(ids)s::bigint[])
+ORDER BY l.id DESC;
