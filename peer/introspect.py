@@ -1,7 +1,8 @@
 """Stand-in for Diode's auth service: answers the plugin's token introspection on loopback.
 
 Stdlib only; run as ``python introspect.py PORT``. Answers by token prefix:
-``invalid*`` (or empty) inactive, ``ro-*`` netbox:read, ``noscope-*`` no scope, else read+write.
+``invalid*`` (or empty) inactive, ``ro-*`` netbox:read, ``noscope-*`` no scope, ``diode-read-*``
+diode:read (a reader of the reconciler's read API, which introspects too), else read+write.
 ``GET /health`` reports how many introspections were answered (to check the plugin's cache).
 """
 import json
@@ -23,6 +24,8 @@ def introspection(token):
         scope = "netbox:read"
     elif token.startswith("noscope-"):
         scope = ""
+    elif token.startswith("diode-read-"):
+        scope = "diode:read"
     else:
         scope = "netbox:read netbox:write"
     now = int(time.time())

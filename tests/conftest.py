@@ -199,6 +199,7 @@ def env(dsn, redis_url):
         "RECONCILER_SUPERVISOR_DRAIN_SECONDS": "10",
         "RECONCILER_WORKERS_COUNT": "0",
         "RECONCILER_METRICS_LISTEN": "127.0.0.1:0",  # a free port: runs in parallel must not share 9464
+        "RECONCILER_API_LISTEN": "off",  # test_api*.py serve it, each on a port of its own
         **RETENTION_OFF,  # its own process; test_retention.py runs it
     }
 
