@@ -151,3 +151,17 @@ class ApiServer(Role):
             self.server.stop(DRAIN_SECONDS).wait()
             log.info("the read API stopped")
         super().shutdown()
+
+
+PROBE_SECONDS = 3.0
+
+
+def health_of(listen: str, timeout: float = PROBE_SECONDS) -> str:
+    """What grpc.health.v1 at `listen` says of the service (SERVING, NOT_SERVING...); raises
+    grpc.RpcError when nothing answers. `reconciler status` asks it."""
+    host, _, port = listen.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)  # wildcard: ask locally
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE),
+                                                          timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)

@@ -1,5 +1,5 @@
-"""`reconciler status`: the inbox, the drift checks, the stream, the plugin's default branch and live
-processes.
+"""`reconciler status`: the inbox, the drift checks, the stream, the plugin's default branch, the read
+API and live processes.
 
 Each section is read on its own and a section that cannot be read says what failed instead: a
 status command is what an operator runs when something is down, so Redis, NetBox or a missing
@@ -52,6 +52,7 @@ def collect(config: Config) -> tuple[dict[str, Any], bool]:
         db.close()
     report["stream"] = {"name": config.redis.stream, **_section(lambda: _stream(config), redis.RedisError, OSError)}
     report["default_branch"] = _default_branch(config)
+    report["read_api"] = _read_api(config)
     return report, reachable
 
 
@@ -164,6 +165,21 @@ def _group(name: str, info: dict | None) -> dict:
             "consumers": info["consumers"], "last_delivered_id": as_text(info.get("last-delivered-id"))}
 
 
+def _read_api(config: Config) -> dict:
+    """Whether the read API of this host's configuration answers, as its health service says."""
+    api = config.api
+    if not api.listen:
+        return {"listen": "", "serving": False}
+    import grpc  # only here: the other sections need no gRPC
+
+    from ..api.server import health_of
+    try:
+        health = health_of(api.listen)
+    except grpc.RpcError as exc:
+        return {"listen": api.listen, "auth": api.auth, "serving": False, "error": one_line(exc.details() or str(exc))}
+    return {"listen": api.listen, "auth": api.auth, "serving": health == "SERVING", "health": health}
+
+
 def _default_branch(config: Config) -> dict:
     """The plugin's answer, with one short attempt: the workers' retries are not the operator's."""
     netbox = config.netbox
@@ -191,7 +207,8 @@ def render(report: dict[str, Any]) -> str:
         processes = "\n".join(["Live processes", _line("unavailable:", "Postgres cannot be reached")])
     parts = [f"reconciler status at {stamp}", inbox, _render_drift(report["drift"], report["default_branch"]),
              _render_retention(report["retention"], report["generated_at"]), _render_stream(report["stream"]),
-             _render_branch(report["default_branch"]), _render_dependencies(report["dependencies"]), processes]
+             _render_branch(report["default_branch"]), _render_read_api(report["read_api"]),
+             _render_dependencies(report["dependencies"]), processes]
     return "\n\n".join(parts)
 
 
@@ -308,6 +325,17 @@ def _render_branch(section: dict) -> str:
     else:
         value = f"{section['branch']['name']} ({section['branch']['id']})"
     return "\n".join(["NetBox plugin", _line("default branch", value)])
+
+
+def _render_read_api(section: dict) -> str:
+    heading = "Read API (diode.v1.ReconcilerService)"
+    if not section["listen"]:
+        return "\n".join([heading, "  off ([api] listen is empty)"])
+    if "error" in section:
+        value = f"not answering: {section['error']}"
+    else:
+        value = f"serving, auth {section['auth']}" if section["serving"] else f"answers {section['health']}"
+    return "\n".join([heading, _line(section["listen"], value)])
 
 
 def _render_dependencies(section: dict) -> str:
