@@ -71,7 +71,8 @@ class Served:
 def served(env: dict[str, str], tmp_path: Path, **settings: str) -> Iterator[Served]:
     """`reconciler run` with the read API on a free loopback port (RECONCILER_API_* from `settings`)."""
     address = f"127.0.0.1:{free_port()}"
-    environ = {**env, "RECONCILER_API_LISTEN": address, **{f"RECONCILER_API_{k.upper()}": v for k, v in settings.items()}}
+    environ = {**env, "RECONCILER_API_LISTEN": address,
+               **{f"RECONCILER_API_{key.upper()}": value for key, value in settings.items()}}
     with reconciler(environ, tmp_path) as run:
         run.wait_for_event("api_serving")
         channel = grpc.insecure_channel(address)
