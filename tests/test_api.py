@@ -348,3 +348,16 @@ def test_checking_is_sent_as_queued_and_queued_selects_both():
     assert service.stored_states([], "state") is None
     with pytest.raises(Refused, match="not a diode.v1.State"):
         service.stored_states([states.CHECKING], "state")
+
+
+def test_a_page_stops_short_of_what_a_grpc_client_accepts():
+    """gRPC clients refuse answers above 4 MiB by default: rows of 1.5 MB go two to a page, and the
+    token resumes after the last one sent."""
+    rows = [service.Row(*[None] * len(service.Row._fields))._replace(id=row_id) for row_id in (30, 20, 10)]
+    digest = paging.digest("deviations", service.Filters())
+    page = service.Page(rows, more=False, filters_digest=digest)
+    sent, token = page.answer(lambda row: pb.Deviation(name="x" * 1_500_000))
+    assert len(sent) == 2 and paging.decode(token, digest) == 20
+    sent, token = service.Page(rows[:1], more=True, filters_digest=digest).answer(lambda row: pb.Deviation())
+    assert len(sent) == 1 and paging.decode(token, digest) == 30
+    assert service.Page(rows, more=False, filters_digest=digest).answer(lambda row: pb.Deviation())[1] == ""

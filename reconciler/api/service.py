@@ -16,10 +16,11 @@ import queue
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import grpc
 import orjson
+from google.protobuf.message import Message
 
 from .. import statecounts, states
 from ..db import Database, Tx
@@ -27,6 +28,8 @@ from . import paging, reconciler_pb2 as pb, reconciler_pb2_grpc
 from .auth import Refused
 
 INT32_MAX = 2 ** 31 - 1
+# gRPC clients refuse answers above 4 MiB unless told otherwise: a page stops short of it (framing kept).
+MAX_ANSWER_BYTES = 4 * 1024 * 1024 - 64 * 1024
 SENT_AS = {states.CHECKING: states.QUEUED}  # stored state -> the diode.v1.State sent for it
 STORED_AS = {states.QUEUED: (states.QUEUED, states.CHECKING)}  # a diode.v1.State filter -> stored states
 
@@ -124,17 +127,37 @@ def time_range(start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def _page(tx: Tx, query: str, filters: Filters, token: str, size: int, what: str) -> tuple[list[int], str]:
-    """The ids of one page and the token of the next ("" after the last page)."""
+@dataclass(frozen=True)
+class Page:
+    rows: list[Row]
+    more: bool  # rows follow the last one
+    filters_digest: bytes
+
+    def answer(self, build: Callable[[Row], Message]) -> tuple[list[Message], str]:
+        """The rows as messages and the next page's token ("" after the last page). A page stops
+        early where it would outgrow MAX_ANSWER_BYTES (one row alone always goes): the next page
+        starts there."""
+        messages: list[Message] = []
+        size = 0
+        for row in self.rows:
+            message = build(row)
+            size += message.ByteSize()
+            if messages and size > MAX_ANSWER_BYTES:
+                return messages, paging.encode(self.rows[len(messages) - 1].id, self.filters_digest)
+            messages.append(message)
+        return messages, paging.encode(self.rows[-1].id, self.filters_digest) if self.more else ""
+
+
+def _page(tx: Tx, query: str, filters: Filters, token: str, size: int, what: str,
+          with_change_set: bool = False) -> Page:
+    """The rows of one page: `size` of them below the token's id, those `query` selects."""
     filters_digest = paging.digest(what, filters)
     try:
         below = paging.decode(token, filters_digest)
     except paging.BadToken as exc:
         raise invalid(str(exc)) from None
     ids = [row[0] for row in tx.fetchall(query, {**filters.params(), "below": below, "limit": size + 1})]
-    if len(ids) <= size:
-        return ids, ""
-    return ids[:size], paging.encode(ids[size - 1], filters_digest)
+    return Page(_rows(tx, ids[:size], with_change_set), len(ids) > size, filters_digest)
 
 
 def _rows(tx: Tx, ids: list[int], with_change_set: bool = False) -> list[Row]:
@@ -212,9 +235,9 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
                           branches=tuple(request.branch_id) or None)
         size = paging.page_size(request.page_size if request.HasField("page_size") else None)
         with self.connections.snapshot() as tx:
-            ids, next_token = _page(tx, "api_deviation_ids", filters, request.page_token, size, "deviations")
-            rows = _rows(tx, ids)
-        return pb.RetrieveDeviationsResponse(deviations=[deviation(row) for row in rows], next_page_token=next_token)
+            page = _page(tx, "api_deviation_ids", filters, request.page_token, size, "deviations")
+        deviations, next_token = page.answer(deviation)
+        return pb.RetrieveDeviationsResponse(deviations=deviations, next_page_token=next_token)
 
     def RetrieveDeviationByID(self, request, context):
         try:
@@ -241,12 +264,12 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
             return pb.RetrieveIngestionLogsResponse(metrics=metrics(self._counts(filters)))
         size = paging.page_size(request.page_size if request.HasField("page_size") else None)
         with self.connections.snapshot() as tx:
-            ids, next_token = _page(tx, "api_ingestion_log_ids", filters, request.page_token, size, "ingestion logs")
-            rows = _rows(tx, ids, with_change_set=True)
+            page = _page(tx, "api_ingestion_log_ids", filters, request.page_token, size, "ingestion logs",
+                         with_change_set=True)
+        logs, next_token = page.answer(ingestion_log)
         # The Go reconciler's metrics of a page: its size, in total and in the field of the state asked for.
-        page_counts = {state: len(rows) for state in (filters.states or ())[:1]} or {0: len(rows)}
-        return pb.RetrieveIngestionLogsResponse(logs=[ingestion_log(row) for row in rows],
-                                                metrics=metrics(page_counts), next_page_token=next_token)
+        page_counts = {state: len(logs) for state in (filters.states or ())[:1]} or {0: len(logs)}
+        return pb.RetrieveIngestionLogsResponse(logs=logs, metrics=metrics(page_counts), next_page_token=next_token)
 
     def _counts(self, filters: Filters) -> dict[int, int]:
         """Rows per stored state: from the counters (statecounts.py) unless a filter needs a count."""
