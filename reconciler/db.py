@@ -22,7 +22,7 @@ import psycopg2
 import psycopg2.extras
 from psycopg2 import sql as pgsql
 
-from .errors import ConflictError, ContentRejected, DatabaseError, SchemaError
+from .errors import ConflictError, ContentRejected, DatabaseError, QueryCanceled, SchemaError
 from .text import one_line
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def latest_version() -> int:
 _CONFLICT_CODES = {"23505", "40001", "40P01"}  # unique violation, serialization failure, deadlock
 _CONTENT_CLASSES = {"22", "23"}  # data exception, integrity constraint violation
 _CONTENT_CODES = {"54000"}  # program limit exceeded (e.g. an index row too large)
+_CANCELED_CODE = "57014"  # query_canceled: statement_timeout, or pg_cancel_backend
 
 
 def _first_lines(exc: psycopg2.Error) -> str:
@@ -115,6 +116,8 @@ def translate(exc: psycopg2.Error) -> DatabaseError:
     detail = _first_lines(exc)
     if code in _CONFLICT_CODES:
         return ConflictError(detail)
+    if code == _CANCELED_CODE:
+        return QueryCanceled(detail)
     if code and (code[:2] in _CONTENT_CLASSES or code in _CONTENT_CODES):
         return ContentRejected(detail)
     return DatabaseError(detail)

@@ -35,6 +35,10 @@ class DatabaseError(ReconcilerError):
     """Postgres failed for a reason that retrying later may fix (connection, restart, disk)."""
 
 
+class QueryCanceled(DatabaseError):
+    """A statement ran past its statement_timeout (or was cancelled); the same statement will again."""
+
+
 class ConflictError(DatabaseError):
     """A concurrent transaction got there first (unique key, deadlock); retry at once."""
 

@@ -342,8 +342,13 @@ SETTINGS: tuple[Setting, ...] = (
             "The OAuth2 scope a token must carry (auth gateway and introspect)."),
     Setting("api", "introspect_url", "", url_with_scheme("", "http", "https"),
             "OAuth2 introspection endpoint (auth introspect), e.g. Diode auth's "
-            "https://diode.example.net/diode/auth/introspect. It is sent the caller's token as a bearer and as "
-            "the form field token."),
+            "https://diode.example.net/diode/auth/introspect; https unless it is on loopback, since it is sent "
+            "every caller's token (in the form field token, and as the bearer when no client id is set)."),
+    Setting("api", "introspect_client_id", "", any_text,
+            "Client id the reconciler authenticates itself with to the introspection endpoint (HTTP Basic, as RFC "
+            "7662 asks of a protected resource); empty: none, as Diode's auth service expects."),
+    Setting("api", "introspect_client_secret_file", "", any_text,
+            "File holding that client's secret (e.g. a systemd credential); never logged."),
     Setting("api", "token_file", "", any_text,
             "File holding the one token the read API accepts (auth token), e.g. a systemd credential; never "
             "logged. Re-read on SIGHUP."),
@@ -543,8 +548,8 @@ def check_api(api) -> None:
         raise ConfigError(f"[api] auth gateway trusts any token that names [api] scope, unverified; [api] listen "
                           f"{api.listen} is not a loopback address, so anyone who reaches it could read the inbox: "
                           f"use auth introspect (or token), or listen on 127.0.0.1")
-    if api.auth == "introspect" and not api.introspect_url:
-        raise ConfigError("[api] introspect_url: required with [api] auth introspect")
+    if api.auth == "introspect":
+        check_introspection(api)
     if api.auth == "token":
         if not api.token_file:
             raise ConfigError("[api] token_file: required with [api] auth token")
@@ -552,9 +557,24 @@ def check_api(api) -> None:
             raise ConfigError(f"[api] token_file: cannot read {api.token_file}")
 
 
+def check_introspection(api) -> None:
+    if not api.introspect_url:
+        raise ConfigError("[api] introspect_url: required with [api] auth introspect")
+    parts = urllib.parse.urlsplit(api.introspect_url)
+    if parts.scheme != "https" and not is_loopback_host(parts.hostname or ""):
+        raise ConfigError(f"[api] introspect_url {api.introspect_url}: every caller's token is sent there, so it "
+                          f"must be https unless it is on this host's loopback")
+    if api.introspect_client_id and not os.access(api.introspect_client_secret_file, os.R_OK):
+        raise ConfigError(f"[api] introspect_client_secret_file: cannot read {api.introspect_client_secret_file!r} "
+                          f"(required with [api] introspect_client_id)")
+
+
 def is_loopback(listen: str) -> bool:
     """Whether a host:port listens on the loopback interface only (localhost counts)."""
-    host = listen.rpartition(":")[0].strip("[]")
+    return is_loopback_host(listen.rpartition(":")[0].strip("[]"))
+
+
+def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -95,8 +95,9 @@ def service_roles(config: Config, shared: Shared) -> list[RoleSpec]:
 
 
 def api_server(config: Config) -> Role:
-    """The read API's role, imported in the child: gRPC's threads and memory stay out of the supervisor
-    and the other roles, and nothing of gRPC exists yet at fork."""
+    """The read API's role, its modules (gRPC's reflection, health, the generated code) imported in the
+    child that serves. gRPC's core itself is imported everywhere (the SDK's modules import it), which
+    fork tolerates as long as no channel or server exists before it: the only server is made here."""
     from .api.server import ApiServer
 
     return ApiServer(config)

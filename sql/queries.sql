@@ -764,12 +764,15 @@ SET up = excluded.up, since = excluded.since, problem = excluded.problem, kind =
 SELECT host, dependency, up, since, problem, kind, extract(epoch FROM now() - checked_at)::float8
 FROM dependency_health ORDER BY host, dependency;
 
+-- take_fold_turn --
+-- One folder at a time (every replica's consumer and api fold): the others find it taken and leave
+-- the deltas to it. Held until the fold's transaction ends.
+SELECT pg_try_advisory_xact_lock(hashtext(%(key)s));
+
 -- fold_state_counts --
--- Moves the counters' deltas into state_counts (migration 0013), from the consumer every few
--- seconds. One folder at a time (replicas each run a consumer): the others find the lock taken and
--- leave the deltas to it. Rows are locked in key order, so a reader never waits for a fold.
-WITH turn AS (SELECT pg_try_advisory_xact_lock(hashtext(%(key)s)) AS mine),
-     moved AS (DELETE FROM state_count_deltas WHERE (SELECT mine FROM turn) RETURNING state, object_type, n),
+-- Moves the counters' deltas into state_counts (migration 0013), by whoever has the turn; upserts
+-- in key order.
+WITH moved AS (DELETE FROM state_count_deltas RETURNING state, object_type, n),
      summed AS (SELECT state, object_type, sum(n) AS n FROM moved GROUP BY state, object_type)
 INSERT INTO state_counts AS s (state, object_type, n)
 SELECT state, object_type, n FROM summed ORDER BY state, object_type
@@ -790,6 +793,10 @@ GROUP BY state;
 -- read_snapshot --
 -- The read API's statements of one call see one snapshot: a page's rows and their change sets agree.
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
+
+-- limit_statement_time --
+-- A call whose caller gives up sooner than the connection's statement_timeout: its statements stop then.
+SELECT set_config('statement_timeout', %(ms)s, true);
 
 -- api_deviation_ids --
 -- RetrieveDeviations: a page of rows that have a plan, newest first, below the page token's id. Each

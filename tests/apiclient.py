@@ -14,6 +14,7 @@ import grpc
 import jwt
 
 from reconciler.api import reconciler_pb2_grpc
+from reconciler.api.refusal import reason_of
 
 from .support import Reconciler, reconciler
 
@@ -49,12 +50,12 @@ class Served:
         metadata = None if token is None else [("authorization", f"Bearer {token}")]
         return getattr(self.stub, method)(request, metadata=metadata, timeout=30)
 
-    def refusal(self, method: str, request, token: str | None = None) -> tuple[grpc.StatusCode, str]:
-        """The status code and message of a call that must fail."""
+    def refusal(self, method: str, request, token: str | None = None) -> tuple[grpc.StatusCode, str | None]:
+        """The status code and reason (google.rpc.ErrorInfo) of a call that must fail."""
         try:
             self.call(method, request, token)
         except grpc.RpcError as error:
-            return error.code(), error.details()
+            return error.code(), reason_of(error)
         raise AssertionError(f"{method} was answered, not refused")
 
     def walk(self, method: str, request, token: str, items: str) -> Iterator:

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from reconciler import sample, settings, states
-from reconciler.api import generate, paging, reconciler_pb2 as pb, service
-from reconciler.api.auth import Refused
+from reconciler.api import generate, paging, reconciler_pb2 as pb, refusal, service
+from reconciler.api.refusal import Refused
 from reconciler.errors import ConfigError
 
 from .apiclient import free_port, gateway_token, served
@@ -137,14 +137,13 @@ def test_each_call_and_filter_answers_from_the_inbox(env, tmp_path, dsn, plugin,
 def check_bad_requests(api, token: str) -> None:
     first = api.call(DEVIATIONS, pb.RetrieveDeviationsRequest(page_size=10), token)
     other_filters = pb.RetrieveDeviationsRequest(page_size=10, page_token=first.next_page_token, state=[pb.FAILED])
-    code, message = api.refusal(DEVIATIONS, other_filters, token)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "other filters" in message
-    code, message = api.refusal(DEVIATIONS, pb.RetrieveDeviationsRequest(page_token="not-a-token"), token)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in message
-    code, message = api.refusal(DEVIATIONS, pb.RetrieveDeviationsRequest(state=[42]), token)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "42" in message
-    code, _ = api.refusal(DEVIATIONS, pb.RetrieveDeviationsRequest(ingestion_ts_start=10, ingestion_ts_end=5), token)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert api.refusal(DEVIATIONS, other_filters, token) == (invalid, refusal.FILTERS_CHANGED)
+    assert api.refusal(DEVIATIONS, pb.RetrieveDeviationsRequest(page_token="not-a-token"), token) == \
+        (invalid, refusal.BAD_PAGE_TOKEN)
+    assert api.refusal(DEVIATIONS, pb.RetrieveDeviationsRequest(state=[42]), token) == (invalid, refusal.BAD_ARGUMENT)
+    assert api.refusal(DEVIATIONS, pb.RetrieveDeviationsRequest(ingestion_ts_start=10, ingestion_ts_end=5),
+                       token) == (invalid, refusal.BAD_ARGUMENT)
 
 
 def check_by_id(api, token: str, dsn: str, marked: dict[str, str]) -> None:
@@ -160,12 +159,13 @@ def check_by_id(api, token: str, dsn: str, marked: dict[str, str]) -> None:
                         "ON c.change_set_id = cs.id JOIN ingestion_logs AS l ON cs.ingestion_log_id = l.id "
                         "WHERE l.external_id = %s ORDER BY cs.id DESC, c.sequence_number LIMIT 1", (external_id,))[0]
     assert (found.changes[0].before, found.changes[0].after) == tuple((text or "null").encode() for text in stored)
-    code, _ = api.refusal(BY_ID, pb.RetrieveDeviationByIDRequest(id=str(uuid.uuid4())), token)
-    assert code == grpc.StatusCode.NOT_FOUND
-    code, message = api.refusal(BY_ID, pb.RetrieveDeviationByIDRequest(id=marked["unplanned"]), token)
-    assert code == grpc.StatusCode.NOT_FOUND and "no plan" in message
-    code, _ = api.refusal(BY_ID, pb.RetrieveDeviationByIDRequest(id="42"), token)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    not_found = grpc.StatusCode.NOT_FOUND
+    assert api.refusal(BY_ID, pb.RetrieveDeviationByIDRequest(id=str(uuid.uuid4())), token) == \
+        (not_found, refusal.NO_SUCH_ROW)
+    assert api.refusal(BY_ID, pb.RetrieveDeviationByIDRequest(id=marked["unplanned"]), token) == \
+        (not_found, refusal.NOT_PLANNED)
+    assert api.refusal(BY_ID, pb.RetrieveDeviationByIDRequest(id="42"), token) == \
+        (grpc.StatusCode.INVALID_ARGUMENT, refusal.BAD_ARGUMENT)
 
 
 def check_ingestion_logs(api, token: str, dsn: str, marked: dict[str, str]) -> None:
@@ -197,16 +197,28 @@ def check_ingestion_logs(api, token: str, dsn: str, marked: dict[str, str]) -> N
     assert metrics(request_id=request_id).total == len(by_request)  # counted, not from the counters
 
 
+def listed_services(api, token: str | None) -> set[str]:
+    """What server reflection lists, asked with `token` (None: without one)."""
+    metadata = None if token is None else [("authorization", f"Bearer {token}")]
+    answers = reflection_pb2_grpc.ServerReflectionStub(api.channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), metadata=metadata, timeout=10)
+    return {service.name for answer in answers for service in answer.list_services_response.service}
+
+
+def check_reflection_needs_a_token(api) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        listed_services(api, None)
+    assert (refused.value.code(), refusal.reason_of(refused.value)) == \
+        (grpc.StatusCode.UNAUTHENTICATED, refusal.NO_TOKEN)
+
+
 def check_conventions(api, env: dict) -> None:
-    """Reflection lists the service, health answers, calls are counted, status shows the API."""
-    with grpc.insecure_channel(api.address) as channel:
-        answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-        listed = {service.name for answer in answers for service in answer.list_services_response.service}
-        assert {"diode.v1.ReconcilerService", "grpc.health.v1.Health"} <= listed
-        health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="diode.v1.ReconcilerService"))
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    """Reflection lists the service, health answers without a token, calls are counted, status shows
+    the API."""
+    assert {"diode.v1.ReconcilerService", "grpc.health.v1.Health"} <= listed_services(api, gateway_token())
+    health = health_pb2_grpc.HealthStub(api.channel).Check(
+        health_pb2.HealthCheckRequest(service="diode.v1.ReconcilerService"), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
     scraped = urllib.request.urlopen(f"http://{env['RECONCILER_METRICS_LISTEN']}/metrics", timeout=10).read().decode()
     assert 'reconciler_api_requests_total{code="OK",method="RetrieveDeviations"}' in scraped
     assert 'reconciler_api_requests_total{code="INVALID_ARGUMENT",method="RetrieveDeviations"}' in scraped
@@ -268,15 +280,16 @@ def test_each_auth_mode_accepts_its_token_and_refuses_the_others(env, tmp_path):
     with served(env, tmp_path) as api:  # gateway, the default
         assert api.call(DEVIATIONS, request, gateway_token()).next_page_token == ""
         assert api.call(DEVIATIONS, request, gateway_token("netbox:read diode:read")) is not None
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
         refusals = {
-            "no token": (None, grpc.StatusCode.UNAUTHENTICATED, "no bearer token"),
-            "not a JWT": ("abc", grpc.StatusCode.UNAUTHENTICATED, "not a JWT"),
-            "expired": (gateway_token(expires_in=-60), grpc.StatusCode.UNAUTHENTICATED, "expired"),
-            "no scope": (gateway_token("netbox:read"), grpc.StatusCode.PERMISSION_DENIED, "diode:read"),
+            None: (unauthenticated, refusal.NO_TOKEN),
+            "abc": (unauthenticated, refusal.NOT_A_JWT),
+            gateway_token(expires_in=-60): (unauthenticated, refusal.TOKEN_EXPIRED),
+            gateway_token("netbox:read"): (grpc.StatusCode.PERMISSION_DENIED, refusal.SCOPE_MISSING),
         }
-        for case, (token, code, words) in refusals.items():
-            refused_code, message = api.refusal(DEVIATIONS, request, token)
-            assert (refused_code, words in message) == (code, True), case
+        for token, refused in refusals.items():
+            assert api.refusal(DEVIATIONS, request, token) == refused, token
+        check_reflection_needs_a_token(api)
 
     port = free_port()
     stand_in = introspection_stand_in(port)
@@ -286,12 +299,14 @@ def test_each_auth_mode_accepts_its_token_and_refuses_the_others(env, tmp_path):
             calls = introspections(port)
             api.call(LOGS, pb.RetrieveIngestionLogsRequest(only_metrics=True), "diode-read-1")
             assert introspections(port) == calls, "the active answer is kept until the token expires"
-            code, message = api.refusal(DEVIATIONS, request, "ro-1")  # active, but netbox:read only
-            assert code == grpc.StatusCode.PERMISSION_DENIED and "netbox:read" in message
-            assert api.refusal(DEVIATIONS, request, "invalid-1")[0] == grpc.StatusCode.UNAUTHENTICATED
+            assert api.refusal(DEVIATIONS, request, "ro-1") == \
+                (grpc.StatusCode.PERMISSION_DENIED, refusal.SCOPE_MISSING)  # active, but netbox:read only
+            assert api.refusal(DEVIATIONS, request, "invalid-1") == \
+                (grpc.StatusCode.UNAUTHENTICATED, refusal.TOKEN_INACTIVE)
             stand_in.terminate()
             stand_in.wait(10)
-            assert api.refusal(DEVIATIONS, request, "diode-read-2")[0] == grpc.StatusCode.UNAVAILABLE
+            assert api.refusal(DEVIATIONS, request, "diode-read-2") == \
+                (grpc.StatusCode.UNAVAILABLE, refusal.INTROSPECTION_FAILED)
             api.call(DEVIATIONS, request, "diode-read-1")  # still kept
     finally:
         stand_in.kill()
@@ -300,8 +315,9 @@ def test_each_auth_mode_accepts_its_token_and_refuses_the_others(env, tmp_path):
     token_file.write_text("s3cret-reader-token\n")
     with served(env, tmp_path, auth="token", token_file=str(token_file)) as api:
         api.call(DEVIATIONS, request, "s3cret-reader-token")
-        assert api.refusal(DEVIATIONS, request, "s3cret")[0] == grpc.StatusCode.UNAUTHENTICATED
-        assert api.refusal(DEVIATIONS, request, gateway_token())[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert api.refusal(DEVIATIONS, request, "s3cret") == (grpc.StatusCode.UNAUTHENTICATED, refusal.WRONG_TOKEN)
+        assert api.refusal(DEVIATIONS, request, gateway_token()) == \
+            (grpc.StatusCode.UNAUTHENTICATED, refusal.WRONG_TOKEN)
         api.run.signal(signal.SIGTERM)
         assert api.run.wait(30) == 0
         assert api.run.events("stopped", role="api")

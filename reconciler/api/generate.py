@@ -7,7 +7,7 @@ The .proto imports the SDK's diode/v1/ingester.proto, which the SDK ships only a
 protoc is handed the SDK's own descriptor of that file (and of what it imports) as a descriptor set,
 so the schema is never copied. protoc's imports are then pointed at the modules that exist here: the
 SDK's ingester_pb2 and our reconciler_pb2. The output depends only on the .proto, the SDK and the
-grpcio-tools version, which setup.cfg pins for that reason (tests/test_api_generated.py runs --check).
+grpcio-tools version, which setup.cfg pins for that reason (tests/test_api.py compares them).
 """
 
 from __future__ import annotations

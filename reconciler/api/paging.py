@@ -23,7 +23,11 @@ _VERSION = 1
 
 
 class BadToken(ValueError):
-    """A page token this service did not issue for these filters."""
+    """A page token this service did not issue."""
+
+
+class OtherFilters(BadToken):
+    """A page token issued for other filters."""
 
 
 def page_size(requested: int | None) -> int:
@@ -53,5 +57,5 @@ def decode(token: str, filters_digest: bytes) -> int:
     if version != _VERSION:
         raise BadToken("page_token is not one this service issued: pass next_page_token unchanged")
     if issued_for != filters_digest:
-        raise BadToken("page_token was issued for other filters: repeat the first call's filters on every page")
+        raise OtherFilters("page_token was issued for other filters: repeat the first call's filters on every page")
     return last_id

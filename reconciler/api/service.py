@@ -24,8 +24,8 @@ from google.protobuf.message import Message
 
 from .. import statecounts, states
 from ..db import Database, Tx
-from . import paging, reconciler_pb2 as pb, reconciler_pb2_grpc
-from .auth import Refused
+from . import paging, reconciler_pb2 as pb, reconciler_pb2_grpc, refusal
+from .refusal import Refused, invalid
 
 INT32_MAX = 2 ** 31 - 1
 # gRPC clients refuse answers above 4 MiB unless told otherwise: a page stops short of it (framing kept).
@@ -34,22 +34,31 @@ SENT_AS = {states.CHECKING: states.QUEUED}  # stored state -> the diode.v1.State
 STORED_AS = {states.QUEUED: (states.QUEUED, states.CHECKING)}  # a diode.v1.State filter -> stored states
 
 
+STATEMENT_SECONDS = 5.0  # the longest one statement of a call may run: pages take milliseconds
+
+
 class Connections:
     """The role's Postgres connections, one per call answered at once ([api] threads); opened on first
-    use, in the process that serves."""
+    use, in the process that serves. No statement runs longer than STATEMENT_SECONDS, or than the
+    caller's deadline: a slow count must not hold a snapshot (which keeps vacuum off the queue
+    table) or a thread long after its caller gave up."""
 
     def __init__(self, dsn: str, schema: str, size: int) -> None:
         self._free: queue.LifoQueue[Database] = queue.LifoQueue()
-        self._all = [Database(dsn, schema, "reconciler api") for _ in range(size)]
+        self._all = [Database(dsn, schema, "reconciler api", statement_timeout_ms=int(STATEMENT_SECONDS * 1000))
+                     for _ in range(size)]
         for database in self._all:
             self._free.put(database)
 
     @contextmanager
-    def snapshot(self) -> Iterator[Tx]:
+    def snapshot(self, seconds_left: float | None) -> Iterator[Tx]:
+        """A read-only transaction on one snapshot, its statements cut off at the caller's deadline."""
         database = self._free.get()
         try:
             with database.transaction() as tx:
                 tx.execute("read_snapshot")
+                if seconds_left is not None and seconds_left < STATEMENT_SECONDS:
+                    tx.execute("limit_statement_time", {"ms": str(max(1, int(seconds_left * 1000)))})
                 yield tx
         finally:
             self._free.put(database)
@@ -105,25 +114,21 @@ def _listed(values: tuple | None) -> list | None:
     return None if values is None else list(values)
 
 
-def invalid(message: str) -> Refused:
-    return Refused(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
 def stored_states(requested: list[int], field: str) -> tuple[int, ...] | None:
     """The stored states a filter on diode.v1.State values selects (None: no filter)."""
     if not requested:
         return None
     unknown = [value for value in requested if value not in states.NAMES or value == states.CHECKING]
     if unknown:
-        raise invalid(f"{field}: {unknown[0]} is not a diode.v1.State (1 QUEUED ... 9 PENDING_RETRY)")
+        raise invalid(field, f"{unknown[0]} is not a diode.v1.State (1 QUEUED ... 9 PENDING_RETRY)")
     return tuple(sorted({stored for value in requested for stored in STORED_AS.get(value, (value,))}))
 
 
 def time_range(start: int, end: int) -> tuple[int, int]:
     if start < 0 or end < 0:
-        raise invalid("ingestion_ts_start and ingestion_ts_end are Unix nanoseconds, not negative")
+        raise invalid("ingestion_ts_start" if start < 0 else "ingestion_ts_end", "Unix nanoseconds, not negative")
     if start and end and end < start:
-        raise invalid(f"ingestion_ts_end ({end}) is before ingestion_ts_start ({start})")
+        raise invalid("ingestion_ts_end", f"{end} is before ingestion_ts_start ({start})")
     return start, end
 
 
@@ -154,8 +159,10 @@ def _page(tx: Tx, query: str, filters: Filters, token: str, size: int, what: str
     filters_digest = paging.digest(what, filters)
     try:
         below = paging.decode(token, filters_digest)
+    except paging.OtherFilters as exc:
+        raise invalid("page_token", str(exc), refusal.FILTERS_CHANGED) from None
     except paging.BadToken as exc:
-        raise invalid(str(exc)) from None
+        raise invalid("page_token", str(exc), refusal.BAD_PAGE_TOKEN) from None
     ids = [row[0] for row in tx.fetchall(query, {**filters.params(), "below": below, "limit": size + 1})]
     return Page(_rows(tx, ids[:size], with_change_set), len(ids) > size, filters_digest)
 
@@ -234,7 +241,7 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
                           object_types=tuple(request.object_type) or None, since=since, until=until,
                           branches=tuple(request.branch_id) or None)
         size = paging.page_size(request.page_size if request.HasField("page_size") else None)
-        with self.connections.snapshot() as tx:
+        with self.connections.snapshot(context.time_remaining()) as tx:
             page = _page(tx, "api_deviation_ids", filters, request.page_token, size, "deviations")
         deviations, next_token = page.answer(deviation)
         return pb.RetrieveDeviationsResponse(deviations=deviations, next_page_token=next_token)
@@ -243,15 +250,16 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
         try:
             external_id = str(uuid.UUID(request.id))
         except ValueError:
-            raise invalid(f"id: {request.id!r} is not a deviation id (a UUID)") from None
-        with self.connections.snapshot() as tx:
+            raise invalid("id", f"{request.id!r} is not a deviation id (a UUID)") from None
+        with self.connections.snapshot(context.time_remaining()) as tx:
             found = tx.fetchall("api_row_of_external_id", {"external_id": external_id})
             rows = _rows(tx, [found[0][0]]) if found else []
         if not rows:
-            raise Refused(grpc.StatusCode.NOT_FOUND, f"no row has the id {external_id}")
+            raise Refused(grpc.StatusCode.NOT_FOUND, refusal.NO_SUCH_ROW, f"no row has the id {external_id}")
         if rows[0].change_set_id is None:
-            raise Refused(grpc.StatusCode.NOT_FOUND, f"row {external_id} is {states.NAMES[rows[0].state]} and has no "
-                                                     f"plan yet: it is not a deviation")
+            raise Refused(grpc.StatusCode.NOT_FOUND, refusal.NOT_PLANNED,
+                          f"row {external_id} is {states.NAMES[rows[0].state]} and has no plan yet: it is not a "
+                          f"deviation")
         return pb.RetrieveDeviationByIDResponse(deviation=deviation(rows[0]))
 
     def RetrieveIngestionLogs(self, request, context):
@@ -261,9 +269,9 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
                           object_types=(object_type,) if object_type else None, since=since, until=until,
                           request_id=request.request_id or None)
         if request.only_metrics:
-            return pb.RetrieveIngestionLogsResponse(metrics=metrics(self._counts(filters)))
+            return pb.RetrieveIngestionLogsResponse(metrics=metrics(self._counts(filters, context.time_remaining())))
         size = paging.page_size(request.page_size if request.HasField("page_size") else None)
-        with self.connections.snapshot() as tx:
+        with self.connections.snapshot(context.time_remaining()) as tx:
             page = _page(tx, "api_ingestion_log_ids", filters, request.page_token, size, "ingestion logs",
                          with_change_set=True)
         logs, next_token = page.answer(ingestion_log)
@@ -271,9 +279,9 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
         page_counts = {state: len(logs) for state in (filters.states or ())[:1]} or {0: len(logs)}
         return pb.RetrieveIngestionLogsResponse(logs=logs, metrics=metrics(page_counts), next_page_token=next_token)
 
-    def _counts(self, filters: Filters) -> dict[int, int]:
+    def _counts(self, filters: Filters, seconds_left: float | None) -> dict[int, int]:
         """Rows per stored state: from the counters (statecounts.py) unless a filter needs a count."""
-        with self.connections.snapshot() as tx:
+        with self.connections.snapshot(seconds_left) as tx:
             if filters.request_id is None and not filters.since and not filters.until:
                 counted = dict(statecounts.by_state_in(tx, _listed(filters.object_types)))
             else:

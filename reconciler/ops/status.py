@@ -170,9 +170,9 @@ def _read_api(config: Config) -> dict:
     api = config.api
     if not api.listen:
         return {"listen": "", "serving": False}
-    import grpc  # only here: the other sections need no gRPC
+    import grpc
 
-    from ..api.server import health_of
+    from ..api.server import health_of  # only here: the other sections need none of the API's modules
     try:
         health = health_of(api.listen)
     except grpc.RpcError as exc:
