@@ -10,6 +10,7 @@ without a plan, a change set in a branch).
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -26,7 +27,8 @@ from reconciler.api.refusal import Refused
 from reconciler.errors import ConfigError
 
 from .apiclient import free_port, gateway_token, served
-from .support import ROOT, cli_json, push, query, scalar, wait_until
+from .support import ROOT, cli_json, push, query, reconciler, scalar, wait_until
+from .tcpproxy import TcpProxy
 
 SHAPE = sample.Shape(sites=1, devices_per_site=4, ports_per_device=24, vlans_per_site=3, prefixes_per_site=3,
                      vms_per_site=4, addresses_per_device=2)
@@ -229,7 +231,8 @@ def check_conventions(api, env: dict) -> None:
 @pytest.mark.subprocess
 def test_a_client_walking_every_page_while_rows_arrive_sees_each_row_once(env, tmp_path, dsn, plugin, redis_client):
     """5,000 planned rows are walked page by page; before each page the consumer inserts new rows (and
-    the workers plan them): each row that existed when the walk began comes back exactly once."""
+    the workers plan them) and rows everywhere in the table change state: each row that existed when
+    the walk began comes back exactly once."""
     big = sample.Shape(sites=1, devices_per_site=52, ports_per_device=90, vlans_per_site=20, prefixes_per_site=20,
                        vms_per_site=40, addresses_per_device=2)
     with served(applying(env, plugin), tmp_path) as api:
@@ -245,6 +248,8 @@ def test_a_client_walking_every_page_while_rows_arrive_sees_each_row_once(env, t
                 rows = scalar(dsn, "SELECT count(*) FROM ingestion_logs")
                 push_network(redis_client, site)
                 site += 1
+                query(dsn, "UPDATE ingestion_logs SET state = 4 WHERE id IN (SELECT id FROM ingestion_logs "
+                           "WHERE state = 3 ORDER BY random() LIMIT 20)")
                 wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs") > rows,
                            what="the consumer to insert the next rows")
                 response = api.call(method, request, token)
@@ -331,7 +336,15 @@ def test_gateway_mode_is_refused_off_loopback_and_each_mode_needs_its_setting():
     load(listen="localhost:8081")
     with pytest.raises(ConfigError, match="not a loopback address"):
         load(listen="0.0.0.0:8081")
+    for exposed in ("[::]:8081", ":8081", "192.0.2.10:8081", "reconciler.example:8081"):
+        with pytest.raises(ConfigError, match="not a loopback address"):
+            load(listen=exposed)
     load(listen="0.0.0.0:8081", auth="introspect", introspect_url="https://auth.example/introspect")
+    with pytest.raises(ConfigError, match="must be https"):
+        load(auth="introspect", introspect_url="http://auth.example/introspect")
+    load(auth="introspect", introspect_url="http://127.0.0.1:8080/introspect")
+    with pytest.raises(ConfigError, match="introspect_client_secret_file"):
+        load(auth="introspect", introspect_url="https://auth.example/introspect", introspect_client_id="me")
     with pytest.raises(ConfigError, match="introspect_url: required"):
         load(auth="introspect")
     with pytest.raises(ConfigError, match="token_file: required"):
@@ -377,3 +390,59 @@ def test_a_page_stops_short_of_what_a_grpc_client_accepts():
     sent, token = service.Page(rows[:1], more=True, filters_digest=digest).answer(lambda row: pb.Deviation())
     assert len(sent) == 1 and paging.decode(token, digest) == 30
     assert service.Page(rows, more=False, filters_digest=digest).answer(lambda row: pb.Deviation())[1] == ""
+
+
+@pytest.mark.subprocess
+def test_postgres_down_makes_the_api_not_serving_and_its_calls_unavailable_until_it_is_back(env, tmp_path, dsn):
+    proxy = TcpProxy(5432)
+    proxied = dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    request, token = pb.RetrieveDeviationsRequest(), gateway_token()
+    try:
+        with served({**env, "RECONCILER_POSTGRES_DSN": proxied}, tmp_path) as api:
+            api.call(DEVIATIONS, request, token)
+            proxy.cut()
+            wait_until(lambda: health(api) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30,
+                       what="health NOT_SERVING")
+            assert api.refusal(DEVIATIONS, request, token) == \
+                (grpc.StatusCode.UNAVAILABLE, refusal.DATABASE_UNAVAILABLE)
+            proxy.restore()
+            wait_until(lambda: health(api) == health_pb2.HealthCheckResponse.SERVING, timeout=30,
+                       what="health SERVING again")
+            wait_until(lambda: answered(api, request, token), what="calls answered again")
+    finally:
+        proxy.close()
+
+
+def health(api) -> int:
+    return health_pb2_grpc.HealthStub(api.channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def answered(api, request, token: str) -> bool:
+    """Whether the call is answered (a connection the outage broke fails one call, then reconnects)."""
+    try:
+        api.call(DEVIATIONS, request, token)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+@pytest.mark.subprocess
+def test_an_address_in_use_leaves_the_pipeline_running_and_is_tried_again(env, tmp_path, dsn, redis_client):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    address = f"127.0.0.1:{taken.getsockname()[1]}"
+    with reconciler({**env, "RECONCILER_API_LISTEN": address}, tmp_path) as run:
+        [cannot] = run.wait_for_event("api_cannot_listen")
+        assert cannot["level"] == "error"
+        run.wait_for_event("ready")  # the api process booted: the supervisor keeps everything running
+        push(redis_client, [sample.stream_fields(request) for request in
+                            sample.requests(sample.network(sample.Shape(sites=1, devices_per_site=1)))])
+        wait_until(lambda: scalar(dsn, "SELECT count(*) FROM ingestion_logs") > 0, what="the consumer writing")
+        taken.close()
+        run.wait_for_event("api_serving", timeout=30)
+        with grpc.insecure_channel(address) as channel:
+            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        run.signal(signal.SIGTERM)
+        assert run.wait(30) == 0
