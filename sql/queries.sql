@@ -799,25 +799,41 @@ SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY;
 SELECT set_config('statement_timeout', %(ms)s, true);
 
 -- api_deviation_ids --
--- RetrieveDeviations: a page of rows that have a plan, newest first, below the page token's id. Each
--- filter is NULL (or 0 for a time) when not asked for; branches match the stored "<name> (<id>)", the
--- name or the id, on the row's latest change set.
+-- RetrieveDeviations filtered on states that each have a partial index on id (QUEUED and CHECKING,
+-- OPEN and IGNORED, FAILED and ERRORED, PENDING_RETRY): a page of rows that have a plan, newest first,
+-- below the page token's id.
 SELECT l.id
 FROM ingestion_logs AS l
 WHERE l.id < %(below)s
+  AND l.state = ANY(%(states)s::smallint[])
   AND EXISTS (SELECT 1 FROM change_sets AS c WHERE c.ingestion_log_id = l.id)
-  AND (%(states)s::smallint[] IS NULL OR l.state = ANY(%(states)s::smallint[]))
-  AND (%(object_types)s::text[] IS NULL OR l.object_type = ANY(%(object_types)s::text[]))
-  AND (%(since)s::bigint = 0 OR l.ingestion_ts >= %(since)s::bigint)
-  AND (%(until)s::bigint = 0 OR l.ingestion_ts <= %(until)s::bigint)
-  AND (%(branches)s::text[] IS NULL
-       OR EXISTS (SELECT 1
-                  FROM (SELECT c.branch_id FROM change_sets AS c WHERE c.ingestion_log_id = l.id
-                        ORDER BY c.id DESC LIMIT 1) AS latest
-                  WHERE latest.branch_id = ANY(%(branches)s::text[])
-                     OR substring(latest.branch_id FROM '^(.*) \([^()]*\)$') = ANY(%(branches)s::text[])
-                     OR substring(latest.branch_id FROM '\(([^()]*)\)$') = ANY(%(branches)s::text[])))
+  AND api_row_matches_v1(l, %(object_types)s::text[], %(since)s::bigint, %(until)s::bigint)
+  AND (%(branches)s::text[] IS NULL OR api_branch_matches_v1(l.id, %(branches)s::text[]))
 ORDER BY l.id DESC
+LIMIT %(limit)s;
+
+-- api_planned_ids --
+-- RetrieveDeviations otherwise: the same page, found by walking down from the token's id through the
+-- rows that have a plan, one step of change_sets' index each, so rows never planned (a backlog of
+-- QUEUED rows, the newest of all) cost nothing. Each step yields the next lower id, so they come out
+-- newest first by construction; the filters are a scalar subquery on that walk (an EXISTS would be
+-- turned into a join, free to reorder it).
+WITH RECURSIVE planned (id) AS (
+    SELECT (SELECT max(c.ingestion_log_id) FROM change_sets AS c WHERE c.ingestion_log_id < %(below)s)
+    UNION ALL
+    SELECT (SELECT max(c.ingestion_log_id) FROM change_sets AS c WHERE c.ingestion_log_id < p.id)
+    FROM planned AS p
+    WHERE p.id IS NOT NULL
+)
+SELECT p.id
+FROM planned AS p
+WHERE p.id IS NOT NULL
+  AND (SELECT true
+       FROM ingestion_logs AS l
+       WHERE l.id = p.id
+         AND (%(states)s::smallint[] IS NULL OR l.state = ANY(%(states)s::smallint[]))
+         AND api_row_matches_v1(l, %(object_types)s::text[], %(since)s::bigint, %(until)s::bigint)
+         AND (%(branches)s::text[] IS NULL OR api_branch_matches_v1(l.id, %(branches)s::text[])))
 LIMIT %(limit)s;
 
 -- api_ingestion_log_ids --
@@ -826,10 +842,8 @@ SELECT l.id
 FROM ingestion_logs AS l
 WHERE l.id < %(below)s
   AND (%(states)s::smallint[] IS NULL OR l.state = ANY(%(states)s::smallint[]))
-  AND (%(object_types)s::text[] IS NULL OR l.object_type = ANY(%(object_types)s::text[]))
-  AND (%(since)s::bigint = 0 OR l.ingestion_ts >= %(since)s::bigint)
-  AND (%(until)s::bigint = 0 OR l.ingestion_ts <= %(until)s::bigint)
   AND (%(request_id)s::text IS NULL OR l.request_id = %(request_id)s::text)
+  AND api_row_matches_v1(l, %(object_types)s::text[], %(since)s::bigint, %(until)s::bigint)
 ORDER BY l.id DESC
 LIMIT %(limit)s;
 
@@ -838,10 +852,8 @@ LIMIT %(limit)s;
 SELECT l.state, count(*)
 FROM ingestion_logs AS l
 WHERE (%(states)s::smallint[] IS NULL OR l.state = ANY(%(states)s::smallint[]))
-  AND (%(object_types)s::text[] IS NULL OR l.object_type = ANY(%(object_types)s::text[]))
-  AND (%(since)s::bigint = 0 OR l.ingestion_ts >= %(since)s::bigint)
-  AND (%(until)s::bigint = 0 OR l.ingestion_ts <= %(until)s::bigint)
   AND (%(request_id)s::text IS NULL OR l.request_id = %(request_id)s::text)
+  AND api_row_matches_v1(l, %(object_types)s::text[], %(since)s::bigint, %(until)s::bigint)
 GROUP BY l.state;
 
 -- api_row_of_external_id --

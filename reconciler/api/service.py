@@ -1,8 +1,8 @@
 """diode.v1.ReconcilerService: the read API's three calls, from request to rows to messages.
 
 Each call borrows one of the role's Postgres connections and reads in one read-only snapshot: the
-page's ids (sql/queries.sql api_deviation_ids, api_ingestion_log_ids), then those rows with their
-latest change set (api_rows). Bad input is refused with INVALID_ARGUMENT naming the field; nothing
+page's ids (sql/queries.sql: api_deviation_ids or api_planned_ids, api_ingestion_log_ids), then those
+rows with their latest change set (api_rows). Bad input is refused with INVALID_ARGUMENT naming the field; nothing
 here writes.
 
 States go out as diode.v1.State numbers. CHECKING (10, a re-observation waiting for the change log)
@@ -30,6 +30,10 @@ from .refusal import Refused, invalid
 INT32_MAX = 2 ** 31 - 1
 # gRPC clients refuse answers above 4 MiB unless told otherwise: a page stops short of it (framing kept).
 MAX_ANSWER_BYTES = 4 * 1024 * 1024 - 64 * 1024
+# States with a partial index on id: a page of them is read through it (api_deviation_ids); any other
+# selection walks the rows that have a plan (api_planned_ids), which a backlog of QUEUED rows never slows.
+INDEXED_STATES = frozenset({states.QUEUED, states.CHECKING, states.OPEN, states.IGNORED, states.FAILED,
+                            states.ERRORED, states.PENDING_RETRY})
 SENT_AS = {states.CHECKING: states.QUEUED}  # stored state -> the diode.v1.State sent for it
 STORED_AS = {states.QUEUED: (states.QUEUED, states.CHECKING)}  # a diode.v1.State filter -> stored states
 
@@ -167,6 +171,12 @@ def _page(tx: Tx, query: str, filters: Filters, token: str, size: int, what: str
     return Page(_rows(tx, ids[:size], with_change_set), len(ids) > size, filters_digest)
 
 
+def _deviations_query(filters: Filters) -> str:
+    if filters.states is not None and INDEXED_STATES.issuperset(filters.states):
+        return "api_deviation_ids"
+    return "api_planned_ids"
+
+
 def _rows(tx: Tx, ids: list[int], with_change_set: bool = False) -> list[Row]:
     if not ids:
         return []
@@ -242,7 +252,7 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
                           branches=tuple(request.branch_id) or None)
         size = paging.page_size(request.page_size if request.HasField("page_size") else None)
         with self.connections.snapshot(context.time_remaining()) as tx:
-            page = _page(tx, "api_deviation_ids", filters, request.page_token, size, "deviations")
+            page = _page(tx, _deviations_query(filters), filters, request.page_token, size, "deviations")
         deviations, next_token = page.answer(deviation)
         return pb.RetrieveDeviationsResponse(deviations=deviations, next_page_token=next_token)
 

@@ -14,6 +14,28 @@
 --    the consumer or the api role folds the deltas into state_counts every few seconds
 --    (reconciler/statecounts.py). A count is state_counts plus the deltas not folded yet.
 
+-- The read API's filters besides the state, shared by the ways a page is read (sql/queries.sql):
+-- NULL (0 for a time) is "not asked". api_row_matches_v1 is a plain expression, which Postgres inlines
+-- into each query (and folds away what was not asked). api_branch_matches_v1 reads the row's latest
+-- change set, so it is called per row; queries call it only when branches are asked for. A branch
+-- matches as stored ("<name> (<id>)"), by its name or by its id.
+CREATE FUNCTION api_row_matches_v1(l ingestion_logs, p_object_types text[], p_since bigint, p_until bigint)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT (p_object_types IS NULL OR l.object_type = ANY(p_object_types))
+       AND (p_since = 0 OR l.ingestion_ts >= p_since)
+       AND (p_until = 0 OR l.ingestion_ts <= p_until)
+$$;
+
+CREATE FUNCTION api_branch_matches_v1(p_id bigint, p_branches text[])
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1
+                   FROM (SELECT c.branch_id FROM change_sets AS c WHERE c.ingestion_log_id = p_id
+                         ORDER BY c.id DESC LIMIT 1) AS latest
+                   WHERE latest.branch_id = ANY(p_branches)
+                      OR substring(latest.branch_id FROM '^(.*) \([^()]*\)$') = ANY(p_branches)
+                      OR substring(latest.branch_id FROM '\(([^()]*)\)$') = ANY(p_branches))
+$$;
+
 CREATE INDEX ingestion_logs_external_id ON ingestion_logs (external_id) WHERE state <> 1;
 
 CREATE INDEX ingestion_logs_troubled ON ingestion_logs (id) WHERE state IN (4, 7);
