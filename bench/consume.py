@@ -149,7 +149,8 @@ class Bench:
             pipe.execute()
         xadd_seconds = time.perf_counter() - started
         process = self.start_consumer()
-        backend = self.sql("SELECT pid FROM pg_stat_activity WHERE application_name = 'reconciler consumer'")[0][0]
+        backend = self.sql("SELECT pid FROM pg_stat_activity WHERE application_name = 'reconciler consumer' "
+                           "AND datname = current_database()")[0][0]
         cpu_before = cpu_seconds(process.pid), cpu_seconds(backend)
         started = time.perf_counter()
         while not self.stream_done():
