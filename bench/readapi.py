@@ -18,7 +18,7 @@
    page's bare SQL (the statement the service picks, api_rows, in a REPEATABLE READ READ ONLY
    transaction) through psycopg2. Each API case is reported as a ratio of its p99 to the bare gRPC p99.
 4. EXPLAIN (ANALYZE, BUFFERS) of the statement the service picks for each measured page of
-   deviations (service._deviations_query: api_deviation_ids or api_planned_ids), and of state_counts.
+   deviations (service.deviations_query: api_deviation_ids or api_planned_ids), and of state_counts.
 5. Behind a backlog: the newest `--backlog` rows made QUEUED without change sets (a burst the
    workers have not reached), then the pages that walk the primary key through such rows (first
    page, one object type, a branch; the last page as a control) measured again with the ceilings.
@@ -62,7 +62,7 @@ from process import Bench  # noqa: E402
 
 from reconciler import sample, settings, states, streamentry  # noqa: E402
 from reconciler.api import paging, reconciler_pb2 as pb, reconciler_pb2_grpc  # noqa: E402
-from reconciler.api.service import Filters, _deviations_query  # noqa: E402  (the statement a page runs)
+from reconciler.api.service import Filters, deviations_query  # noqa: E402  (the statement a page runs)
 from reconciler.db import QUERIES  # noqa: E402
 
 SPAWN = multiprocessing.get_context("spawn")  # the bare server's process: grpc is not fork-safe once used
@@ -289,7 +289,7 @@ class BareSql:
     def page(self, below: int) -> int:
         with self.conn, self.conn.cursor() as cursor:  # one transaction, committed at the end
             cursor.execute(QUERIES["read_snapshot"])
-            cursor.execute(QUERIES[_deviations_query(Filters())],
+            cursor.execute(QUERIES[deviations_query(Filters())],
                            {**Filters().params(), "below": below, "limit": PAGE + 1})
             ids = [row[0] for row in cursor.fetchall()][:PAGE]
             cursor.execute(QUERIES["api_rows"], {"ids": ids, "with_change_set_data": False})
@@ -386,7 +386,7 @@ def explain(bench: Bench, query: str, params: dict) -> str:
 
 def explain_page(bench: Bench, filters: Filters, below: int = paging.FIRST) -> tuple[str, str]:
     """The statement the service runs for this page, and its plan."""
-    query = _deviations_query(filters)
+    query = deviations_query(filters)
     return query, explain(bench, query, {**filters.params(), "below": below, "limit": PAGE + 1})
 
 

@@ -171,7 +171,7 @@ def _page(tx: Tx, query: str, filters: Filters, token: str, size: int, what: str
     return Page(_rows(tx, ids[:size], with_change_set), len(ids) > size, filters_digest)
 
 
-def _deviations_query(filters: Filters) -> str:
+def deviations_query(filters: Filters) -> str:
     if filters.states is not None and INDEXED_STATES.issuperset(filters.states):
         return "api_deviation_ids"
     return "api_planned_ids"
@@ -252,7 +252,7 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
                           branches=tuple(request.branch_id) or None)
         size = paging.page_size(request.page_size if request.HasField("page_size") else None)
         with self.connections.snapshot(context.time_remaining()) as tx:
-            page = _page(tx, _deviations_query(filters), filters, request.page_token, size, "deviations")
+            page = _page(tx, deviations_query(filters), filters, request.page_token, size, "deviations")
         deviations, next_token = page.answer(deviation)
         return pb.RetrieveDeviationsResponse(deviations=deviations, next_page_token=next_token)
 
