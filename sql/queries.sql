@@ -813,22 +813,27 @@ ORDER BY l.id DESC
 LIMIT %(limit)s;
 
 -- api_planned_ids --
--- RetrieveDeviations otherwise: the same page, found by walking down change_sets' index on
--- ingestion_log_id from the token's id, so rows never planned (a backlog of QUEUED rows, the newest
--- of all) are never read. The order and the limit are explicit, so the answer does not depend on the
--- plan; its speed does: a page is a Unique over a backward index scan that stops once the page is
--- full (docs/benchmarks.md shows the plan). The filters are a scalar subquery per planned row (an
--- EXISTS would be planned as a join).
-SELECT planned.id
-FROM (SELECT DISTINCT c.ingestion_log_id AS id FROM change_sets AS c
-      WHERE c.ingestion_log_id < %(below)s) AS planned
-WHERE (SELECT true
+-- RetrieveDeviations otherwise: the same page, found by walking down from the token's id through the
+-- rows that have a plan, one step of change_sets' index each, so rows never planned (a backlog of
+-- QUEUED rows, the newest of all) cost nothing. Each step yields the next lower id, so they come out
+-- newest first by construction; the filters are a scalar subquery on that walk (an EXISTS would be
+-- turned into a join, free to reorder it).
+WITH RECURSIVE planned (id) AS (
+    SELECT (SELECT max(c.ingestion_log_id) FROM change_sets AS c WHERE c.ingestion_log_id < %(below)s)
+    UNION ALL
+    SELECT (SELECT max(c.ingestion_log_id) FROM change_sets AS c WHERE c.ingestion_log_id < p.id)
+    FROM planned AS p
+    WHERE p.id IS NOT NULL
+)
+SELECT p.id
+FROM planned AS p
+WHERE p.id IS NOT NULL
+  AND (SELECT true
        FROM ingestion_logs AS l
-       WHERE l.id = planned.id
+       WHERE l.id = p.id
          AND (%(states)s::smallint[] IS NULL OR l.state = ANY(%(states)s::smallint[]))
          AND api_row_matches_v1(l, %(object_types)s::text[], %(since)s::bigint, %(until)s::bigint)
          AND (%(branches)s::text[] IS NULL OR api_branch_matches_v1(l.id, %(branches)s::text[])))
-ORDER BY planned.id DESC
 LIMIT %(limit)s;
 
 -- api_ingestion_log_ids --
