@@ -860,9 +860,9 @@ GROUP BY l.state;
 -- The row an API id names. QUEUED rows are not in ingestion_logs_external_id (migration 0013): they
 -- are looked for among the queued ones only when no other row has the id.
 SELECT id FROM (
-    SELECT id FROM ingestion_logs WHERE external_id = %(external_id)s::uuid AND state <> 1
+    SELECT id FROM ingestion_logs WHERE external_id = %(external_id)s::uuid AND state <> 1 /* QUEUED */
     UNION ALL
-    SELECT id FROM ingestion_logs WHERE external_id = %(external_id)s::uuid AND state = 1
+    SELECT id FROM ingestion_logs WHERE external_id = %(external_id)s::uuid AND state = 1 /* QUEUED */
 ) AS found
 LIMIT 1;
 
