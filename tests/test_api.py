@@ -9,26 +9,28 @@ without a plan, a change set in a branch).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from reconciler import sample, settings, states
-from reconciler.api import generate, paging, reconciler_pb2 as pb, refusal, service
+from reconciler.api import auth, generate, paging, reconciler_pb2 as pb, refusal, service
 from reconciler.api.refusal import Refused
 from reconciler.errors import ConfigError
 
-from .apiclient import free_port, gateway_token, served
+from .apiclient import free_port, gateway_token, health_status, served
 from .support import ROOT, cli_json, push, query, reconciler, scalar, wait_until
-from .tcpproxy import TcpProxy
 
 SHAPE = sample.Shape(sites=1, devices_per_site=4, ports_per_device=24, vlans_per_site=3, prefixes_per_site=3,
                      vms_per_site=4, addresses_per_device=2)
@@ -218,9 +220,7 @@ def check_conventions(api, env: dict) -> None:
     """Reflection lists the service, health answers without a token, calls are counted, status shows
     the API."""
     assert {"diode.v1.ReconcilerService", "grpc.health.v1.Health"} <= listed_services(api, gateway_token())
-    health = health_pb2_grpc.HealthStub(api.channel).Check(
-        health_pb2.HealthCheckRequest(service="diode.v1.ReconcilerService"), timeout=10)
-    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(api.channel, "diode.v1.ReconcilerService") == health_pb2.HealthCheckResponse.SERVING
     scraped = urllib.request.urlopen(f"http://{env['RECONCILER_METRICS_LISTEN']}/metrics", timeout=10).read().decode()
     assert 'reconciler_api_requests_total{code="OK",method="RetrieveDeviations"}' in scraped
     assert 'reconciler_api_requests_total{code="INVALID_ARGUMENT",method="RetrieveDeviations"}' in scraped
@@ -275,7 +275,6 @@ def _answers(url: str) -> bool:
 
 
 def introspections(port: int) -> int:
-    import json
     return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read())["introspect_calls"]
 
 
@@ -393,28 +392,21 @@ def test_a_page_stops_short_of_what_a_grpc_client_accepts():
 
 
 @pytest.mark.subprocess
-def test_postgres_down_makes_the_api_not_serving_and_its_calls_unavailable_until_it_is_back(env, tmp_path, dsn):
-    proxy = TcpProxy(5432)
-    proxied = dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+def test_postgres_down_makes_the_api_not_serving_and_its_calls_unavailable_until_it_is_back(env, tmp_path,
+                                                                                              postgres_proxy):
+    proxy, proxied = postgres_proxy
     request, token = pb.RetrieveDeviationsRequest(), gateway_token()
-    try:
-        with served({**env, "RECONCILER_POSTGRES_DSN": proxied}, tmp_path) as api:
-            api.call(DEVIATIONS, request, token)
-            proxy.cut()
-            wait_until(lambda: health(api) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30,
-                       what="health NOT_SERVING")
-            assert api.refusal(DEVIATIONS, request, token) == \
-                (grpc.StatusCode.UNAVAILABLE, refusal.DATABASE_UNAVAILABLE)
-            proxy.restore()
-            wait_until(lambda: health(api) == health_pb2.HealthCheckResponse.SERVING, timeout=30,
-                       what="health SERVING again")
-            wait_until(lambda: answered(api, request, token), what="calls answered again")
-    finally:
-        proxy.close()
-
-
-def health(api) -> int:
-    return health_pb2_grpc.HealthStub(api.channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    with served({**env, "RECONCILER_POSTGRES_DSN": proxied}, tmp_path) as api:
+        api.call(DEVIATIONS, request, token)
+        proxy.cut()
+        wait_until(lambda: health_status(api.channel) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=30,
+                   what="health NOT_SERVING")
+        assert api.refusal(DEVIATIONS, request, token) == \
+            (grpc.StatusCode.UNAVAILABLE, refusal.DATABASE_UNAVAILABLE)
+        proxy.restore()
+        wait_until(lambda: health_status(api.channel) == health_pb2.HealthCheckResponse.SERVING, timeout=30,
+                   what="health SERVING again")
+        wait_until(lambda: answered(api, request, token), what="calls answered again")
 
 
 def answered(api, request, token: str) -> bool:
@@ -442,7 +434,18 @@ def test_an_address_in_use_leaves_the_pipeline_running_and_is_tried_again(env, t
         taken.close()
         run.wait_for_event("api_serving", timeout=30)
         with grpc.insecure_channel(address) as channel:
-            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
-                health_pb2.HealthCheckResponse.SERVING
+            assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
         run.signal(signal.SIGTERM)
         assert run.wait(30) == 0
+
+
+def test_a_tokens_fresh_refusal_is_not_hidden_by_its_expired_grant():
+    """A token once active, now refused: the refusal is what is kept. The endpoint here answers nothing,
+    so a second introspection would fail as INTROSPECTION_FAILED instead."""
+    check = auth.Introspection("http://127.0.0.1:9/introspect", "diode:read", 1)
+    key, now = hashlib.sha256(b"token").digest(), time.time()
+    check._keep(key, auth._Answer(True, "diode:read", now - 1), now)
+    check._keep(key, auth._Answer(False, None, now + 60), now)
+    with pytest.raises(Refused) as refused:
+        check("token")
+    assert refused.value.reason == refusal.TOKEN_INACTIVE

@@ -30,6 +30,7 @@ import jwt
 import orjson
 import urllib3
 
+from ..settings import read_secret_file
 from . import refusal
 from .refusal import Refused
 
@@ -129,8 +130,10 @@ class Introspection:
                        f"cannot verify the token now: the introspection endpoint gave {what}")
 
     def _keep(self, key: bytes, answer: _Answer, now: float) -> None:
-        kept, limit = (self._active, MAX_ACTIVE) if answer.active else (self._refused, MAX_REFUSED)
+        kept, limit, other = (self._active, MAX_ACTIVE, self._refused) if answer.active else \
+            (self._refused, MAX_REFUSED, self._active)
         with self._lock:
+            other.pop(key, None)  # a token's last answer only: a stale grant must not hide a fresh refusal
             if len(kept) >= limit:
                 for stale in [k for k, old in kept.items() if old.keep_until <= now]:
                     del kept[stale]
@@ -140,9 +143,8 @@ class Introspection:
 
 
 def read_secret(path: str) -> str:
-    """A token or secret from its file, without the newline editors add; ValueError when empty."""
-    with open(path, encoding="utf-8") as handle:
-        secret = handle.read().strip()
+    """A token or secret from its file (settings.read_secret_file); ValueError when empty."""
+    secret = read_secret_file(path)
     if not secret:
         raise ValueError(f"{path} is empty")
     return secret
