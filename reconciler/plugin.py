@@ -39,7 +39,7 @@ from .changesets import error_leaves, malformed_change_set
 from .dependencies import PLUGIN, TOKEN_ENDPOINT
 from .errors import ReconcilerError
 from .ratelimit import SharedRateLimiter
-from .settings import plugin_connect_seconds, plugin_request_seconds
+from .settings import plugin_connect_seconds, plugin_request_seconds, read_secret_file
 from .text import without_nul
 
 log = logging.getLogger(__name__)
@@ -643,6 +643,5 @@ def transient_apply_errors(errors: Any) -> bool:
 def client_secret(netbox) -> str:
     """The OAuth2 client secret: the content of [netbox] client_secret_file, or [netbox] client_secret."""
     if netbox.client_secret_file:
-        with open(netbox.client_secret_file, encoding="utf-8") as handle:
-            return handle.read().strip()
+        return read_secret_file(netbox.client_secret_file)
     return netbox.client_secret

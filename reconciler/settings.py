@@ -532,9 +532,8 @@ def check_consistency(config: Config) -> None:
     """Rules that span several settings."""
     if config.netbox.api_token:
         netbox_base_url(config.netbox)
-    secret_file = config.netbox.client_secret_file
-    if secret_file and not os.access(secret_file, os.R_OK):
-        raise ConfigError(f"[netbox] client_secret_file: cannot read {secret_file}")
+    if config.netbox.client_secret_file:
+        require_readable("[netbox] client_secret_file", config.netbox.client_secret_file)
     if config.netbox.token_url and not config.netbox.client_id:
         raise ConfigError("[netbox] client_id: required when [netbox] token_url is set")
     check_api(config.api)
@@ -553,8 +552,7 @@ def check_api(api) -> None:
     if api.auth == "token":
         if not api.token_file:
             raise ConfigError("[api] token_file: required with [api] auth token")
-        if not os.access(api.token_file, os.R_OK):
-            raise ConfigError(f"[api] token_file: cannot read {api.token_file}")
+        require_readable("[api] token_file", api.token_file)
 
 
 def check_introspection(api) -> None:
@@ -564,9 +562,21 @@ def check_introspection(api) -> None:
     if parts.scheme != "https" and not is_loopback_host(parts.hostname or ""):
         raise ConfigError(f"[api] introspect_url {api.introspect_url}: every caller's token is sent there, so it "
                           f"must be https unless it is on this host's loopback")
-    if api.introspect_client_id and not os.access(api.introspect_client_secret_file, os.R_OK):
-        raise ConfigError(f"[api] introspect_client_secret_file: cannot read {api.introspect_client_secret_file!r} "
-                          f"(required with [api] introspect_client_id)")
+    if api.introspect_client_id:
+        require_readable("[api] introspect_client_secret_file", api.introspect_client_secret_file,
+                         " (required with [api] introspect_client_id)")
+
+
+def require_readable(setting: str, path: str, why: str = "") -> None:
+    """A file a setting names (a secret, a token) must be readable before anything starts."""
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{setting}: cannot read {path}{why}")
+
+
+def read_secret_file(path: str) -> str:
+    """A secret from the file a setting names, without the newline (or spaces) editors leave around it."""
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().strip()
 
 
 def is_loopback(listen: str) -> bool:
