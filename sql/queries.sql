@@ -867,17 +867,19 @@ SELECT id FROM (
 LIMIT 1;
 
 -- api_rows --
--- The rows of a page, newest first, each with its latest change set (none: NULLs) and that change
--- set's changes as a JSON array of [id, object type, primary value, change type, before, after],
--- before and after as JSON text; and the whole change set as the plugin gave it, as JSON text.
+-- The rows of a page, newest first, each with its latest change set (none: NULLs), and either that
+-- change set's changes as a JSON array of [id, object type, primary value, change type, before,
+-- after], before and after as JSON text (a Deviation's), or with %(with_change_set_data)s the whole
+-- change set as the plugin gave it, as JSON text (an IngestionLog's).
 SELECT l.id, l.external_id::text, l.state, l.object_type, l.request_id, l.ingestion_ts, l.source_ts,
        (extract(epoch FROM l.updated_at) * 1000000)::bigint * 1000,
        l.producer_app_name, l.producer_app_version, l.sdk_name, l.sdk_version, l.entity,
        l.error ->> 'message', l.error ->> 'code', (l.error -> 'details')::text,
        cs.external_id, cs.branch_id, cs.deviation_name,
-       (SELECT json_agg(json_build_array(c.external_id, c.object_type, c.object_primary_value, c.change_type,
-                                         c.before::text, c.after::text) ORDER BY c.sequence_number)
-        FROM changes AS c WHERE c.change_set_id = cs.id)::text,
+       CASE WHEN NOT %(with_change_set_data)s THEN (
+           SELECT json_agg(json_build_array(c.external_id, c.object_type, c.object_primary_value, c.change_type,
+                                            c.before::text, c.after::text) ORDER BY c.sequence_number)
+           FROM changes AS c WHERE c.change_set_id = cs.id)::text END,
        CASE WHEN %(with_change_set_data)s AND cs.id IS NOT NULL THEN json_build_object(
            'id', cs.external_id,
            'branch', CASE WHEN cs.branch_id IS NOT NULL THEN json_build_object(

@@ -2,8 +2,8 @@
 
 Each call borrows one of the role's Postgres connections and reads in one read-only snapshot: the
 page's ids (sql/queries.sql: api_deviation_ids or api_planned_ids, api_ingestion_log_ids), then those
-rows with their latest change set (api_rows). Bad input is refused with INVALID_ARGUMENT naming the field; nothing
-here writes.
+rows with their latest change set (api_rows). Bad input is refused with INVALID_ARGUMENT naming the
+field; nothing here writes.
 
 States go out as diode.v1.State numbers. CHECKING (10, a re-observation waiting for the change log)
 is not one: it goes out as QUEUED, which is what the Go reconciler would have made of that row, and
@@ -94,8 +94,8 @@ class Row(NamedTuple):
     change_set_id: str | None
     branch_id: str | None
     deviation_name: str | None
-    changes: str | None  # JSON array of [id, object type, primary value, change type, before, after]
-    change_set: str | None  # JSON: the change set as the plugin gave it (RetrieveIngestionLogs only)
+    changes: str | None  # JSON array of [id, object type, primary value, change type, before, after] (Deviations)
+    change_set: str | None  # JSON: the change set as the plugin gave it (IngestionLogs)
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
         filters = Filters(states=stored_states(list(request.state), "state"),
                           object_types=tuple(request.object_type) or None, since=since, until=until,
                           branches=tuple(request.branch_id) or None)
-        size = paging.page_size(request.page_size if request.HasField("page_size") else None)
+        size = paging.page_size(request.page_size)  # unset reads as 0: the default
         with self.connections.snapshot(context.time_remaining()) as tx:
             page = _page(tx, deviations_query(filters), filters, request.page_token, size, "deviations")
         deviations, next_token = page.answer(deviation)
@@ -280,7 +280,7 @@ class ReadService(reconciler_pb2_grpc.ReconcilerServiceServicer):
                           request_id=request.request_id or None)
         if request.only_metrics:
             return pb.RetrieveIngestionLogsResponse(metrics=metrics(self._counts(filters, context.time_remaining())))
-        size = paging.page_size(request.page_size if request.HasField("page_size") else None)
+        size = paging.page_size(request.page_size)
         with self.connections.snapshot(context.time_remaining()) as tx:
             page = _page(tx, "api_ingestion_log_ids", filters, request.page_token, size, "ingestion logs",
                          with_change_set=True)
