@@ -2,9 +2,9 @@
 
 - The plugin's health (dependencies.py): it asks the plugin's `default-branch/` once (no retries:
   the next probe is the retry), every PROBE_SECONDS while it answers and every PROBE_DOWN_SECONDS
-  while it does not (or at once when a worker found it unreachable). While the plugin or its token endpoint is down, the
-  cache says so: workers claim nothing, /readyz fails, and the ERROR lines, the gauge and `status`
-  say since when and why.
+  while it does not (or at once when a worker found it unreachable). While the plugin or its token
+  endpoint is down, the cache says so: workers claim nothing, /readyz fails, and the ERROR lines, the
+  gauge and `status` say since when and why.
 - The plugin's default branch, taken from those answers at start and every `[netbox]
   branch_refresh_seconds`. A 404 (plugin older than 1.5) means "no branch". While no first answer
   has arrived, workers claim nothing: a cold cache is indistinguishable from "no branch" and would

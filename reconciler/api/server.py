@@ -80,17 +80,18 @@ class Guard(grpc.ServerInterceptor):
             return self._service_call(handler, method)
         return None  # a shape we do not guard is not served: UNIMPLEMENTED
 
-    def _authorize(self, context) -> None:
-        try:
-            self.check(auth.bearer(dict(context.invocation_metadata())))
-        except Refused as refused:
-            context.abort_with_status(refused.status())
+    def _check_token(self, context) -> None:
+        """Raises Refused unless the call's bearer token passes [api] auth."""
+        self.check(auth.bearer(dict(context.invocation_metadata())))
 
     def _reflection(self, handler):
         answer = handler.stream_stream
 
         def guarded(requests, context):
-            self._authorize(context)
+            try:
+                self._check_token(context)
+            except Refused as refused:
+                context.abort_with_status(refused.status())
             yield from answer(requests, context)
 
         return grpc.stream_stream_rpc_method_handler(guarded, request_deserializer=handler.request_deserializer,
@@ -102,7 +103,7 @@ class Guard(grpc.ServerInterceptor):
         def guarded(request, context):
             started, code = time.perf_counter(), grpc.StatusCode.OK
             try:
-                self.check(auth.bearer(dict(context.invocation_metadata())))
+                self._check_token(context)
                 return answer(request, context)
             except Refused as refused:
                 code = refused.code
