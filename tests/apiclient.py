@@ -12,6 +12,7 @@ from typing import Iterator
 
 import grpc
 import jwt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from reconciler.api import reconciler_pb2_grpc
 from reconciler.api.refusal import reason_of
@@ -66,6 +67,11 @@ class Served:
             if not response.next_page_token:
                 return
             request.page_token = response.next_page_token
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    """What grpc.health.v1 on `channel` says of `service` ("": the server as a whole)."""
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
 @contextmanager

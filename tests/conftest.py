@@ -27,6 +27,7 @@ from reconciler.db import Database
 
 from . import containers
 from .faultserver import FaultServer, Step, converge
+from .tcpproxy import TcpProxy
 
 # The developer's shell must not leak settings into the tests.
 for _name in [n for n in os.environ if n.startswith(settings.ENV_PREFIX)]:
@@ -202,6 +203,22 @@ def env(dsn, redis_url):
         "RECONCILER_API_LISTEN": "off",  # test_api*.py serve it, each on a port of its own
         **RETENTION_OFF,  # its own process; test_retention.py runs it
     }
+
+
+@pytest.fixture
+def redis_proxy(redis_url):
+    """(a TCP proxy in front of this test's Redis, the URL through it): proxy.cut() makes Redis vanish."""
+    proxy = TcpProxy(int(redis_url.split(":")[2].split("/")[0]))
+    yield proxy, redis_url.replace(redis_url.split("/")[2], f"127.0.0.1:{proxy.port}")
+    proxy.close()
+
+
+@pytest.fixture
+def postgres_proxy(dsn):
+    """(a TCP proxy in front of Postgres, this test's DSN through it): proxy.cut() makes Postgres vanish."""
+    proxy = TcpProxy(5432)
+    yield proxy, dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    proxy.close()
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from reconciler.dependencies import PLUGIN, Watch
 
 from .builders import request, sites
 from .support import cli, cli_json, push, query, reconciler, scalar, wait_until
-from .tcpproxy import TcpProxy
 
 # How long the plugin stays down under the steady stream. Every retry setting below is scaled so
 # that, before dependency health, this outage would have spent every row's attempts many times
@@ -136,20 +135,6 @@ def test_the_plugin_down_under_a_steady_stream_costs_no_row_an_attempt(env, tmp_
     assert len(run.events("dependency_up", dependency="plugin")) == 1
     assert len(run.events("dependency_still_down", dependency="plugin")) >= 1
     assert dependencies.WHAT[PLUGIN] in down["msg"]
-
-
-@pytest.fixture
-def redis_proxy(redis_url):
-    proxy = TcpProxy(int(redis_url.split(":")[2].split("/")[0]))
-    yield proxy, redis_url.replace(redis_url.split("/")[2], f"127.0.0.1:{proxy.port}")
-    proxy.close()
-
-
-@pytest.fixture
-def postgres_proxy(dsn):
-    proxy = TcpProxy(5432)
-    yield proxy, dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
-    proxy.close()
 
 
 @pytest.mark.subprocess
